@@ -1,0 +1,23 @@
+"""prolix.kernels: fused LM-head log-probs and the GRPO loss on packed tokens.
+
+Depends on torch and triton only; nothing here imports the trainer. CUDA tensors run the
+Triton kernels, CPU tensors a streaming torch implementation with the same memory bound.
+
+    from prolix.kernels import linear_logprobs, fused_linear_grpo_loss, GRPOLossConfig
+"""
+
+from .grpo_loss import (
+    FusedLinearGRPOLoss,
+    GRPOLossConfig,
+    fused_linear_grpo_loss,
+    grpo_loss,
+)
+from .linear_logprob import linear_logprobs
+
+__all__ = [
+    "linear_logprobs",
+    "GRPOLossConfig",
+    "grpo_loss",
+    "fused_linear_grpo_loss",
+    "FusedLinearGRPOLoss",
+]

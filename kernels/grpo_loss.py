@@ -1,0 +1,436 @@
+"""Token-level GRPO loss with KL, on packed rows, fused with the LM-head log-prob kernel.
+
+Math (shared/DESIGN.md, "Kernel math"). Per packed token n with mask m, advantage A,
+log-prob x = logp[n], ratio r = exp(x − old_logp):
+
+    pg   = −min(r·A, clip(r, 1 − ε_low, 1 + ε_high)·A)       PPO clip
+    pg   ← min(pg, −c·A)                   if A < 0          dual clip (loss bounded by −c·A)
+    pg   ← w·pg,  w = min(exp(old_logp − rollout_logp), C)   truncated IS weight, a constant
+    kl   = k1: −δ | k2: δ²/2 | k3: exp(δ) − δ − 1             δ = ref_logp − x
+    loss_tok = pg + β·kl − c_ent·H
+    loss = Σ_n c[n]·loss_tok[n]
+
+The aggregation weights c[n] (m = mask, D = the normaliser, L_s = Σ m over sequence s):
+
+    token-mean                c = m / D             D = response tokens
+    seq-mean-token-mean       c = m / (L_s·D)       D = sequences (with ≥ 1 response token)
+    seq-mean-token-sum        c = m / D
+    seq-mean-token-sum-norm   c = m / (max_len·D)   (Dr.GRPO)
+
+Passing the *global* D of the whole mini-batch makes the loss a plain sum over tokens, so
+micro-batch losses (and gradients) add up to the one-batch loss (and gradient).
+Conventions: the dual clip is min(pg, −c·A), an upper bound on the loss of negative-advantage
+tokens (Ye et al. 2020, verl; DESIGN.md writes max(·), which would be a floor, not a bound,
+and contradicts its own "c > 1"); w carries no gradient; the entropy enters only when c_ent ≠ 0
+(otherwise it is a metric).
+
+Analytic per-token derivatives, computed in the forward pass (fp32, or fp64 for fp64 inputs):
+
+    ∂pg/∂x  = −A·r on the unclipped branch, 0 where clipping (or the dual clip) is active
+    ∂kl/∂x  = k1: 1 | k2: −δ | k3: 1 − exp(δ)
+    ∂loss/∂x[n] = c[n]·(w·∂pg/∂x + β·∂kl/∂x),   ∂loss/∂H[n] = −c[n]·c_ent
+
+so the autograd node saves two [N] vectors and its backward is one multiply by grad_output.
+In `fused_linear_grpo_loss` that vector is the `grad_logp` fed to the linear log-prob
+backward: one forward over the vocabulary (logp, entropy, loss, ∂loss/∂logp), one backward
+(∂hidden, ∂weight), and never an [N, V] tensor. The loss itself is O(N) elementwise work —
+about 10 reads/writes of [N] fp32 vectors, 40·N bytes — next to the 2·N·H·V-FLOP GEMMs of
+the LM head, so it runs as plain torch ops on every device and needs no kernel of its own.
+
+Shapes: N packed tokens, S sequences, H hidden, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+from torch import nn
+from torch.autograd.function import once_differentiable
+
+from .linear_logprob import linear_logprobs
+
+__all__ = ["GRPOLossConfig", "grpo_loss", "fused_linear_grpo_loss", "FusedLinearGRPOLoss"]
+
+KL_ESTIMATORS = ("k1", "k2", "k3")
+LOSS_AGGREGATIONS = (
+    "token-mean",
+    "seq-mean-token-mean",
+    "seq-mean-token-sum",
+    "seq-mean-token-sum-norm",
+)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class GRPOLossConfig:
+    """Everything that shapes the GRPO objective; the kernels take tensors, this takes choices."""
+
+    clip_low: float = 0.2
+    """ε_low: the ratio is clipped below at 1 − ε_low (for negative advantages)."""
+    clip_high: float = 0.2
+    """ε_high: the ratio is clipped above at 1 + ε_high (DAPO's clip-higher uses 0.28)."""
+    dual_clip: float | None = None
+    """c > 1: the loss of a negative-advantage token is bounded by −c·A (dual-clip PPO)."""
+    kl_coef: float = 0.0
+    """β: weight of the KL penalty to the reference policy (needs `ref_logp` when > 0)."""
+    kl_estimator: str = "k3"
+    """k1 = logp − ref, k2 = δ²/2, k3 = exp(δ) − δ − 1 with δ = ref − logp (Schulman's estimators)."""
+    entropy_coef: float = 0.0
+    """c_ent: an entropy bonus, loss −= c_ent · H (needs the entropy)."""
+    tis_cap: float | None = None
+    """C: truncated importance weight min(exp(old − rollout), C) against the rollout engine.
+    Needs `rollout_logp`; `rollout_logp` without `tis_cap` is accepted and not used."""
+    loss_agg: str = "token-mean"
+    """How per-token losses become one scalar: one of LOSS_AGGREGATIONS."""
+    max_len: int | None = None
+    """The fixed length that seq-mean-token-sum-norm (Dr.GRPO) divides by."""
+    temperature: float = 1.0
+    """τ: logits are divided by it before the softmax (the sampling temperature)."""
+
+    def __post_init__(self) -> None:
+        if self.clip_low < 0 or self.clip_high < 0:
+            raise ValueError(f"clip_low and clip_high must be >= 0, got {self.clip_low}, {self.clip_high}")
+        if self.clip_low >= 1:
+            raise ValueError(f"clip_low must be < 1 (the ratio is clipped at 1 - clip_low), got {self.clip_low}")
+        if self.dual_clip is not None and not self.dual_clip > 1:
+            raise ValueError(f"dual_clip must be > 1 or None, got {self.dual_clip}")
+        if self.kl_coef < 0:
+            raise ValueError(f"kl_coef must be >= 0, got {self.kl_coef}")
+        if self.kl_estimator not in KL_ESTIMATORS:
+            raise ValueError(f"kl_estimator must be one of {KL_ESTIMATORS}, got {self.kl_estimator!r}")
+        if self.loss_agg not in LOSS_AGGREGATIONS:
+            raise ValueError(f"loss_agg must be one of {LOSS_AGGREGATIONS}, got {self.loss_agg!r}")
+        if self.loss_agg == "seq-mean-token-sum-norm" and (self.max_len is None or self.max_len <= 0):
+            raise ValueError(f"loss_agg='seq-mean-token-sum-norm' needs max_len > 0, got {self.max_len}")
+        if self.tis_cap is not None and not self.tis_cap > 0:
+            raise ValueError(f"tis_cap must be > 0 or None, got {self.tis_cap}")
+        if not self.temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+
+
+# ---------------------------------------------------------------------------- validation
+
+
+def _check_vector(name: str, t, n: int | None, device, *, floating: bool = True, ref: str = "logp") -> None:
+    """Shape/dtype/device checks of one per-token input against `ref`; `n=None` for `ref` itself."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+    if floating and not t.is_floating_point():
+        raise TypeError(f"{name}: expected a floating-point tensor, got dtype {t.dtype}")
+    if t.dim() != 1:
+        raise ValueError(f"{name}: expected a 1-D tensor of packed rows [N], got shape {tuple(t.shape)}")
+    if n is not None and t.shape[0] != n:
+        raise ValueError(f"{name}: expected length N={n} (that of {ref}), got {t.shape[0]}")
+    if device is not None and t.device != device:
+        raise ValueError(f"{name}: expected device {device} (that of {ref}), got {t.device}")
+
+
+def _raise_failed(checks: list[tuple[torch.Tensor, str]]) -> None:
+    """Evaluate all data-dependent checks with one host transfer; raise the first failure."""
+    if not checks:
+        return
+    dev = checks[0][0].device
+    failed = torch.stack([flag.reshape(()).to(dev) for flag, _ in checks]).tolist()
+    for bad, (_, message) in zip(failed, checks):
+        if bad:
+            raise ValueError(message)
+
+
+def _validate(n: int, dev, advantages, mask, old_logp, ref_logp, rollout_logp, entropy, cu_seqlens,
+              config: GRPOLossConfig, normalizer, *, has_entropy: bool, ref: str = "logp") -> list:
+    """Raise on malformed shapes/dtypes/options; return the data-dependent checks (tensors)."""
+    if not isinstance(config, GRPOLossConfig):
+        raise TypeError(f"config: expected a GRPOLossConfig, got {type(config).__name__}")
+    _check_vector("mask", mask, n, dev, floating=False, ref=ref)
+    if mask.is_complex():
+        raise TypeError(f"mask: expected a bool, integer or float tensor, got dtype {mask.dtype}")
+    for name, t in (("advantages", advantages), ("old_logp", old_logp), ("ref_logp", ref_logp),
+                    ("rollout_logp", rollout_logp), ("entropy", entropy)):
+        if t is not None or name == "advantages":
+            _check_vector(name, t, n, dev, ref=ref)
+    if config.kl_coef > 0 and ref_logp is None:
+        raise ValueError(f"ref_logp: required when config.kl_coef > 0 (got kl_coef={config.kl_coef}), got None")
+    if config.entropy_coef != 0 and not has_entropy:
+        raise ValueError(f"entropy: required when config.entropy_coef != 0 (got {config.entropy_coef}), got None")
+    if config.tis_cap is not None and rollout_logp is None:
+        raise ValueError(f"rollout_logp: required when config.tis_cap is set (got {config.tis_cap}), got None")
+    if config.loss_agg != "token-mean" and cu_seqlens is None:
+        raise ValueError(f"cu_seqlens: required by loss_agg={config.loss_agg!r}, got None")
+    checks = []
+    if cu_seqlens is not None:
+        if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.is_floating_point() or \
+                cu_seqlens.is_complex() or cu_seqlens.dtype == torch.bool:
+            raise TypeError(f"cu_seqlens: expected an integer tensor, got {getattr(cu_seqlens, 'dtype', cu_seqlens)!r}")
+        if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 1:
+            raise ValueError(f"cu_seqlens: expected a 1-D tensor [S+1], S+1 >= 1, got shape {tuple(cu_seqlens.shape)}")
+        if cu_seqlens.device != dev:
+            raise ValueError(f"cu_seqlens: expected device {dev} (that of {ref}), got {cu_seqlens.device}")
+        checks.append((cu_seqlens[0] != 0, "cu_seqlens: expected cu_seqlens[0] == 0"))
+        checks.append((cu_seqlens[-1] != n, f"cu_seqlens: expected cu_seqlens[-1] == N == {n}"))
+        checks.append(((cu_seqlens[1:] < cu_seqlens[:-1]).any(), "cu_seqlens: expected non-decreasing offsets"))
+    if isinstance(normalizer, torch.Tensor):
+        if normalizer.numel() != 1:
+            raise ValueError(f"normalizer: expected a scalar, got shape {tuple(normalizer.shape)}")
+        checks.append((~(normalizer > 0), "normalizer: expected > 0 (a count of tokens or sequences)"))
+    elif normalizer is not None:
+        if isinstance(normalizer, bool) or not isinstance(normalizer, (int, float)):
+            raise TypeError(f"normalizer: expected a number or 0-d tensor, got {type(normalizer).__name__}")
+        if not normalizer > 0:
+            raise ValueError(f"normalizer: expected > 0 (a count of tokens or sequences), got {normalizer}")
+    return checks
+
+
+# ------------------------------------------------------------------ aggregation weights
+
+
+def _aggregation_weights(m: torch.Tensor, cu_seqlens, config: GRPOLossConfig, normalizer) -> torch.Tensor:
+    """c[n] of the module docstring, [N] in m's dtype: loss = Σ c · loss_tok."""
+    if isinstance(normalizer, torch.Tensor):
+        normalizer = normalizer.reshape(()).to(device=m.device, dtype=m.dtype)
+    if config.loss_agg == "token-mean":
+        denom = m.sum().clamp(min=1.0) if normalizer is None else normalizer
+        return m / denom
+    n, s = m.shape[0], cu_seqlens.shape[0] - 1
+    # sequence of each row; right=True puts row n after every sequence ending at <= n (empties too)
+    rows = torch.arange(n, device=m.device, dtype=cu_seqlens.dtype)
+    seq_id = torch.searchsorted(cu_seqlens[1:].contiguous(), rows, right=True)                   # [N]
+    seq_tokens = torch.zeros(s, dtype=m.dtype, device=m.device).index_add_(0, seq_id, m)  # [S]
+    n_seqs = (seq_tokens > 0).sum().to(m.dtype).clamp(min=1.0) if normalizer is None else normalizer
+    if config.loss_agg == "seq-mean-token-mean":
+        return m / (seq_tokens.clamp(min=1.0)[seq_id] * n_seqs)
+    if config.loss_agg == "seq-mean-token-sum":
+        return m / n_seqs
+    return m / (n_seqs * config.max_len)  # seq-mean-token-sum-norm
+
+
+# ------------------------------------------------------------------------ per-token math
+
+
+def _metric_names(config: GRPOLossConfig, has_kl: bool, has_entropy: bool) -> list[str]:
+    names = ["pg_loss"] + ["kl"] * has_kl + ["entropy"] * has_entropy
+    names += ["clip_frac", "clip_frac_low", "clip_frac_high"]
+    names += ["dual_clip_frac"] * (config.dual_clip is not None) + ["tis_weight_mean"] * (config.tis_cap is not None)
+    return names + ["ratio_mean", "ratio_max", "num_tokens"]
+
+
+def _grpo_forward(logp, entropy, advantages, m, old_logp, ref_logp, rollout_logp, weights, config):
+    """Loss, ∂loss/∂logp [N], ∂loss/∂entropy [N] (or None) and the metric vector, in m's dtype."""
+    dt = weights.dtype
+    x, a = logp.to(dt), advantages.to(dt)
+    old = x if old_logp is None else old_logp.to(dt)
+    active = weights != 0   # where-guards below keep inf·0 of masked-out rows out of the sums
+    zero = x.new_zeros(())
+
+    r = torch.exp(x - old)
+    lo, hi = 1.0 - config.clip_low, 1.0 + config.clip_high
+    clip_low = (a < 0) & (r < lo)            # −A·lo > −A·r: the clipped branch is the max
+    clip_high = (a > 0) & (r > hi)
+    clipped = clip_low | clip_high
+    pg = torch.where(clipped, -a * r.clamp(lo, hi), -a * r)
+    dpg = torch.where(clipped, zero, -a * r)  # d(−A·r)/dx = −A·r; the clipped branch is constant
+    stats = {}
+    if config.dual_clip is not None:
+        bound = -config.dual_clip * a
+        dual = (a < 0) & (pg > bound)
+        pg, dpg = torch.where(dual, bound, pg), torch.where(dual, zero, dpg)
+        stats["dual_clip_frac"] = dual
+    if config.tis_cap is not None:
+        w = torch.exp(old - rollout_logp.to(dt)).clamp(max=config.tis_cap)
+        pg, dpg = w * pg, w * dpg
+        stats["tis_weight_mean"] = w
+    loss_tok, dloss_tok = pg, dpg
+    kl = None
+    if ref_logp is not None:
+        delta = ref_logp.to(dt) - x
+        if config.kl_estimator == "k1":
+            kl, dkl = -delta, torch.ones_like(delta)
+        elif config.kl_estimator == "k2":
+            kl, dkl = 0.5 * delta * delta, -delta
+        else:
+            em1 = torch.expm1(delta)            # exp(δ) − 1, exact for small δ
+            kl, dkl = em1 - delta, -em1
+        if config.kl_coef != 0:
+            loss_tok, dloss_tok = loss_tok + config.kl_coef * kl, dloss_tok + config.kl_coef * dkl
+    ent = None if entropy is None else entropy.to(dt)
+    if config.entropy_coef != 0:
+        loss_tok = loss_tok - config.entropy_coef * ent
+
+    loss = torch.where(active, weights * loss_tok, zero).sum()
+    dlogp = torch.where(active, weights * dloss_tok, zero)
+    dent = -config.entropy_coef * weights if config.entropy_coef != 0 else None
+
+    # metrics: means over masked tokens (mask-weighted), no host sync
+    count = m.sum()
+
+    def mean(v: torch.Tensor) -> torch.Tensor:
+        return torch.where(active, v.to(dt) * m, zero).sum() / count.clamp(min=1.0)
+
+    ratio_max = torch.where(active, r, zero).max() if r.numel() else zero   # r > 0: 0 = no token
+    values = {"pg_loss": mean(pg), "kl": None if kl is None else mean(kl),
+              "entropy": None if ent is None else mean(ent),
+              "clip_frac": mean(clipped), "clip_frac_low": mean(clip_low), "clip_frac_high": mean(clip_high),
+              **{k: mean(v) for k, v in stats.items()},
+              "ratio_mean": mean(r), "ratio_max": ratio_max, "num_tokens": count}
+    names = _metric_names(config, kl is not None, ent is not None)
+    return loss, dlogp, dent, torch.stack([values[k] for k in names])
+
+
+class _GRPOLossFunction(torch.autograd.Function):
+    """Forward: loss and its per-token derivatives; backward: grad_output · saved derivatives."""
+
+    @staticmethod
+    def forward(ctx, logp, entropy, advantages, m, old_logp, ref_logp, rollout_logp, weights, config):
+        loss, dlogp, dent, metrics = _grpo_forward(
+            logp, entropy, advantages, m, old_logp, ref_logp, rollout_logp, weights, config)
+        ctx.save_for_backward(dlogp, dent)
+        ctx.dtypes = (logp.dtype, None if entropy is None else entropy.dtype)
+        ctx.mark_non_differentiable(metrics)
+        return loss, metrics
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_loss, _grad_metrics):
+        dlogp, dent = ctx.saved_tensors
+        logp_dtype, ent_dtype = ctx.dtypes
+        grad_ent = (grad_loss * dent).to(ent_dtype) if dent is not None and ctx.needs_input_grad[1] else None
+        return (grad_loss * dlogp).to(logp_dtype), grad_ent, None, None, None, None, None, None, None
+
+
+# ------------------------------------------------------------------------ public API
+
+
+def _grpo_loss(logp, advantages, mask, old_logp, ref_logp, rollout_logp, entropy, cu_seqlens,
+               config, normalizer):
+    """grpo_loss on validated inputs."""
+    m = mask.detach().to(torch.promote_types(logp.dtype, torch.float32))  # [N] fp32 (fp64 for fp64 logp)
+    weights = _aggregation_weights(m, cu_seqlens, config, normalizer)        # [N], same dtype
+    if config.entropy_coef == 0 and entropy is not None:
+        entropy = entropy.detach()  # metric only: keep it out of the graph
+    # old/ref/rollout log-probs and advantages are constants: the Function returns no grad for them.
+    loss, metrics = _GRPOLossFunction.apply(
+        logp, entropy, advantages, m, old_logp, ref_logp, rollout_logp, weights, config)
+    names = _metric_names(config, ref_logp is not None, entropy is not None)
+    return loss, dict(zip(names, metrics.unbind(0)))
+
+
+def grpo_loss(
+    logp: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    old_logp: torch.Tensor | None = None,
+    ref_logp: torch.Tensor | None = None,
+    rollout_logp: torch.Tensor | None = None,
+    entropy: torch.Tensor | None = None,
+    cu_seqlens: torch.Tensor | None = None,
+    config: GRPOLossConfig = GRPOLossConfig(),
+    normalizer: float | torch.Tensor | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The GRPO objective on given per-token log-probs (for trainers that compute their own).
+
+    logp:         [N] float, log π(y|h) of the policy being trained; gradients flow into it.
+    advantages:   [N] float, per-token advantage (the sequence's advantage broadcast).
+    mask:         [N] bool/int/float, 1 on response tokens that enter the loss.
+    old_logp:     [N] float or None, the behaviour policy; None = logp.detach() (ratio 1).
+    ref_logp:     [N] float or None, the reference policy; required when config.kl_coef > 0.
+    rollout_logp: [N] float or None, the rollout engine's log-probs; required by config.tis_cap,
+                  ignored by the loss without it.
+    entropy:      [N] float or None, per-token entropy; required when config.entropy_coef != 0
+                  (gradients flow into it then); otherwise it only feeds the metric.
+    cu_seqlens:   [S+1] integer, sequence offsets (0, ..., N); required by the seq-* aggregations.
+                  Empty sequences are allowed.
+    config:       GRPOLossConfig.
+    normalizer:   float or 0-d tensor > 0, the global denominator: response tokens (token-mean)
+                  or sequences (seq-*) of the whole mini-batch over all micro-batches and ranks
+                  (DDP averages gradients over ranks: pass that count / world_size there).
+                  None = the local one (at least 1: an all-masked batch gives loss 0, grads 0).
+    old_logp, ref_logp, rollout_logp, advantages are constants (no gradient).
+
+    Returns (loss, metrics):
+      loss:    0-d fp32 (fp64 if logp is fp64), differentiable w.r.t. logp (and entropy).
+      metrics: dict of detached 0-d tensors, means over masked tokens of this call:
+               pg_loss, kl (if ref_logp given), entropy (if given), clip_frac, clip_frac_low,
+               clip_frac_high (tokens where the clipped branch is active), dual_clip_frac (if
+               dual_clip), tis_weight_mean (if tis_cap), ratio_mean, ratio_max, num_tokens (Σ mask).
+    Raises ValueError/TypeError naming the argument on malformed inputs (one host sync).
+    """
+    _check_vector("logp", logp, None, None)
+    _raise_failed(_validate(logp.shape[0], logp.device, advantages, mask, old_logp, ref_logp, rollout_logp,
+                            entropy, cu_seqlens, config, normalizer, has_entropy=entropy is not None))
+    return _grpo_loss(logp, advantages, mask, old_logp, ref_logp, rollout_logp, entropy, cu_seqlens,
+                      config, normalizer)
+
+
+def fused_linear_grpo_loss(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    old_logp: torch.Tensor | None = None,
+    ref_logp: torch.Tensor | None = None,
+    rollout_logp: torch.Tensor | None = None,
+    cu_seqlens: torch.Tensor | None = None,
+    config: GRPOLossConfig = GRPOLossConfig(),
+    normalizer: float | torch.Tensor | None = None,
+    ignore_index: int = -100,
+    entropy_metric: bool = False,
+    backend: str = "auto",
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """LM head → log-probs → GRPO loss in one pass over the vocabulary; never holds [N, V].
+
+    hidden:   [N, H] fp32/bf16/fp16, final hidden states of the packed tokens.
+    weight:   [V, H] same dtype, the LM-head weight.
+    targets:  [N] int64, next tokens; rows equal to `ignore_index` must have mask 0.
+    advantages, mask, old_logp, ref_logp, rollout_logp, cu_seqlens, config, normalizer:
+              as in `grpo_loss` (per-token tensors [N]; config.temperature scales the logits).
+    ignore_index: target id of rows without a next token (their logp and entropy are 0).
+    entropy_metric: also compute the entropy for `metrics["entropy"]` when entropy_coef == 0
+              (a cheap extra accumulator in the forward; it gets no gradient). With
+              entropy_coef != 0 the entropy is always computed and differentiated.
+    backend:  "auto" | "torch" | "triton", passed to `linear_logprobs`.
+
+    Returns (loss, metrics) as `grpo_loss`: loss 0-d fp32, differentiable w.r.t. hidden and weight.
+    """
+    # dtypes, vocabulary range and the weight are checked by linear_logprobs; here what the loss needs
+    for name, t in (("hidden", hidden), ("weight", weight)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 2:
+            raise ValueError(f"{name}: expected a 2-D tensor ([N, H] / [V, H]), got {getattr(t, 'shape', t)!r}")
+    _check_vector("targets", targets, hidden.shape[0], hidden.device, floating=False, ref="hidden")
+    # has_entropy=True: the entropy is computed below whenever entropy_coef needs it
+    checks = _validate(hidden.shape[0], hidden.device, advantages, mask, old_logp, ref_logp, rollout_logp,
+                       None, cu_seqlens, config, normalizer, has_entropy=True, ref="hidden")
+    checks.append((((targets == ignore_index) & (mask != 0)).any(),
+                   f"mask: expected 0 on rows whose target is ignore_index={ignore_index}"))
+    _raise_failed(checks)
+
+    want_entropy = config.entropy_coef != 0 or entropy_metric
+    out = linear_logprobs(hidden, weight, targets, temperature=config.temperature,
+                          ignore_index=ignore_index, return_entropy=want_entropy, backend=backend)
+    logp, entropy = out if want_entropy else (out, None)
+    return _grpo_loss(logp, advantages, mask, old_logp, ref_logp, rollout_logp, entropy, cu_seqlens,
+                      config, normalizer)
+
+
+class FusedLinearGRPOLoss(nn.Module):
+    """nn.Module wrapper of `fused_linear_grpo_loss` with a fixed GRPOLossConfig.
+
+    forward(hidden [N, H], weight [V, H], targets [N], advantages [N], mask [N], **kw)
+      -> (loss 0-d fp32, metrics); **kw are the keyword arguments of `fused_linear_grpo_loss`.
+    """
+
+    def __init__(self, config: GRPOLossConfig = GRPOLossConfig(), *, ignore_index: int = -100,
+                 backend: str = "auto") -> None:
+        super().__init__()
+        if not isinstance(config, GRPOLossConfig):
+            raise TypeError(f"config: expected a GRPOLossConfig, got {type(config).__name__}")
+        self.config, self.ignore_index, self.backend = config, ignore_index, backend
+
+    def forward(self, hidden, weight, targets, advantages, mask, **kw):
+        kw.setdefault("ignore_index", self.ignore_index)
+        kw.setdefault("backend", self.backend)
+        return fused_linear_grpo_loss(hidden, weight, targets, advantages, mask, config=self.config, **kw)
+
+    def extra_repr(self) -> str:
+        return f"{self.config}, ignore_index={self.ignore_index}, backend={self.backend!r}"

@@ -1,0 +1,437 @@
+r"""Fused LM head + log-prob gather (+ entropy), forward and backward, without `[N, V]` logits.
+
+Math (shared/DESIGN.md). Rows n = 0..N-1 are packed tokens, h[n] the final hidden state,
+W the [V, H] LM-head weight, y[n] the next token, τ the temperature:
+
+    z[n, v] = h[n]·W[v] / τ          lse[n] = log Σ_v exp z[n, v]
+    logp[n] = z[n, y[n]] − lse[n]    H[n]   = lse[n] − Σ_v p[n, v] z[n, v]
+
+Forward (one pass over the vocabulary, online). A program owns a tile of BLOCK_N rows and one
+slice of the vocabulary; for each [BLOCK_N, BLOCK_V] logit tile (a K-loop of tensor-core dots,
+fp32 accumulation) it updates the running max m, s = Σ exp(z − m), t = Σ z·exp(z − m) and
+picks z[n, y[n]] out of the tile where the column matches. The slices' (m, s, t, z_y) are
+merged afterwards: lse = M + log Σ s·e^{m−M}, H = lse − Σ t·e^{m−M} / Σ s·e^{m−M}. Splitting
+the vocabulary keeps every SM busy when N is small (N = 1 is a legal input).
+
+Backward. With g = ∂L/∂logp and g_H = ∂L/∂H per row, p = exp(z − lse) and E[z] = lse − H:
+
+    ∂L/∂z[n, v] = g[n]·(1[v = y[n]] − p) − g_H[n]·p·(z − E[z])        (the entropy term: ∂H/∂z_v = −p_v (z_v − E[z]))
+    dh = (∂L/∂z)·W / τ                  dW = (∂L/∂z)ᵀ·h / τ
+
+dz has to meet both W (for dh) and h (for dW) in a GEMM, and a tile of dz feeds a whole row of
+dh and a whole row of dW: accumulating them from the tiles with atomics moves
+N·V·H·(1/BLOCK_N + 1/BLOCK_V)·4 bytes — 50× the GEMM's own traffic at the reference shapes.
+So the backward walks the vocabulary in chunks: a Triton kernel recomputes the logits of one
+chunk tile by tile and writes dz/τ (input dtype) into an [N, V_chunk] buffer, then two
+cuBLAS GEMMs consume it: dW[chunk] = dzᵀ·h (written once, no accumulation) and
+dh += dz·W[chunk] (fp32 accumulator). V_chunk keeps the buffer ≤ 1% of the fp32 logits.
+
+Cost at N = 16384, H = 1536, V = 151936 (bf16):
+    naive:  logits N·V·4 B = 10 GB written and read twice, log_softmax, gather, same in backward.
+    here:   FLOP = 4 GEMMs of 2·N·H·V (forward, recompute, dh, dW) = 30.6 TFLOP;
+            bytes beyond inputs/grads = O(N) vectors + the 1% dz buffer (~97 MB) + fp32 dh (N·H·4).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from typing import NamedTuple
+
+import torch
+import triton
+import triton.language as tl
+
+from .streaming import torch_backward, torch_forward
+
+__all__ = ["linear_logprobs", "KernelConfig", "forward_config", "backward_config"]
+
+_FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_BACKENDS = ("auto", "torch", "triton")
+# The dz buffer of the backward: at most this fraction of the [N, V] fp32 logits (DESIGN's
+# memory target), but never a chunk so thin that the two GEMMs per chunk become launch-bound.
+_BWD_BUFFER_FRACTION = 0.01
+_BWD_BUFFER_MIN_BYTES = 64 << 20
+
+
+# ----------------------------------------------------------------------------- kernels
+
+
+@triton.jit
+def _logit_tile(
+    h_ptr, w_ptr,                       # data ptrs: hidden [N, H], weight [V, H]
+    rows, cols, row_ok, col_ok,         # [BLOCK_N] / [BLOCK_V] indices (int64) and masks
+    H, stride_hn, stride_hk, stride_wv, stride_wk,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    """h[rows] · W[cols]ᵀ as a [BLOCK_N, BLOCK_V] fp32 tile (a K-loop of tensor-core dots).
+
+    rows/cols are int64: N·H and V·H pass 2^31 at 128k tokens or 256k vocabularies."""
+    acc = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32)
+    for k0 in range(0, H, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        k_ok = ks < H
+        h = tl.load(h_ptr + rows[:, None] * stride_hn + ks[None, :] * stride_hk,
+                    mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        w = tl.load(w_ptr + cols[:, None] * stride_wv + ks[None, :] * stride_wk,
+                    mask=col_ok[:, None] & k_ok[None, :], other=0.0)
+        acc = tl.dot(h, tl.trans(w), acc, input_precision=DOT_PRECISION)
+    return acc
+
+
+@triton.jit
+def _logprob_fwd_kernel(
+    h_ptr, w_ptr, y_ptr,                # data ptrs: hidden [N, H], weight [V, H], targets [N] int64
+    m_ptr, s_ptr, t_ptr, zy_ptr,        # out ptrs: per-slice partials [SPLITS, N] fp32
+    N, V, H, v_per_split,               # shapes
+    stride_hn, stride_hk, stride_wv, stride_wk,  # strides
+    inv_temp,
+    HAS_ENTROPY: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    rows = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    row_ok = rows < N
+    y = tl.load(y_ptr + rows, mask=row_ok, other=-1)
+    v_lo = pid_s * v_per_split
+    v_hi = tl.minimum(v_lo + v_per_split, V)
+
+    m = tl.full((BLOCK_N,), float("-inf"), dtype=tl.float32)
+    s = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    t = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    zy = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for v0 in range(v_lo, v_hi, BLOCK_V):
+        cols = (v0 + tl.arange(0, BLOCK_V)).to(tl.int64)
+        col_ok = cols < v_hi
+        z = _logit_tile(h_ptr, w_ptr, rows, cols, row_ok, col_ok, H,
+                        stride_hn, stride_hk, stride_wv, stride_wk,
+                        BLOCK_N, BLOCK_V, BLOCK_K, DOT_PRECISION) * inv_temp
+        z = tl.where(col_ok[None, :], z, float("-inf"))
+        # Every tile has at least one valid column (v0 < v_hi), so m_new is finite.
+        m_new = tl.maximum(m, tl.max(z, axis=1))
+        alpha = tl.exp(m - m_new)
+        e = tl.exp(z - m_new[:, None])
+        s = s * alpha + tl.sum(e, axis=1)
+        if HAS_ENTROPY:
+            # Padded columns hold z = −inf and e = 0: take z as 0 there so z·e is 0, not NaN.
+            t = t * alpha + tl.sum(tl.where(col_ok[None, :], z, 0.0) * e, axis=1)
+        zy += tl.sum(tl.where(cols[None, :] == y[:, None], z, 0.0), axis=1)
+        m = m_new
+
+    out = pid_s * N + rows  # rows is int64, so the sum is too
+    tl.store(m_ptr + out, m, mask=row_ok)
+    tl.store(s_ptr + out, s, mask=row_ok)
+    tl.store(zy_ptr + out, zy, mask=row_ok)
+    if HAS_ENTROPY:
+        tl.store(t_ptr + out, t, mask=row_ok)
+
+
+@triton.jit
+def _dlogits_kernel(
+    h_ptr, w_ptr, y_ptr,                # data ptrs: hidden [N, H], weight [V, H], targets [N] int64
+    lse_ptr, g_ptr, gh_ptr, ez_ptr,     # row vectors [N] fp32: lse, ∂L/∂logp, ∂L/∂H, E_p[z]
+    dz_ptr,                             # out ptr: dz/τ for columns [v_lo, v_hi): [N, v_hi − v_lo]
+    N, H, v_lo, v_hi,                   # shapes
+    stride_hn, stride_hk, stride_wv, stride_wk, stride_dzn,  # strides
+    inv_temp,
+    HAS_ENTROPY: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_N: tl.constexpr,
+):
+    # Grouped tile order: GROUP_N row tiles walk the same weight tiles together (L2 reuse).
+    pid = tl.program_id(0)
+    n_tiles_n = tl.cdiv(N, BLOCK_N)
+    n_tiles_v = tl.cdiv(v_hi - v_lo, BLOCK_V)
+    group = pid // (GROUP_N * n_tiles_v)
+    first_n = group * GROUP_N
+    group_size = tl.minimum(n_tiles_n - first_n, GROUP_N)
+    pid_n = first_n + (pid % (GROUP_N * n_tiles_v)) % group_size
+    pid_v = (pid % (GROUP_N * n_tiles_v)) // group_size
+
+    rows = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    row_ok = rows < N
+    cols = (v_lo + pid_v * BLOCK_V + tl.arange(0, BLOCK_V)).to(tl.int64)
+    col_ok = cols < v_hi
+    z = _logit_tile(h_ptr, w_ptr, rows, cols, row_ok, col_ok, H,
+                    stride_hn, stride_hk, stride_wv, stride_wk,
+                    BLOCK_N, BLOCK_V, BLOCK_K, DOT_PRECISION) * inv_temp
+
+    y = tl.load(y_ptr + rows, mask=row_ok, other=-1)
+    lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
+    g = tl.load(g_ptr + rows, mask=row_ok, other=0.0)   # 0 on ignored rows (set by the launcher)
+    p = tl.exp(z - lse[:, None])
+    coef = g[:, None]
+    if HAS_ENTROPY:
+        gh = tl.load(gh_ptr + rows, mask=row_ok, other=0.0)
+        ez = tl.load(ez_ptr + rows, mask=row_ok, other=0.0)
+        coef = coef + gh[:, None] * (z - ez[:, None])
+    dz = tl.where(cols[None, :] == y[:, None], g[:, None], 0.0) - p * coef
+    dz = dz * inv_temp
+    out = dz_ptr + rows[:, None] * stride_dzn + (cols - v_lo)[None, :]
+    tl.store(out, dz.to(dz_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+
+
+# ----------------------------------------------------------------------------- configuration
+
+
+class KernelConfig(NamedTuple):
+    """Tile sizes and launch parameters of one kernel."""
+
+    block_n: int      # rows (tokens) per tile
+    block_v: int      # vocabulary columns per tile
+    block_k: int      # hidden-size step of the K loop
+    num_warps: int
+    num_stages: int   # software-pipelining depth of the K loop
+
+
+def forward_config(dtype: torch.dtype) -> KernelConfig:
+    """Tiles of the forward kernel, chosen from `python -m prolix.kernels.resources`: the widest
+    tiles that compile to wgmma on sm_90 without spilling. 16-bit: 128×64 logit tiles over
+    64-deep K steps, 8 warps, 3 stages (72 KB shared memory, 190 registers with entropy;
+    128×128 spills once the entropy sum is live). fp32 (no tensor cores' bf16 path): 64×64."""
+    if dtype == torch.float32:
+        return KernelConfig(64, 64, 32, 4, 2)
+    return KernelConfig(128, 64, 64, 8, 3)
+
+
+def backward_config(dtype: torch.dtype) -> KernelConfig:
+    """Tiles of the dz kernel: a plain GEMM tile with an elementwise epilogue."""
+    if dtype == torch.float32:
+        return KernelConfig(64, 128, 32, 8, 2)
+    return KernelConfig(128, 128, 64, 8, 3)
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    # fp32 inputs follow torch's own matmul setting, so the fp32 kernels agree with `h @ W.T`.
+    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
+        return "ieee"
+    return "tf32"
+
+
+@functools.lru_cache(maxsize=None)
+def _num_sms(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _target_programs(device: torch.device) -> int:
+    # Two waves of programs; the interpreter (CPU tensors) gets a small number so that tests
+    # exercise the vocabulary split and merge at small shapes.
+    return 2 * _num_sms(device.index or 0) if device.type == "cuda" else 4
+
+
+# ----------------------------------------------------------------------------- triton backend
+
+
+def triton_forward(h, w, y, inv_temp, with_entropy):
+    """h: [N, H], w: [V, H], y: [N] int64 → (z_y, lse, E_p[z] or None), each [N] fp32."""
+    N, H = h.shape
+    V = w.shape[0]
+    cfg = forward_config(h.dtype)
+    n_tiles = triton.cdiv(N, cfg.block_n)
+    max_splits = triton.cdiv(V, cfg.block_v)
+    splits = max(1, min(max_splits, triton.cdiv(_target_programs(h.device), n_tiles)))
+    v_per_split = triton.cdiv(triton.cdiv(V, splits), cfg.block_v) * cfg.block_v
+    splits = triton.cdiv(V, v_per_split)
+    part = torch.empty((4 if with_entropy else 3, splits, N), device=h.device, dtype=torch.float32)
+    m, s, zy = part[0], part[1], part[2]
+    t = part[3] if with_entropy else s  # unused pointer when HAS_ENTROPY is False
+    _logprob_fwd_kernel[(n_tiles, splits)](
+        h, w, y, m, s, t, zy,
+        N, V, H, v_per_split,
+        h.stride(0), h.stride(1), w.stride(0), w.stride(1),
+        inv_temp,
+        HAS_ENTROPY=with_entropy, DOT_PRECISION=_dot_precision(h.dtype),
+        BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_K=cfg.block_k,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    return _merge_partials(m, s, t if with_entropy else None, zy)
+
+
+def _merge_partials(m, s, t, zy):
+    """Merge per-slice online-softmax partials [SPLITS, N] into per-row (z_y, lse, E_p[z])."""
+    m_max = m.max(dim=0).values                     # (N,)
+    scale = torch.exp(m - m_max)                    # (SPLITS, N); empty slices have m = −inf → 0
+    s_tot = (s * scale).sum(dim=0)
+    lse = m_max + torch.log(s_tot)
+    mean_z = (t * scale).sum(dim=0) / s_tot if t is not None else None
+    return zy.sum(dim=0), lse, mean_z
+
+
+def _chunk_width(N: int, V: int, elt: int, block_v: int) -> int:
+    budget = max(_BWD_BUFFER_FRACTION * N * V * 4, _BWD_BUFFER_MIN_BYTES)
+    width = int(budget // (N * elt)) // block_v * block_v
+    return max(block_v, min(width, triton.cdiv(V, block_v) * block_v))
+
+
+def triton_backward(h, w, y, lse, g, gh, ez, inv_temp, need_dh, need_dw):
+    """dz by vocabulary chunk (Triton), then dW[chunk] = dzᵀh and dh += dz·W[chunk] (cuBLAS)."""
+    N, H = h.shape
+    V = w.shape[0]
+    cfg = backward_config(h.dtype)
+    with_entropy = gh is not None
+    width = _chunk_width(N, V, h.element_size(), cfg.block_v)
+    dz_buf = torch.empty((N, min(width, V)), device=h.device, dtype=h.dtype)
+    dh = torch.zeros((N, H), device=h.device, dtype=torch.float32) if need_dh else None
+    dw = torch.empty_like(w) if need_dw else None
+    for v_lo in range(0, V, width):
+        v_hi = min(v_lo + width, V)
+        dz = dz_buf[:, : v_hi - v_lo]
+        grid = (triton.cdiv(N, cfg.block_n) * triton.cdiv(v_hi - v_lo, cfg.block_v),)
+        _dlogits_kernel[grid](
+            h, w, y, lse, g, gh if with_entropy else g, ez if with_entropy else g, dz,
+            N, H, v_lo, v_hi,
+            h.stride(0), h.stride(1), w.stride(0), w.stride(1), dz.stride(0),
+            inv_temp,
+            HAS_ENTROPY=with_entropy, DOT_PRECISION=_dot_precision(h.dtype),
+            BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_K=cfg.block_k, GROUP_N=8,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )
+        if need_dw:
+            torch.mm(dz.T, h, out=dw[v_lo:v_hi])
+        if need_dh:
+            if dh.dtype == dz.dtype:
+                dh.addmm_(dz, w[v_lo:v_hi])
+            else:
+                dh += dz @ w[v_lo:v_hi]
+    return dh, dw
+
+
+# ----------------------------------------------------------------------------- autograd
+
+
+class _LinearLogprobs(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, temperature, ignore_index, with_entropy, backend):
+        inv_temp = 1.0 / temperature
+        valid = targets != ignore_index
+        fwd = triton_forward if backend == "triton" else torch_forward
+        zy, lse, mean_z = fwd(hidden, weight, targets, inv_temp, with_entropy)
+        logp = torch.where(valid, zy - lse, 0.0)
+        # H = lse − E[z] ≥ 0; for near-one-hot rows both terms are large and the fp32 difference
+        # can dip a few ulps below zero.
+        entropy = torch.where(valid, (lse - mean_z).clamp_min(0.0), 0.0) if with_entropy else None
+        ctx.save_for_backward(hidden, weight, targets, lse, mean_z if with_entropy else lse)
+        ctx.inv_temp, ctx.ignore_index, ctx.with_entropy, ctx.backend = (
+            inv_temp, ignore_index, with_entropy, backend)
+        ctx.set_materialize_grads(False)
+        return (logp, entropy) if with_entropy else logp
+
+    @staticmethod
+    def backward(ctx, grad_logp, grad_entropy=None):
+        hidden, weight, targets, lse, mean_z = ctx.saved_tensors
+        need_dh, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        if grad_entropy is None and grad_logp is None or not (need_dh or need_dw):
+            return None, None, None, None, None, None, None
+        valid = targets != ctx.ignore_index
+        # Ignored rows contribute nothing: zero their incoming gradients once, here.
+        g = torch.zeros_like(lse) if grad_logp is None else torch.where(valid, grad_logp.float(), 0.0)
+        gh = None
+        if grad_entropy is not None:
+            gh = torch.where(valid, grad_entropy.float(), 0.0)
+        bwd = triton_backward if ctx.backend == "triton" else torch_backward
+        dh, dw = bwd(hidden, weight, targets, lse, g.contiguous(), gh, mean_z if gh is not None else None,
+                     ctx.inv_temp, need_dh, need_dw)
+        dh = dh.to(hidden.dtype) if dh is not None else None
+        dw = dw.to(weight.dtype) if dw is not None else None
+        return dh, dw, None, None, None, None, None
+
+
+# ----------------------------------------------------------------------------- public function
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _check_inputs(hidden, weight, targets, temperature, ignore_index, backend) -> str:
+    """Validate before any launch; returns the resolved backend."""
+    for name, t in (("hidden", hidden), ("weight", weight), ("targets", targets)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if hidden.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"hidden must be float32, bfloat16 or float16, got {hidden.dtype}")
+    if weight.dtype != hidden.dtype:
+        raise TypeError(f"weight dtype must match hidden ({hidden.dtype}), got {weight.dtype}")
+    if targets.dtype.is_floating_point or targets.dtype.is_complex or targets.dtype == torch.bool:
+        raise TypeError(f"targets must be an integer tensor, got {targets.dtype}")
+    if hidden.dim() < 1 or weight.dim() != 2:
+        raise ValueError(f"hidden must be [..., H] and weight [V, H], got hidden {tuple(hidden.shape)}, "
+                         f"weight {tuple(weight.shape)}")
+    if weight.shape[0] == 0:
+        raise ValueError(f"weight has an empty vocabulary: shape {tuple(weight.shape)}")
+    if weight.shape[1] != hidden.shape[-1]:
+        raise ValueError(f"hidden size mismatch: hidden [..., {hidden.shape[-1]}] vs weight "
+                         f"[V, {weight.shape[1]}]")
+    if tuple(targets.shape) != tuple(hidden.shape[:-1]):
+        raise ValueError(f"targets shape {tuple(targets.shape)} must equal hidden.shape[:-1] "
+                         f"= {tuple(hidden.shape[:-1])}")
+    if hidden.device != weight.device or hidden.device != targets.device:
+        raise ValueError(f"hidden, weight and targets must be on one device, got {hidden.device}, "
+                         f"{weight.device}, {targets.device}")
+    if not (isinstance(temperature, (int, float)) and 0 < temperature < float("inf")):
+        raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
+    if backend not in _BACKENDS:
+        raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
+    on_cuda = hidden.device.type == "cuda"
+    if backend == "auto":
+        backend = "triton" if on_cuda else "torch"
+    if backend == "triton" and not (on_cuda or _interpreting()):
+        raise ValueError(f"backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1), got {hidden.device}")
+    capturing = on_cuda and torch.cuda.is_current_stream_capturing()
+    if targets.numel() and not capturing:
+        bad = ((targets < 0) | (targets >= weight.shape[0])) & (targets != ignore_index)
+        if bool(bad.any()):
+            first = targets[bad][0].item()
+            raise ValueError(f"targets must lie in [0, {weight.shape[0]}) or equal ignore_index="
+                             f"{ignore_index}, found {first}")
+    return backend
+
+
+def linear_logprobs(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+    return_entropy: bool = False,
+    backend: str = "auto",
+):
+    """Per-token log p(targets | hidden) under softmax(hidden·Wᵀ/τ), without [N, V] logits.
+
+    Args:
+        hidden: [..., H] fp32, bf16 or fp16 final hidden states (any leading shape; packed
+            rows [N, H] are the common case).
+        weight: [V, H] the LM-head weight, same dtype and device as `hidden`.
+        targets: [...] integer next-token ids, shaped like `hidden.shape[:-1]`; rows equal to
+            `ignore_index` give 0 and receive no gradient.
+        temperature: τ > 0; logits are divided by it (use the sampling temperature).
+        ignore_index: the target value that marks a row to skip.
+        return_entropy: also return the entropy of softmax(z) per row (differentiable).
+        backend: "triton" (CUDA; CPU only under TRITON_INTERPRET=1), "torch" (streams over
+            token and vocabulary chunks, fp32 accumulation, any device) or "auto" (triton on
+            CUDA, torch elsewhere).
+
+    Returns:
+        logp: [...] fp32, or (logp, entropy) both [...] fp32 with `return_entropy=True`.
+        Differentiable in `hidden` and `weight`; a weight with requires_grad=False costs no
+        weight-gradient GEMM.
+
+    Raises:
+        TypeError / ValueError naming the argument, before any kernel launch: dtypes, shapes,
+        devices, targets outside [0, V) other than `ignore_index`, temperature ≤ 0.
+    """
+    backend = _check_inputs(hidden, weight, targets, temperature, ignore_index, backend)
+    lead = targets.shape
+    h = hidden.reshape(-1, hidden.shape[-1])                  # (N, H)
+    y = targets.reshape(-1).to(torch.int64).contiguous()      # (N,)
+    if y.numel() == 0:
+        # Still part of the graph, so backward() on an empty micro-batch gives zero gradients.
+        empty = hidden.new_zeros(lead, dtype=torch.float32) + 0.0 * (hidden.sum() + weight[:0].sum())
+        return (empty, empty.clone()) if return_entropy else empty
+    out = _LinearLogprobs.apply(h, weight, y, float(temperature), int(ignore_index),
+                                bool(return_entropy), backend)
+    if return_entropy:
+        return out[0].reshape(lead), out[1].reshape(lead)
+    return out.reshape(lead)

@@ -1,0 +1,123 @@
+"""Float64 references for every kernel in `prolix.kernels`.
+
+These are the definitions the kernels are tested and benchmarked against: plain torch,
+whole `[N, V]` logits, no streaming, no tricks. They are slow and memory-hungry on purpose.
+With `upcast=True` (the default) every input is converted to float64 first, so the result is
+the exact math of shared/DESIGN.md up to float64 rounding; with `upcast=False` they compute in
+the inputs' own dtype, which is what "torch eager" means in the benchmarks and what a bf16 error
+budget is measured against in the tests ("at most k times as wrong as torch in the same dtype").
+
+Autograd works through both functions, so gradient references come from `torch.autograd`.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .grpo_loss import GRPOLossConfig
+
+__all__ = ["linear_logprobs_ref", "grpo_loss_ref"]
+
+
+def linear_logprobs_ref(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+    upcast: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """log p(y | h) and the entropy of the softmax, from the full logits.
+
+    hidden: [..., H]; weight: [V, H]; targets: [...] int64.
+    Returns (logp, entropy), each shaped like `targets`, float64 if `upcast` else float32;
+    rows whose target is `ignore_index` are 0 in both.
+    """
+    if upcast:
+        hidden, weight = hidden.double(), weight.double()
+    h = hidden.reshape(-1, hidden.shape[-1])                      # (N, H)
+    y = targets.reshape(-1)                                       # (N,)
+    logits = (h @ weight.T).float() if not upcast else h @ weight.T  # (N, V)
+    logits = logits / temperature
+    logprobs = torch.log_softmax(logits, dim=-1)                  # (N, V)
+    valid = y != ignore_index
+    safe_y = torch.where(valid, y, torch.zeros_like(y))
+    logp = logprobs.gather(1, safe_y[:, None]).squeeze(1)
+    entropy = -(logprobs.exp() * logprobs).sum(-1)
+    zero = torch.zeros((), dtype=logp.dtype, device=logp.device)
+    logp = torch.where(valid, logp, zero)
+    entropy = torch.where(valid, entropy, zero)
+    return logp.reshape(targets.shape), entropy.reshape(targets.shape)
+
+
+def _segment_sum(x: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
+    """Per-sequence sums of a packed [N] vector: [S]."""
+    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
+    seq_id = torch.repeat_interleave(torch.arange(lengths.numel(), device=x.device), lengths)
+    return torch.zeros(lengths.numel(), dtype=x.dtype, device=x.device).index_add(0, seq_id, x)
+
+
+def grpo_loss_ref(
+    logp: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    old_logp: torch.Tensor | None = None,
+    ref_logp: torch.Tensor | None = None,
+    rollout_logp: torch.Tensor | None = None,
+    entropy: torch.Tensor | None = None,
+    cu_seqlens: torch.Tensor | None = None,
+    config: GRPOLossConfig = GRPOLossConfig(),
+    normalizer: float | torch.Tensor | None = None,
+    upcast: bool = True,
+) -> torch.Tensor:
+    """The GRPO objective of shared/DESIGN.md on packed rows, as a scalar loss.
+
+    logp, advantages, mask, old_logp, ref_logp, rollout_logp, entropy: [N];
+    cu_seqlens: [S+1] (needed by the seq-mean-* aggregations).
+    Gradients flow into `logp` and `entropy`; `old_logp=None` means `logp.detach()`.
+    """
+    cast = (lambda t: t.double()) if upcast else (lambda t: t.float())
+    logp = cast(logp)
+    adv = cast(advantages)
+    m = cast(mask)
+    old = logp.detach() if old_logp is None else cast(old_logp)
+
+    ratio = torch.exp(logp - old)
+    clipped = ratio.clamp(1.0 - config.clip_low, 1.0 + config.clip_high)
+    pg = torch.maximum(-adv * ratio, -adv * clipped)
+    if config.dual_clip is not None:
+        # Bound the loss of negative-advantage tokens whose ratio exploded (Ye et al., 2020).
+        pg = torch.where(adv < 0, torch.minimum(pg, -config.dual_clip * adv), pg)
+    if config.tis_cap is not None and rollout_logp is not None:
+        w = torch.exp(old - cast(rollout_logp)).clamp(max=config.tis_cap).detach()
+        pg = w * pg
+    loss_tok = pg
+    if config.kl_coef != 0.0:
+        delta = cast(ref_logp) - logp
+        if config.kl_estimator == "k1":
+            kl = -delta
+        elif config.kl_estimator == "k2":
+            kl = 0.5 * delta * delta
+        else:
+            kl = torch.exp(delta) - delta - 1.0
+        loss_tok = loss_tok + config.kl_coef * kl
+    if config.entropy_coef != 0.0:
+        loss_tok = loss_tok - config.entropy_coef * cast(entropy)
+
+    # where(), not a product: a masked row may hold garbage (an overflowing ratio on a prompt
+    # token) and inf·0 would be NaN.
+    masked = torch.where(m != 0, loss_tok, 0.0) * m
+    if config.loss_agg == "token-mean":
+        denom = m.sum().clamp(min=1.0) if normalizer is None else normalizer
+        return masked.sum() / denom
+    seq_tokens = _segment_sum(m, cu_seqlens)
+    seq_sum = _segment_sum(masked, cu_seqlens)
+    n_seqs = (seq_tokens > 0).sum().clamp(min=1) if normalizer is None else normalizer
+    if config.loss_agg == "seq-mean-token-mean":
+        per_seq = torch.where(seq_tokens > 0, seq_sum / seq_tokens.clamp(min=1.0), seq_sum)
+        return per_seq.sum() / n_seqs
+    if config.loss_agg == "seq-mean-token-sum":
+        return seq_sum.sum() / n_seqs
+    return seq_sum.sum() / (n_seqs * config.max_len)  # seq-mean-token-sum-norm (Dr.GRPO)

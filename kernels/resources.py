@@ -1,0 +1,184 @@
+"""Compile every production kernel configuration for a GPU, offline, and read its resources.
+
+A kernel that spills registers on sm_90 is slow before anyone times it, and the Triton
+interpreter accepts code the GPU compiler rejects. Triton compiles for a target GPU without
+one being present, and its wheel ships `cuobjdump` and `nvdisasm`, so both facts can be
+checked on any machine:
+
+    python -m prolix.kernels.resources --arch 90 --arch 80
+
+prints, per kernel × dtype × flag combination: registers per thread, stack and local memory
+(spills), shared memory, and on sm_90 whether the SASS uses Hopper's wgmma (`HGMMA`).
+The launches mirror what the launchers in `linear_logprob.py` do: the same tile configs and
+warps/stages, unit inner strides specialised to 1 and 16-divisible sizes and pointers, as the
+JIT specialises them for the reference shapes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from . import linear_logprob as llp
+
+_PTR = {torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.float32: "*fp32"}
+
+
+@dataclasses.dataclass(frozen=True)
+class Launch:
+    """One production specialisation of a kernel."""
+
+    name: str
+    fn: object
+    signature: dict
+    constexprs: dict
+    divisible: tuple  # argument names specialised as divisible by 16
+    num_warps: int
+    num_stages: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Resources:
+    launch: str
+    arch: int
+    registers: int
+    stack: int
+    local: int
+    shared: int
+    wgmma: bool | None  # None where the target has no wgmma (sm_80)
+
+    @property
+    def spills(self) -> bool:
+        return self.stack > 0 or self.local > 0
+
+
+def production_launches() -> list[Launch]:
+    """Every (kernel, dtype, flag) specialisation the launchers can produce."""
+    launches = []
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        t = _PTR[dtype]
+        precision = "ieee" if dtype == torch.float32 else "tf32"
+        for entropy in (False, True):
+            cfg = llp.forward_config(dtype)
+            launches.append(Launch(
+                name=f"logprob_fwd[{t[1:]},entropy={int(entropy)}]",
+                fn=llp._logprob_fwd_kernel,
+                signature={
+                    "h_ptr": t, "w_ptr": t, "y_ptr": "*i64",
+                    "m_ptr": "*fp32", "s_ptr": "*fp32", "t_ptr": "*fp32", "zy_ptr": "*fp32",
+                    "N": "i32", "V": "i32", "H": "i32", "v_per_split": "i32",
+                    "stride_hn": "i32", "stride_hk": "constexpr",
+                    "stride_wv": "i32", "stride_wk": "constexpr", "inv_temp": "fp32",
+                    "HAS_ENTROPY": "constexpr", "DOT_PRECISION": "constexpr",
+                    "BLOCK_N": "constexpr", "BLOCK_V": "constexpr", "BLOCK_K": "constexpr",
+                },
+                constexprs={
+                    "stride_hk": 1, "stride_wk": 1, "HAS_ENTROPY": entropy,
+                    "DOT_PRECISION": precision,
+                    "BLOCK_N": cfg.block_n, "BLOCK_V": cfg.block_v, "BLOCK_K": cfg.block_k,
+                },
+                divisible=("h_ptr", "w_ptr", "y_ptr", "m_ptr", "s_ptr", "t_ptr", "zy_ptr",
+                           "V", "H", "v_per_split", "stride_hn", "stride_wv"),
+                num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            ))
+            cfg = llp.backward_config(dtype)
+            launches.append(Launch(
+                name=f"dlogits[{t[1:]},entropy={int(entropy)}]",
+                fn=llp._dlogits_kernel,
+                signature={
+                    "h_ptr": t, "w_ptr": t, "y_ptr": "*i64",
+                    "lse_ptr": "*fp32", "g_ptr": "*fp32", "gh_ptr": "*fp32", "ez_ptr": "*fp32",
+                    "dz_ptr": t, "N": "i32", "H": "i32", "v_lo": "i32", "v_hi": "i32",
+                    "stride_hn": "i32", "stride_hk": "constexpr", "stride_wv": "i32",
+                    "stride_wk": "constexpr", "stride_dzn": "i32", "inv_temp": "fp32",
+                    "HAS_ENTROPY": "constexpr", "DOT_PRECISION": "constexpr",
+                    "BLOCK_N": "constexpr", "BLOCK_V": "constexpr", "BLOCK_K": "constexpr",
+                    "GROUP_N": "constexpr",
+                },
+                constexprs={
+                    "stride_hk": 1, "stride_wk": 1, "HAS_ENTROPY": entropy,
+                    "DOT_PRECISION": precision,
+                    "BLOCK_N": cfg.block_n, "BLOCK_V": cfg.block_v, "BLOCK_K": cfg.block_k,
+                    "GROUP_N": 8,
+                },
+                divisible=("h_ptr", "w_ptr", "y_ptr", "lse_ptr", "g_ptr", "gh_ptr", "ez_ptr",
+                           "dz_ptr", "H", "v_lo", "stride_hn", "stride_wv", "stride_dzn"),
+                num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            ))
+    return launches
+
+
+def _nvidia_tool(name: str) -> str:
+    path = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / name
+    if not path.exists():
+        raise FileNotFoundError(f"{name} not found in the triton wheel at {path}")
+    return str(path)
+
+
+def compile_launch(launch: Launch, arch: int):
+    """Compile one launch for sm_<arch>; returns triton's CompiledKernel (asm has 'cubin')."""
+    if not hasattr(launch.fn, "arg_names") or os.environ.get("TRITON_INTERPRET") == "1":
+        raise RuntimeError("compiling for a GPU needs TRITON_INTERPRET unset before prolix.kernels "
+                           "is imported (the interpreter replaces the JIT functions)")
+    names = launch.fn.arg_names
+    attrs = {(names.index(a),): [["tt.divisibility", 16]] for a in launch.divisible}
+    src = ASTSource(fn=launch.fn, signature=launch.signature, constexprs=launch.constexprs,
+                    attrs=attrs)
+    options = {"num_warps": launch.num_warps, "num_stages": launch.num_stages}
+    return triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
+
+
+def read_resources(launch: Launch, arch: int) -> Resources:
+    """Compile, then read registers/stack/local/shared from cuobjdump and wgmma from nvdisasm."""
+    kernel = compile_launch(launch, arch)
+    with tempfile.TemporaryDirectory() as tmp:
+        cubin = Path(tmp) / "kernel.cubin"
+        cubin.write_bytes(kernel.asm["cubin"])
+        usage = subprocess.run([_nvidia_tool("cuobjdump"), "--dump-resource-usage", str(cubin)],
+                               check=True, capture_output=True, text=True).stdout
+        wgmma = None
+        if arch >= 90:
+            sass = subprocess.run([_nvidia_tool("nvdisasm"), str(cubin)],
+                                  check=True, capture_output=True, text=True).stdout
+            wgmma = "HGMMA" in sass
+    fields = dict(re.findall(r"\b(REG|STACK|SHARED|LOCAL):(\d+)", usage))
+    if "REG" not in fields:
+        raise RuntimeError(f"could not parse cuobjdump output for {launch.name}:\n{usage}")
+    # Triton allocates shared memory dynamically; the cubin's static figure is 0, so report its own.
+    return Resources(launch=launch.name, arch=arch, registers=int(fields["REG"]),
+                     stack=int(fields.get("STACK", 0)), local=int(fields.get("LOCAL", 0)),
+                     shared=int(kernel.metadata.shared), wgmma=wgmma)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--arch", type=int, action="append", help="SM version (repeatable); default 90 and 80")
+    parser.add_argument("--json", action="store_true", help="print one JSON list instead of a table")
+    args = parser.parse_args(argv)
+    report = [read_resources(launch, arch)
+              for arch in (args.arch or [90, 80]) for launch in production_launches()]
+    if args.json:
+        print(json.dumps([dataclasses.asdict(r) for r in report]))
+    else:
+        print("| kernel | sm | regs | stack | local | smem KB | wgmma |\n|---|---|---|---|---|---|---|")
+        for r in report:
+            wg = "-" if r.wgmma is None else ("yes" if r.wgmma else "NO")
+            print(f"| {r.launch} | {r.arch} | {r.registers} | {r.stack} | {r.local} | "
+                  f"{r.shared / 1024:.0f} | {wg} |")
+    return 1 if any(r.spills for r in report) else 0  # a spill fails the command (and CI)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
