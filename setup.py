@@ -23,6 +23,9 @@ TRAINER_REQUIRES = [
     "safetensors>=0.4",
     "pyyaml>=6.0",
     "tqdm>=4.66",
+    "reasoning-gym>=0.1.25",   # procedural reasoning tasks with their own scorers (offline)
+    "math-verify>=0.9",        # symbolic equivalence of math answers
+    "pyarrow>=15",             # parquet prompt files
 ]
 
 BENCH_REQUIRES = [

@@ -1,0 +1,411 @@
+"""Problem sources: reasoning-gym generators and JSONL/parquet files, mixed by weight.
+
+A `Problem` is one question with its ground truth and the name of the reward fn that scores it
+(`rewards.REWARDS`). A `ProblemSource` gives training problems (`sample(n, rng)`, a pure function
+of the caller's `random.Random`, so a resumed run that restores its rng draws the same problems)
+and a fixed held-out set (`heldout()`), disjoint from training by question text.
+
+reasoning-gym (procedural, offline). An item of a reasoning-gym dataset is a pure function of
+`(seed, index)`; most datasets seed `random.Random(seed + index)` per item.
+- Training: every `sample` call builds a fresh dataset with `seed = rng.randrange(2**31)` and takes
+  its first n items. ProRL trains for thousands of steps; a fixed pool would be repeated many
+  times, while fresh seeds make the data effectively infinite (no epochs, no "seen" bookkeeping, no
+  source state to checkpoint). The dataset is rebuilt per call rather than indexed at random in
+  one huge virtual dataset because some generators precompute or bound-check their `size`
+  (acre, list_functions, word_ladder).
+- Held-out: built once from `seed = cfg.seed + 2**32`, outside the training seed range
+  [0, 2**31 + n), so for `Random(seed + index)` generators no rng stream is shared. Small problem
+  spaces still repeat questions (1-digit chain_sum has a few hundred), so disjointness is enforced
+  by question text: held-out questions are deduplicated, and a training draw whose question is
+  held out is rejected and redrawn. `Problem.metadata` keeps the entry for the dataset's own
+  `score_answer(answer, entry)`: {"dataset", "dataset_kwargs", "entry"}.
+
+Files. JSONL (one JSON object per line) or parquet, with `prompt_field` and `answer_field`
+columns; every row is validated when the source is built (errors name the file, the 1-based row
+— the line number for JSONL — and the field). The held-out rows are the first `heldout_size`
+distinct prompts of a `Random(cfg.seed)` shuffle; training is every row whose prompt is not held
+out, drawn without replacement within a call. `metadata` is the whole row (for user rewards).
+
+`worked_answer(problem)` writes a correct step-by-step solution for chain_sum/basic_arithmetic:
+the supervised warm start of the embedded demo.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import difflib
+import json
+import math
+import operator
+import os
+import random
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+
+from . import rewards
+
+__all__ = [
+    "Problem",
+    "ProblemSource",
+    "SourceConfig",
+    "SOURCE_KINDS",
+    "ReasoningGymSource",
+    "FileSource",
+    "MixedSource",
+    "make_source",
+    "worked_answer",
+]
+
+SOURCE_KINDS = ("reasoning_gym", "jsonl", "parquet")
+DEFAULT_REWARD = {"reasoning_gym": "reasoning_gym", "jsonl": "math_verify", "parquet": "math_verify"}
+TRAIN_SEED_SPACE = 2**31
+HELDOUT_SEED_OFFSET = 2**32
+MAX_DRAW_ROUNDS = 100  # sample(): fresh datasets tried before giving up on a tiny problem space
+
+
+@dataclasses.dataclass(frozen=True)
+class Problem:
+    prompt: str  # the question text (user turn; the chat template is applied later)
+    answer: str  # ground truth
+    task: str  # e.g. "chain_sum" (per-task metrics, reward routing)
+    reward: str  # name of the reward fn in rewards.REWARDS (or "pkg.mod:fn") that scores it
+    metadata: dict = dataclasses.field(default_factory=dict)  # whatever the scorer needs
+
+
+@runtime_checkable
+class ProblemSource(Protocol):
+    name: str
+
+    def sample(self, n: int, rng: random.Random) -> list[Problem]: ...  # training problems
+
+    def heldout(self) -> list[Problem]: ...  # fixed eval set, disjoint from training
+
+
+def _close(word: str, choices) -> str:
+    near = difflib.get_close_matches(word, list(choices), n=5, cutoff=0.5)
+    return f"; did you mean {', '.join(map(repr, near))}?" if near else ""
+
+
+def _check_n(n: int) -> None:
+    if not isinstance(n, int) or n < 0:
+        raise ValueError(f"n must be an int >= 0, got {n!r}")
+
+
+def _rg_registry() -> dict:
+    from reasoning_gym.factory import DATASETS
+
+    return DATASETS
+
+
+@dataclasses.dataclass(kw_only=True)
+class SourceConfig:
+    """One prompt source; validated on construction."""
+
+    kind: str
+    """"reasoning_gym" | "jsonl" | "parquet"."""
+    name: str = ""
+    """reasoning-gym dataset name (e.g. "chain_sum"); for files the task name (default: file stem)."""
+    path: str = ""
+    """JSONL or parquet file (file kinds only)."""
+    prompt_field: str = "prompt"
+    answer_field: str = "answer"
+    reward: str = ""
+    """Reward fn name or "pkg.mod:fn"; default "reasoning_gym" for reasoning_gym, else "math_verify"."""
+    weight: float = 1.0
+    """Mixing weight among sources (> 0)."""
+    heldout_size: int = 64
+    """Held-out problems (distinct questions) kept out of training."""
+    dataset_kwargs: dict = dataclasses.field(default_factory=dict)
+    """Passed to reasoning_gym.create_dataset (difficulty etc.); not seed or size."""
+    seed: int = 0
+    """Seeds the held-out set (reasoning_gym) or the held-out split (files)."""
+
+    def __post_init__(self) -> None:
+        if self.kind not in SOURCE_KINDS:
+            raise ValueError(f"source kind must be one of {SOURCE_KINDS}, got {self.kind!r}"
+                             + _close(str(self.kind), SOURCE_KINDS))
+        if self.kind == "reasoning_gym":
+            self._validate_reasoning_gym()
+        else:
+            if not self.path:
+                raise ValueError(f"a {self.kind} source needs path=")
+            if not os.path.isfile(self.path):
+                raise ValueError(f"{self.kind} source path {self.path!r} is not a file (no such file)")
+            if not self.prompt_field or not self.answer_field:
+                raise ValueError(f"prompt_field and answer_field must be non-empty, got "
+                                 f"{self.prompt_field!r}, {self.answer_field!r}")
+            self.name = self.name or Path(self.path).stem
+        if not (isinstance(self.weight, (int, float)) and math.isfinite(self.weight) and self.weight > 0):
+            raise ValueError(f"weight must be a finite number > 0, got {self.weight!r} (source {self.name!r})")
+        if not isinstance(self.heldout_size, int) or self.heldout_size < 0:
+            raise ValueError(f"heldout_size must be an int >= 0, got {self.heldout_size!r} (source {self.name!r})")
+        self.reward = self.reward or DEFAULT_REWARD[self.kind]
+        rewards.get_reward(self.reward)  # unknown name / unimportable callable: fail now
+
+    def _validate_reasoning_gym(self) -> None:
+        registry = _rg_registry()
+        if self.name not in registry:
+            raise ValueError(f"unknown reasoning-gym dataset name={self.name!r}" + _close(self.name, registry)
+                             + f" ({len(registry)} datasets: see reasoning_gym.factory.DATASETS)")
+        if not isinstance(self.dataset_kwargs, dict):
+            raise ValueError(f"dataset_kwargs must be a dict, got {type(self.dataset_kwargs).__name__}")
+        for key in ("seed", "size"):
+            if key in self.dataset_kwargs:
+                raise ValueError(f"dataset_kwargs must not set {key!r}: the source picks seeds and sizes "
+                                 "(use SourceConfig.seed for the held-out set)")
+        _, config_cls = registry[self.name]
+        fields = {f.name for f in dataclasses.fields(config_cls)} - {"seed", "size"}
+        for key in self.dataset_kwargs:
+            if key not in fields:
+                raise ValueError(f"dataset_kwargs key {key!r} is not an option of reasoning-gym "
+                                 f"{self.name!r}{_close(key, fields)}; options: {sorted(fields)}")
+        _create_rg(self.name, self.dataset_kwargs, seed=0, size=1)  # value checks (config.validate)
+
+
+# --------------------------------------------------------------------------- reasoning-gym
+
+def _create_rg(name: str, kwargs: dict, *, seed: int, size: int):
+    import reasoning_gym
+
+    try:
+        return reasoning_gym.create_dataset(name, seed=seed, size=size, **kwargs)
+    except (AssertionError, TypeError, ValueError) as e:
+        raise ValueError(f"reasoning-gym {name!r} rejected dataset_kwargs={kwargs!r}: {e or type(e).__name__}") from e
+
+
+class ReasoningGymSource:
+    """A reasoning-gym dataset: fresh seeds per training draw, a fixed deduplicated held-out set."""
+
+    def __init__(self, cfg: SourceConfig):
+        if cfg.kind != "reasoning_gym":
+            raise ValueError(f"ReasoningGymSource needs kind='reasoning_gym', got {cfg.kind!r}")
+        self.cfg = cfg
+        self.name = cfg.name
+        self._heldout = self._build_heldout()
+        self._heldout_questions = frozenset(p.prompt for p in self._heldout)
+
+    def _problem(self, entry: dict) -> Problem:
+        answer = entry.get("answer")
+        return Problem(prompt=entry["question"], answer="" if answer is None else str(answer),
+                       task=self.name, reward=self.cfg.reward,
+                       metadata={"dataset": self.name, "dataset_kwargs": dict(self.cfg.dataset_kwargs),
+                                 "entry": entry})
+
+    def _build_heldout(self) -> list[Problem]:
+        want = self.cfg.heldout_size
+        if want == 0:
+            return []
+        scan = 4 * want + 16  # room for duplicate questions in small problem spaces
+        ds = _create_rg(self.name, self.cfg.dataset_kwargs, seed=self.cfg.seed + HELDOUT_SEED_OFFSET, size=scan)
+        seen: dict[str, Problem] = {}
+        for i in range(scan):
+            entry = ds[i]
+            seen.setdefault(entry["question"], self._problem(entry))
+            if len(seen) == want:
+                return list(seen.values())
+        raise ValueError(f"reasoning-gym {self.name!r} gave only {len(seen)} distinct questions in {scan} "
+                         f"draws; lower heldout_size={want} or widen dataset_kwargs")
+
+    def sample(self, n: int, rng: random.Random) -> list[Problem]:
+        _check_n(n)
+        out: list[Problem] = []
+        for _ in range(MAX_DRAW_ROUNDS):
+            if len(out) >= n:
+                return out
+            ds = _create_rg(self.name, self.cfg.dataset_kwargs, seed=rng.randrange(TRAIN_SEED_SPACE), size=n)
+            for i in range(n):
+                entry = ds[i]
+                if entry["question"] not in self._heldout_questions:
+                    out.append(self._problem(entry))
+                    if len(out) == n:
+                        break
+        if len(out) >= n:
+            return out
+        raise RuntimeError(f"reasoning-gym {self.name!r}: almost every question is held out "
+                           f"(heldout_size={self.cfg.heldout_size}); lower it or widen dataset_kwargs")
+
+    def heldout(self) -> list[Problem]:
+        return list(self._heldout)
+
+
+# --------------------------------------------------------------------------- files
+
+def _read_rows(cfg: SourceConfig) -> list[Any]:
+    if cfg.kind == "jsonl":
+        rows: list[Any] = []
+        with open(cfg.path, encoding="utf-8") as f:
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    rows.append(None)  # keeps row numbers equal to line numbers; skipped later
+                    continue
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{cfg.path}: row {lineno}: invalid JSON ({e})") from e
+        return rows
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(cfg.path)
+    for field in (cfg.prompt_field, cfg.answer_field):
+        if field not in table.column_names:
+            raise ValueError(f"{cfg.path}: row 1: missing field {field!r} (columns: {table.column_names})")
+    return table.to_pylist()
+
+
+def _row_problem(cfg: SourceConfig, row: Any, rownum: int) -> Problem:
+    where = f"{cfg.path}: row {rownum}"
+    if not isinstance(row, dict):
+        raise ValueError(f"{where}: expected an object with {cfg.prompt_field!r} and {cfg.answer_field!r}, "
+                         f"got {type(row).__name__}")
+    for field in (cfg.prompt_field, cfg.answer_field):
+        if row.get(field) is None:
+            raise ValueError(f"{where}: missing field {field!r} (fields: {sorted(row)})")
+    prompt, answer = row[cfg.prompt_field], row[cfg.answer_field]
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise ValueError(f"{where}: field {cfg.prompt_field!r} must be a non-empty string, got {prompt!r}")
+    if isinstance(answer, bool) or not isinstance(answer, (str, int, float)):
+        raise ValueError(f"{where}: field {cfg.answer_field!r} must be a string or number, "
+                         f"got {type(answer).__name__}")
+    if not str(answer).strip():
+        raise ValueError(f"{where}: field {cfg.answer_field!r} is empty")
+    return Problem(prompt=prompt, answer=str(answer), task=cfg.name, reward=cfg.reward, metadata=dict(row))
+
+
+class FileSource:
+    """Problems from a JSONL or parquet file, validated row by row, with a seeded held-out split."""
+
+    def __init__(self, cfg: SourceConfig):
+        if cfg.kind not in ("jsonl", "parquet"):
+            raise ValueError(f"FileSource needs kind='jsonl' or 'parquet', got {cfg.kind!r}")
+        self.cfg = cfg
+        self.name = cfg.name
+        problems = [_row_problem(cfg, row, i) for i, row in enumerate(_read_rows(cfg), 1) if row is not None]
+        if not problems:
+            raise ValueError(f"{cfg.path}: no rows")
+        order = list(range(len(problems)))
+        random.Random(cfg.seed).shuffle(order)
+        held: dict[str, Problem] = {}
+        for i in order:
+            if len(held) == cfg.heldout_size:
+                break
+            held.setdefault(problems[i].prompt, problems[i])
+        self._heldout = list(held.values())
+        self._train = [p for p in problems if p.prompt not in held]
+        if not self._train:
+            raise ValueError(f"{cfg.path}: heldout_size={cfg.heldout_size} leaves no training rows "
+                             f"({len(problems)} rows, {len({p.prompt for p in problems})} distinct prompts)")
+
+    def sample(self, n: int, rng: random.Random) -> list[Problem]:
+        _check_n(n)
+        out: list[Problem] = []
+        while len(out) < n:  # without replacement within each pass over the training rows
+            out += rng.sample(self._train, min(n - len(out), len(self._train)))
+        return out
+
+    def heldout(self) -> list[Problem]:
+        return list(self._heldout)
+
+
+# --------------------------------------------------------------------------- mixing
+
+class MixedSource:
+    """Several sources; each training draw picks a source with probability ∝ its weight."""
+
+    def __init__(self, sources: Sequence[ProblemSource], weights: Sequence[float], name: str = "mixed"):
+        if not sources or len(sources) != len(weights):
+            raise ValueError(f"need one weight per source and at least one source, got "
+                             f"{len(sources)} sources and {len(weights)} weights")
+        if not all(math.isfinite(w) and w > 0 for w in weights):
+            raise ValueError(f"weights must be finite and > 0, got {list(weights)}")
+        self.sources, self.weights, self.name = list(sources), [float(w) for w in weights], name
+
+    def sample(self, n: int, rng: random.Random) -> list[Problem]:
+        _check_n(n)
+        picks = rng.choices(range(len(self.sources)), weights=self.weights, k=n)
+        drawn = [iter(src.sample(picks.count(k), rng)) if k in picks else iter(())
+                 for k, src in enumerate(self.sources)]
+        return [next(drawn[k]) for k in picks]  # keep the random interleaving of the picks
+
+    def heldout(self) -> list[Problem]:
+        return [p for src in self.sources for p in src.heldout()]
+
+
+def make_source(cfg: SourceConfig | Sequence[SourceConfig]) -> ProblemSource:
+    """Build the source of one config, or a `MixedSource` (weights from the configs) of several."""
+    if isinstance(cfg, SourceConfig):
+        return ReasoningGymSource(cfg) if cfg.kind == "reasoning_gym" else FileSource(cfg)
+    cfgs = list(cfg)
+    if not cfgs or not all(isinstance(c, SourceConfig) for c in cfgs):
+        raise TypeError(f"make_source takes a SourceConfig or a non-empty list of them, got {cfg!r}")
+    if len(cfgs) == 1:
+        return make_source(cfgs[0])
+    return MixedSource([make_source(c) for c in cfgs], [c.weight for c in cfgs])
+
+
+# --------------------------------------------------------------------------- worked answers
+
+_OPS = {ast.Add: ("+", operator.add), ast.Sub: ("-", operator.sub),
+        ast.Mult: ("*", operator.mul), ast.FloorDiv: ("/", operator.floordiv)}
+WORKED_TASKS = ("chain_sum", "basic_arithmetic")
+
+
+def _literal(node: ast.AST) -> int | None:
+    """The int a node stands for if it is a number or a negated number, else None."""
+    if isinstance(node, ast.Constant) and type(node.value) is int:
+        return node.value
+    if isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.USub, ast.UAdd)):
+        inner = _literal(node.operand)
+        if inner is not None:
+            return -inner if isinstance(node.op, ast.USub) else inner
+    return None
+
+
+def _reduce_once(node: ast.AST, lines: list[str]) -> ast.AST:
+    """Evaluate the first binary operation Python would (left operand first), logging it."""
+    if isinstance(node, ast.BinOp):
+        left, right = _literal(node.left), _literal(node.right)
+        if left is not None and right is not None:
+            symbol, fn = _OPS[type(node.op)]
+            value = fn(left, right)
+            lines.append(f"{left} {symbol} {right} = {value}")
+            return ast.Constant(value)
+        if left is None:
+            node.left = _reduce_once(node.left, lines)
+        else:
+            node.right = _reduce_once(node.right, lines)
+        return node
+    if isinstance(node, ast.UnaryOp):
+        node.operand = _reduce_once(node.operand, lines)
+        return node
+    raise ValueError(f"unsupported expression node {ast.dump(node)}")
+
+
+def worked_answer(problem: Problem) -> str:
+    """A correct solution, one operation per line, then "<answer>X</answer>".
+
+    For chain_sum / basic_arithmetic problems from a reasoning_gym source: the expression (the
+    entry's metadata) is reduced one binary operation at a time in Python's evaluation order, with
+    "/" as floor division as reasoning-gym computes it, e.g. "4 - 1 - 7" ->
+    "4 - 1 = 3\\n3 - 7 = -4\\n<answer>-4</answer>".
+    """
+    entry = problem.metadata.get("entry")
+    dataset = problem.metadata.get("dataset")
+    if dataset not in WORKED_TASKS or not isinstance(entry, dict):
+        raise ValueError(f"worked_answer supports reasoning_gym {WORKED_TASKS} problems, got task {problem.task!r}")
+    expression = entry["metadata"]["expression"]
+    for bad in ("**", "//", "%"):
+        if bad in expression:
+            raise ValueError(f"unexpected operator {bad!r} in {expression!r}")
+    node = ast.parse(expression.replace("/", "//"), mode="eval").body
+    for sub in ast.walk(node):
+        if not isinstance(sub, (ast.BinOp, ast.UnaryOp, ast.Constant, *_OPS, ast.USub, ast.UAdd)):
+            raise ValueError(f"unsupported syntax {type(sub).__name__} in {expression!r}")
+    lines: list[str] = []
+    while _literal(node) is None:
+        node = _reduce_once(node, lines)
+    result = _literal(node)
+    if str(result) != problem.answer:
+        raise ValueError(f"worked answer {result} != gold {problem.answer!r} for {expression!r}")
+    return "\n".join(lines + [f"<answer>{result}</answer>"])
