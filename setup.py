@@ -31,6 +31,7 @@ TRAINER_REQUIRES = [
 BENCH_REQUIRES = [
     "matplotlib>=3.8",
     "liger-kernel>=0.8",
+    "cut-cross-entropy>=25.1",
 ]
 
 DEV_REQUIRES = TRAINER_REQUIRES + BENCH_REQUIRES + [

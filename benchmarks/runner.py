@@ -1,0 +1,324 @@
+"""The one benchmark runner behind `prolix bench`: declared sweeps in, JSON out, then pictures.
+
+    prolix bench linear-logprobs --shape qwen-1.5b,llama-8b --tokens 4096,16384
+    prolix bench fused-grpo --modes fwdbwd --baselines eager,liger --profile
+    prolix bench all --quick --out /tmp/bench         # every kernel at CPU-sized shapes
+    prolix bench render benchmarks/results/<run>.json  # re-draw the table and plot
+
+A sweep is kernel × shape × N × provider × mode. For each (kernel, shape, N) the inputs are
+made once, the reference once; then every provider is built (or skipped with its reason),
+checked against the reference, and only then timed per mode, its peak memory measured, and,
+with `--profile`, traced. An out-of-memory error is a result ("OOM"), never a dropped row.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from . import cases as C
+from . import check, harness
+from .providers import (BASELINES, PROVIDERS, Context, Provider, Skip, bench_config, grad_output,
+                        leaves, no_donated_buffers)
+
+SCHEMA = "prolix-bench/1"
+CASE_KEYS = (
+    "kernel", "provider", "note", "shape", "N", "H", "V", "S", "L", "dtype", "mode", "status",
+    "reason", "ms", "ms_p20", "ms_p80", "tflops", "gbps", "flop", "bytes", "floor_ms",
+    "floor_frac", "peak_gb", "peak_reason", "grads_gb", "errors", "max_err", "err_vs",
+    "check_ok", "vs", "profile",
+)
+DEFAULT_OUT = Path(__file__).resolve().parent / "results"
+
+
+@dataclasses.dataclass(kw_only=True)
+class Spec:
+    """A run: what to sweep (kernels × shapes × tokens × providers × modes) and where to write."""
+
+    kernels: tuple[str, ...]
+    shapes: tuple[str, ...]
+    tokens: tuple[int, ...]
+    dtype: str = "bf16"
+    baselines: tuple[str, ...] = BASELINES
+    modes: tuple[str, ...] = C.MODES
+    quick: bool = False
+    out: Path = DEFAULT_OUT
+    profile: bool = False
+    check: str = "fp64"
+    seq_len: int | None = None
+    seed: int = 0
+    command: str = ""
+
+
+@dataclasses.dataclass
+class Point:
+    """One (kernel, shape, N) of the sweep, with what its providers share."""
+
+    kernel: str
+    shape: C.Shape
+    N: int
+    dtype: torch.dtype
+    device: torch.device
+    ctx: Context
+    inp: C.Inputs | None = None
+    ref: dict | None = None
+
+    def row(self, provider: Provider, mode: str, status: str, reason: str | None = None) -> dict:
+        r = dict.fromkeys(CASE_KEYS)
+        inp = self.inp
+        r.update(kernel=self.kernel, provider=provider.name, note=provider.note or None,
+                 shape=self.shape.name, N=self.N, H=self.shape.H or None, V=self.shape.V or None,
+                 S=inp.S if inp else None, L=inp.L if inp else None,
+                 dtype=harness.dtype_name(self.dtype), mode=mode, status=status, reason=reason, vs={})
+        return r
+
+
+class SpecError(ValueError):
+    """A sweep that cannot run as asked; the message names the option."""
+
+
+def validate(spec: Spec, device: torch.device) -> None:
+    """Refuse a sweep that cannot mean anything here, naming the option and the limit."""
+    unknown = [s for s in spec.shapes if s not in C.SHAPES]
+    if unknown:
+        raise SpecError(f"--shape: unknown {unknown}; known: {sorted(C.SHAPES)}")
+    for name, got, known in (("--baselines", spec.baselines, BASELINES), ("--modes", spec.modes, C.MODES)):
+        bad = [x for x in got if x not in known]
+        if bad:
+            raise SpecError(f"{name}: unknown {bad}; known: {list(known)}")
+    if spec.dtype not in harness.DTYPES:
+        raise SpecError(f"--dtype must be one of {list(harness.DTYPES)}, got {spec.dtype!r}")
+    if device.type == "cpu":
+        big_h = [s for s in spec.shapes if C.SHAPES[s].H > 256]
+        big_n = [n for n in spec.tokens if n > 2048]
+        if big_h or big_n:
+            raise SpecError(
+                f"on CPU the suite is a smoke (shared/BENCHMARKS.md: N ≤ 2048, H ≤ 256); got "
+                f"shapes {big_h} and tokens {big_n}: use --quick, or --shape tiny,small --tokens 256,2048")
+
+
+def run(spec: Spec, *, with_packing: bool = False) -> Path:
+    """Run the sweep (and the packing benchmark with `all`); write
+    `<out>/<date>-<device>-<commit>.json`, its .md and .png; return the JSON's path."""
+    device = harness.pick_device()
+    validate(spec, device)
+    torch.manual_seed(spec.seed)
+    dtype = harness.DTYPES[spec.dtype]
+    created, stamp = harness.timestamp()
+    commit = harness.git_commit()
+    stem = spec.out / f"{stamp}-{harness.device_slug(device)}-{commit}"
+    print(f"prolix bench: {harness.device_name(device)}, {spec.dtype}; measuring the ceilings", flush=True)
+    ceilings = harness.measure_ceilings(device, dtype, quick=spec.quick)
+    ctx = Context(device=device, config=bench_config(), quick=spec.quick)
+    rows: list[dict] = []
+    with no_donated_buffers():
+        for kernel in spec.kernels:
+            shapes = [C.LOSS_SHAPE] if kernel == "grpo-loss" else [C.SHAPES[s] for s in spec.shapes]
+            for shape in shapes:
+                for N in spec.tokens:
+                    point = Point(kernel, shape, N, dtype, device, ctx)
+                    rows += bench_point(point, spec, ceilings, stem)
+    results = {
+        "schema": SCHEMA, "created": created, "command": spec.command, "commit": commit,
+        "device": {"name": harness.device_name(device), "type": device.type},
+        "versions": harness.versions(), "ceilings": ceilings,
+        "settings": {"dtype": spec.dtype, "quick": spec.quick, "check": spec.check,
+                     "seed": spec.seed, "timing": _timing_text(device), "quantiles": list(harness.QUANTILES),
+                     "config": dataclasses.asdict(ctx.config)},
+        "cases": rows, "extras": {},
+    }
+    if with_packing:
+        results["extras"]["packing_efficiency"] = run_packing_efficiency(spec)
+    return write(results, stem)
+
+
+def _timing_text(device: torch.device) -> str:
+    if device.type == "cuda":
+        return "triton.testing.do_bench: CUDA events, median with p20/p80"
+    return "time.perf_counter after one warm-up call, median with p20/p80 (CPU smoke: not performance)"
+
+
+def write(results: dict, stem: Path) -> Path:
+    """Write the JSON, then render the markdown table and the PNG plot from it alone."""
+    from . import render
+
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    path = stem.with_suffix(".json")
+    path.write_text(json.dumps(results, indent=1, default=_jsonable) + "\n")
+    render.render_file(path)
+    return path
+
+
+def _jsonable(x):
+    if isinstance(x, Path):
+        return str(x)
+    raise TypeError(f"not JSON-serialisable: {type(x).__name__}")
+
+
+def bench_point(point: Point, spec: Spec, ceilings: dict, stem: Path) -> list[dict]:
+    """All providers × modes at one (kernel, shape, N); OOM while making inputs is a result too."""
+    try:
+        seq_len = spec.seq_len or (C.QUICK_SEQ_LEN if spec.quick else None)
+        point.inp = C.make_inputs(point.shape, point.N, point.dtype, point.device,
+                                  seed=spec.seed, seq_len=seq_len)
+    except Exception as e:  # noqa: BLE001 - OOM or not, every provider gets a row saying why
+        status = "OOM" if harness.is_oom(e) else "error"
+        return [point.row(p, m, status, f"making inputs: {e}")
+                for p in PROVIDERS[point.kernel] for m in spec.modes]
+    rows = []
+    for provider in PROVIDERS[point.kernel]:
+        rows += bench_provider(point, provider, spec, ceilings, stem)
+        harness.free_memory(point.device)
+    add_ratios(rows)
+    point.inp = point.ref = None
+    harness.free_memory(point.device)
+    return rows
+
+
+def _reference(point: Point, spec: Spec, with_grads: bool) -> tuple[dict | None, str]:
+    """The answer providers are checked against (computed once per point) and its name.
+
+    A reference that fails (out of memory, or prolix itself failing under --check prolix)
+    leaves the providers unchecked, with the reason, rather than blaming the provider."""
+    name = "fp64" if spec.check == "fp64" else f"prolix-{spec.dtype}"
+    if spec.check == "none":
+        return None, "none"
+    if point.ref is None:
+        g = grad_output(point.kernel, point.inp) if with_grads else None
+        try:
+            if spec.check == "fp64":
+                point.ref = check.reference_fp64(point.kernel, point.inp, g, point.ctx.config,
+                                                 with_grads=with_grads)
+            else:
+                fwd = PROVIDERS[point.kernel][0].build(point.inp, point.ctx)
+                point.ref = check.run_once(fwd, leaves(point.kernel, point.inp), g, with_grads)
+        except Exception as e:  # noqa: BLE001
+            point.ref = {"failed": f"unchecked: the {name} reference failed ({type(e).__name__}: {e})"[:300]}
+            harness.free_memory(point.device)
+    if "failed" in point.ref:
+        return None, point.ref["failed"]
+    return point.ref, name
+
+
+def check_provider(point: Point, fwd, spec: Spec) -> dict:
+    """Run the provider once (with gradients if any timed mode needs them), compare, report."""
+    with_grads = any(m != "fwd" for m in spec.modes)
+    ref, ref_name = _reference(point, spec, with_grads)
+    if ref is None:
+        return {"errors": None, "max_err": None, "err_vs": ref_name, "check_ok": None}
+    g = grad_output(point.kernel, point.inp) if with_grads else None
+    got = check.run_once(fwd, leaves(point.kernel, point.inp), g, with_grads)
+    errors = check.compare(point.kernel, got, ref)
+    max_err = max(errors.values())
+    return {"errors": errors, "max_err": max_err, "err_vs": ref_name,
+            "check_ok": bool(max_err <= check.TOLERANCE[point.dtype])}
+
+
+def bench_provider(point: Point, provider: Provider, spec: Spec, ceilings: dict, stem: Path) -> list[dict]:
+    """Build, check, then time each mode; every failure becomes rows with a status and a reason."""
+    if provider.baseline is not None and provider.baseline not in spec.baselines:
+        return [point.row(provider, m, "skipped", f"not requested (--baselines {','.join(spec.baselines)})")
+                for m in spec.modes]
+    try:
+        fwd = provider.build(point.inp, point.ctx)
+        checked = check_provider(point, fwd, spec)
+    except Skip as e:
+        return [point.row(provider, m, "skipped", str(e)) for m in spec.modes]
+    except Exception as e:  # noqa: BLE001 - a baseline that breaks is a result, not a crash
+        status = "OOM" if harness.is_oom(e) else "error"
+        return [point.row(provider, m, status, f"{type(e).__name__}: {e}"[:500]) for m in spec.modes]
+    rows = []
+    for mode in spec.modes:
+        row = point.row(provider, mode, "ok")
+        row.update(checked)
+        try:
+            measure_mode(point, fwd, mode, row, ceilings, spec, stem)
+        except Exception as e:  # noqa: BLE001
+            row.update(status="OOM" if harness.is_oom(e) else "error",
+                       reason=f"{type(e).__name__}: {e}"[:500], ms=None)
+        harness.free_memory(point.device)
+        _print_row(row)
+        rows.append(row)
+    return rows
+
+
+def mode_fn(fwd: Callable[[], torch.Tensor], mode: str, g: torch.Tensor | None):
+    """The callable timed for a mode: the forward; the backward alone (its forward run once,
+    the graph retained); or both."""
+    if mode == "fwd":
+        return fwd
+    if mode == "fwdbwd":
+        return lambda: fwd().backward(g)
+    out = fwd()
+    return lambda: out.backward(g, retain_graph=True)
+
+
+def measure_mode(point: Point, fwd, mode: str, row: dict, ceilings: dict, spec: Spec, stem: Path) -> None:
+    """Time one mode, measure its peak memory, fill in the derived numbers of the row."""
+    inp, dev = point.inp, point.device
+    g, lv = grad_output(point.kernel, inp), leaves(point.kernel, inp)
+    fn = mode_fn(fwd, mode, g)
+    row["ms"], row["ms_p20"], row["ms_p80"] = harness.time_fn(fn, dev, grad_to_none=lv, quick=spec.quick)
+    if spec.profile:
+        trace = Path(f"{stem}-trace-{point.kernel}-{row['provider']}-{point.shape.name}-{point.N}-{mode}.json")
+        row["profile"] = _profile(fn, dev, trace, lv)
+    del fn
+    peak_fn = fwd if mode == "fwd" else mode_fn(fwd, "fwdbwd", g)
+    row["peak_gb"], row["peak_reason"] = harness.peak_memory_gb(peak_fn, dev, grad_to_none=lv)
+    elem = torch.finfo(point.dtype).bits // 8
+    flop, n_bytes = C.work(point.kernel, mode, point.shape, point.N, elem)
+    sec = row["ms"] * 1e-3
+    floor = C.floor_ms(flop, n_bytes, ceilings)
+    row.update(flop=flop, bytes=n_bytes, tflops=flop / sec / 1e12 if flop else None,
+               gbps=n_bytes / sec / 1e9, floor_ms=floor, floor_frac=floor / row["ms"],
+               grads_gb=C.grads_gb(point.kernel, mode, point.shape, point.N, elem))
+
+
+def _profile(fn, device, trace: Path, lv) -> dict:
+    from .profiling import profile_case
+
+    return profile_case(fn, device, trace, grad_to_none=lv)
+
+
+def add_ratios(rows: list[dict]) -> None:
+    """For each measured row, `vs[other] = {"speedup": other_ms / ms, "memory": peak / other_peak}`
+    against every other provider measured at the same kernel, shape, N, dtype and mode."""
+    ok = [r for r in rows if r["status"] == "ok" and r["ms"]]
+    for r in ok:
+        for o in ok:
+            if o is r or o["mode"] != r["mode"]:
+                continue
+            mem = r["peak_gb"] / o["peak_gb"] if r["peak_gb"] and o["peak_gb"] else None
+            r["vs"][o["provider"]] = {"speedup": o["ms"] / r["ms"], "memory": mem}
+
+
+def _print_row(r: dict) -> None:
+    head = f"  {r['kernel']:<15} {r['shape']:<9} N={r['N']:<6} {r['mode']:<6} {r['provider']:<12}"
+    if r["status"] != "ok":
+        print(f"{head} {r['status']}: {r['reason']}", flush=True)
+        return
+    err = f"err {r['max_err']:.1e}" if r["max_err"] is not None else "unchecked"
+    print(f"{head} {r['ms']:9.3f} ms  {100 * r['floor_frac']:5.1f}% of floor  {err}", flush=True)
+
+
+def run_packing_efficiency(spec: Spec) -> dict:
+    """The padding-vs-packing benchmark (`benchmarks/packing_efficiency.py`), for `all`:
+    {"status": "ok", "results": ...} or {"status": "skipped", "reason": ...}."""
+    try:
+        from .packing_efficiency import measure_packing_efficiency
+    except ImportError as e:
+        return {"status": "skipped", "reason": f"benchmarks/packing_efficiency.py cannot be imported ({e})"}
+    print("  packing efficiency: padded vs packed micro-batches", flush=True)
+    return {"status": "ok",
+            "results": measure_packing_efficiency(num_sequences=128 if spec.quick else 1024, seed=spec.seed)}
+
+
+def main_run(spec: Spec, *, with_packing: bool = False) -> int:
+    path = run(spec, with_packing=with_packing)
+    print(f"wrote {path} (+ .md, .png)", file=sys.stdout)
+    return 0

@@ -1,0 +1,119 @@
+"""The `prolix` command.
+
+    prolix bench linear-logprobs --shape qwen-1.5b,llama-8b --tokens 4096,16384
+    prolix bench grpo-loss --tokens 16384,65536
+    prolix bench fused-grpo --baselines eager,liger --modes fwdbwd --profile
+    prolix bench all --quick --out /tmp/bench      # every kernel, CPU-sized shapes, any device
+    prolix bench render RESULTS.json [--out DIR]    # re-draw the table and plot from a JSON
+
+Sub-commands are argparse sub-parsers, so `prolix train` can join `bench` later. Everything
+heavy (torch, the kernels, the benchmark suite) is imported inside the handler, so
+`prolix --help` is instant and needs no trainer dependency.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+
+KERNEL_COMMANDS = {
+    "linear-logprobs": ("linear-logprobs",),
+    "grpo-loss": ("grpo-loss",),
+    "fused-grpo": ("fused-grpo",),
+    "all": ("linear-logprobs", "grpo-loss", "fused-grpo"),
+}
+# Kept in step with prolix.benchmarks.cases / providers (not imported here: --help stays light).
+SHAPE_NAMES = "qwen-1.5b, qwen-7b, llama-8b (GPU); tiny, small (CPU smoke)"
+
+
+def _csv(kind):
+    def parse(text: str):
+        try:
+            return tuple(kind(x) for x in text.split(",") if x.strip())
+        except runner.SpecError as e:
+            raise argparse.ArgumentTypeError(f"expected comma-separated {kind.__name__}s, got {text!r}") from e
+    return parse
+
+
+def _sweep_options() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(add_help=False)
+    p.add_argument("--shape", type=_csv(str), default=None,
+                   help=f"LM-head shapes, comma-separated: {SHAPE_NAMES}. "
+                        "Default qwen-1.5b,llama-8b; tiny with --quick")
+    p.add_argument("--tokens", type=_csv(int), default=None,
+                   help="packed tokens N, comma-separated. Default 4096,16384; 128,512 with --quick")
+    p.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default="bf16", help="input dtype (default bf16)")
+    p.add_argument("--baselines", type=_csv(str), default=("eager", "compile", "liger", "cce"),
+                   help="baselines to run next to prolix: eager,compile,liger,cce (default all)")
+    p.add_argument("--modes", type=_csv(str), default=("fwd", "bwd", "fwdbwd"),
+                   help="fwd, bwd, fwdbwd (default all three)")
+    p.add_argument("--quick", action="store_true",
+                   help="small shapes and few reps: the smoke run of CI, on any device")
+    p.add_argument("--out", default=None, help="results folder (default benchmarks/results/)")
+    p.add_argument("--profile", action="store_true",
+                   help="also write a torch.profiler trace (Chrome JSON) per case and a per-kernel table")
+    p.add_argument("--check", choices=("fp64", "prolix", "none"), default="fp64",
+                   help="check every provider before timing it against the streamed float64 reference "
+                        "(default), against prolix in the same dtype, or not at all")
+    p.add_argument("--seq-len", type=int, default=None,
+                   help="tokens per sequence in the packed batch (default min(N, 4096))")
+    p.add_argument("--seed", type=int, default=0)
+    return p
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="prolix", description="prolix: fused GRPO kernels and trainer")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    bench = commands.add_parser("bench", help="benchmark the kernels against their baselines",
+                                description="Benchmark prolix's kernels against the baselines of "
+                                            "shared/BENCHMARKS.md; writes JSON, a markdown table and a PNG.")
+    what = bench.add_subparsers(dest="what", required=True, metavar="KERNEL")
+    sweep = _sweep_options()
+    helps = {"linear-logprobs": "fused LM head + log-prob gather", "grpo-loss": "GRPO loss on [N] log-probs",
+             "fused-grpo": "fused linear log-prob + GRPO loss", "all": "every kernel (and packing efficiency)"}
+    for name, text in helps.items():
+        what.add_parser(name, parents=[sweep], help=text, description=text)
+    render = what.add_parser("render", help="re-render the .md and .png of a results JSON")
+    render.add_argument("results", help="a results .json written by prolix bench")
+    render.add_argument("--out", default=None, help="folder for the .md/.png (default: beside the JSON)")
+    return parser
+
+
+def _bench(args: argparse.Namespace, argv: list[str]) -> int:
+    from pathlib import Path
+
+    if args.what == "render":
+        from prolix.benchmarks.render import render_file
+
+        md, png = render_file(Path(args.results), Path(args.out) if args.out else None)
+        print(f"wrote {md} and {png}")
+        return 0
+    from prolix.benchmarks import cases, runner
+
+    spec = runner.Spec(
+        kernels=KERNEL_COMMANDS[args.what],
+        shapes=args.shape or (cases.QUICK_SHAPES if args.quick else cases.DEFAULT_SHAPES),
+        tokens=args.tokens or (cases.QUICK_TOKENS if args.quick else cases.DEFAULT_TOKENS),
+        dtype=args.dtype, baselines=args.baselines, modes=args.modes, quick=args.quick,
+        out=Path(args.out) if args.out else runner.DEFAULT_OUT, profile=args.profile,
+        check=args.check, seq_len=args.seq_len, seed=args.seed,
+        command=shlex.join(["prolix", *argv]),
+    )
+    try:
+        return runner.main_run(spec, with_packing=args.what == "all")
+    except runner.SpecError as e:
+        print(f"prolix bench: {e}", file=sys.stderr)
+        return 2
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
+    if args.command == "bench":
+        return _bench(args, argv)
+    return 2  # unreachable: argparse requires a known command
+
+
+if __name__ == "__main__":
+    sys.exit(main())
