@@ -228,3 +228,8 @@ def math_verify_reward(problem: Problem, text: str) -> float:
     if not target:
         return 0.0
     return float(verify(gold, target, timeout_seconds=timeout))
+
+
+# Registers "code_tests" (sandboxed execution of model-written programs); imported last because it
+# uses register_reward from this module.
+from . import code_reward  # noqa: E402,F401
