@@ -24,12 +24,16 @@ N·V·H·(1/BLOCK_N + 1/BLOCK_V)·4 bytes — 50× the GEMM's own traffic at the
 So the backward walks the vocabulary in chunks: a Triton kernel recomputes the logits of one
 chunk tile by tile and writes dz/τ (input dtype) into an [N, V_chunk] buffer, then two
 cuBLAS GEMMs consume it: dW[chunk] = dzᵀ·h (written once, no accumulation) and
-dh += dz·W[chunk] (fp32 accumulator). V_chunk keeps the buffer ≤ 1% of the fp32 logits.
+dh += dz·W[chunk] (fp32 accumulator). V_chunk keeps the buffer ≤ 3% of the fp32 logits.
 
 Cost at N = 16384, H = 1536, V = 151936 (bf16):
     naive:  logits N·V·4 B = 10 GB written and read twice, log_softmax, gather, same in backward.
     here:   FLOP = 4 GEMMs of 2·N·H·V (forward, recompute, dh, dW) = 30.6 TFLOP;
-            bytes beyond inputs/grads = O(N) vectors + the 1% dz buffer (~97 MB) + fp32 dh (N·H·4).
+            bytes beyond inputs/grads = O(N) vectors + the 3% dz buffer (~290 MB) + fp32 dh (N·H·4).
+    measured (H100, `python -m prolix.benchmarks.breakdown`): one GEMM 10.7 ms; forward 23 ms,
+    backward ~40 ms — about 6 GEMM-times against the 4 the FLOPs need. The forward's gap is
+    the online-softmax epilogue between GEMM tiles, the backward's the dz round trip through
+    memory and the fp32 dh re-reads per chunk.
 """
 
 from __future__ import annotations
@@ -48,9 +52,11 @@ __all__ = ["linear_logprobs", "KernelConfig", "forward_config", "backward_config
 
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _BACKENDS = ("auto", "torch", "triton")
-# The dz buffer of the backward: at most this fraction of the [N, V] fp32 logits (DESIGN's
-# memory target), but never a chunk so thin that the two GEMMs per chunk become launch-bound.
-_BWD_BUFFER_FRACTION = 0.01
+# The dz buffer of the backward: at most this fraction of the [N, V] fp32 logits, and never a
+# chunk so thin that the GEMMs per chunk become launch-bound. Each chunk re-reads and re-writes
+# the fp32 dh accumulator, so wider chunks are faster: on an H100 at the qwen-1.5b head and
+# N = 16384 the backward took 44.1 / 39.7 / 38.4 ms with 1% / 3% / 10% (97 / 290 / 970 MB).
+_BWD_BUFFER_FRACTION = 0.03
 _BWD_BUFFER_MIN_BYTES = 64 << 20
 
 
@@ -67,14 +73,17 @@ def _logit_tile(
 ):
     """h[rows] · W[cols]ᵀ as a [BLOCK_N, BLOCK_V] fp32 tile (a K-loop of tensor-core dots).
 
-    rows/cols are int64: N·H and V·H pass 2^31 at 128k tokens or 256k vocabularies."""
+    rows/cols are int32 (N, V < 2^31); the offsets are int64: N·H and V·H pass 2^31 at 128k
+    tokens or 256k vocabularies. Keeping the index vectors themselves 32-bit saves registers."""
     acc = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32)
+    h_rows = h_ptr + rows.to(tl.int64)[:, None] * stride_hn
+    w_rows = w_ptr + cols.to(tl.int64)[:, None] * stride_wv
     for k0 in range(0, H, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
         k_ok = ks < H
-        h = tl.load(h_ptr + rows[:, None] * stride_hn + ks[None, :] * stride_hk,
+        h = tl.load(h_rows + ks[None, :] * stride_hk,
                     mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        w = tl.load(w_ptr + cols[:, None] * stride_wv + ks[None, :] * stride_wk,
+        w = tl.load(w_rows + ks[None, :] * stride_wk,
                     mask=col_ok[:, None] & k_ok[None, :], other=0.0)
         acc = tl.dot(h, tl.trans(w), acc, input_precision=DOT_PRECISION)
     return acc
@@ -92,9 +101,9 @@ def _logprob_fwd_kernel(
 ):
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
-    rows = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < N
-    y = tl.load(y_ptr + rows, mask=row_ok, other=-1)
+    y = tl.load(y_ptr + rows, mask=row_ok, other=-1).to(tl.int32)  # ids < V < 2^31
     v_lo = pid_s * v_per_split
     v_hi = tl.minimum(v_lo + v_per_split, V)
 
@@ -103,24 +112,24 @@ def _logprob_fwd_kernel(
     t = tl.zeros((BLOCK_N,), dtype=tl.float32)
     zy = tl.zeros((BLOCK_N,), dtype=tl.float32)
     for v0 in range(v_lo, v_hi, BLOCK_V):
-        cols = (v0 + tl.arange(0, BLOCK_V)).to(tl.int64)
+        cols = v0 + tl.arange(0, BLOCK_V)
         col_ok = cols < v_hi
+        # Padded columns hold z = 0 (their weight rows load as 0): excluded from the max, and
+        # their e is set to 0, so no −inf ever enters the tile (−inf·0 would be NaN in z·e).
         z = _logit_tile(h_ptr, w_ptr, rows, cols, row_ok, col_ok, H,
                         stride_hn, stride_hk, stride_wv, stride_wk,
                         BLOCK_N, BLOCK_V, BLOCK_K, DOT_PRECISION) * inv_temp
-        z = tl.where(col_ok[None, :], z, float("-inf"))
         # Every tile has at least one valid column (v0 < v_hi), so m_new is finite.
-        m_new = tl.maximum(m, tl.max(z, axis=1))
+        m_new = tl.maximum(m, tl.max(tl.where(col_ok[None, :], z, float("-inf")), axis=1))
         alpha = tl.exp(m - m_new)
-        e = tl.exp(z - m_new[:, None])
+        e = tl.where(col_ok[None, :], tl.exp(z - m_new[:, None]), 0.0)
         s = s * alpha + tl.sum(e, axis=1)
         if HAS_ENTROPY:
-            # Padded columns hold z = −inf and e = 0: take z as 0 there so z·e is 0, not NaN.
-            t = t * alpha + tl.sum(tl.where(col_ok[None, :], z, 0.0) * e, axis=1)
+            t = t * alpha + tl.sum(z * e, axis=1)
         zy += tl.sum(tl.where(cols[None, :] == y[:, None], z, 0.0), axis=1)
         m = m_new
 
-    out = pid_s * N + rows  # rows is int64, so the sum is too
+    out = pid_s.to(tl.int64) * N + rows  # SPLITS·N may pass 2^31
     tl.store(m_ptr + out, m, mask=row_ok)
     tl.store(s_ptr + out, s, mask=row_ok)
     tl.store(zy_ptr + out, zy, mask=row_ok)
@@ -149,15 +158,15 @@ def _dlogits_kernel(
     pid_n = first_n + (pid % (GROUP_N * n_tiles_v)) % group_size
     pid_v = (pid % (GROUP_N * n_tiles_v)) // group_size
 
-    rows = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < N
-    cols = (v_lo + pid_v * BLOCK_V + tl.arange(0, BLOCK_V)).to(tl.int64)
+    cols = v_lo + pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
     col_ok = cols < v_hi
     z = _logit_tile(h_ptr, w_ptr, rows, cols, row_ok, col_ok, H,
                     stride_hn, stride_hk, stride_wv, stride_wk,
                     BLOCK_N, BLOCK_V, BLOCK_K, DOT_PRECISION) * inv_temp
 
-    y = tl.load(y_ptr + rows, mask=row_ok, other=-1)
+    y = tl.load(y_ptr + rows, mask=row_ok, other=-1).to(tl.int32)
     lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
     g = tl.load(g_ptr + rows, mask=row_ok, other=0.0)   # 0 on ignored rows (set by the launcher)
     p = tl.exp(z - lse[:, None])
@@ -168,7 +177,7 @@ def _dlogits_kernel(
         coef = coef + gh[:, None] * (z - ez[:, None])
     dz = tl.where(cols[None, :] == y[:, None], g[:, None], 0.0) - p * coef
     dz = dz * inv_temp
-    out = dz_ptr + rows[:, None] * stride_dzn + (cols - v_lo)[None, :]
+    out = dz_ptr + rows.to(tl.int64)[:, None] * stride_dzn + (cols - v_lo)[None, :]
     tl.store(out, dz.to(dz_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
 
 
@@ -185,21 +194,28 @@ class KernelConfig(NamedTuple):
     num_stages: int   # software-pipelining depth of the K loop
 
 
-def forward_config(dtype: torch.dtype) -> KernelConfig:
-    """Tiles of the forward kernel, chosen from `python -m prolix.kernels.resources`: the widest
-    tiles that compile to wgmma on sm_90 without spilling. 16-bit: 128×64 logit tiles over
-    64-deep K steps, 8 warps, 3 stages (72 KB shared memory, 190 registers with entropy;
-    128×128 spills once the entropy sum is live). fp32 (no tensor cores' bf16 path): 64×64."""
+def forward_config(dtype: torch.dtype, sm: int = 90) -> KernelConfig:
+    """Tiles of the forward kernel, measured with `python -m prolix.benchmarks.breakdown --sweep`
+    (H100, qwen-1.5b head, N = 16384, bf16; one cuBLAS GEMM of the same shape = 10.7 ms):
+
+        64×128 tiles, K step 64, 4 warps, 4 stages    23.2 ms   (8 B of stack: one spilled scalar)
+        128×128, 8 warps, 4 stages                     24.1 ms
+        128×64,  8 warps, 3 stages (no spill at all)   43.5 ms   (the narrow tile starves wgmma)
+        128×256, 8 warps, 3 stages                     21.1 ms   (but ~800 B of stack per thread)
+
+    fp32 inputs (no 16-bit tensor-core path) use 64×64 tiles that fit without spilling."""
     if dtype == torch.float32:
         return KernelConfig(64, 64, 32, 4, 2)
-    return KernelConfig(128, 64, 64, 8, 3)
+    return KernelConfig(64, 128, 64, 4, 4)
 
 
-def backward_config(dtype: torch.dtype) -> KernelConfig:
-    """Tiles of the dz kernel: a plain GEMM tile with an elementwise epilogue."""
+def backward_config(dtype: torch.dtype, sm: int = 90) -> KernelConfig:
+    """Tiles of the dz kernel, a GEMM tile with an elementwise epilogue; same measurement:
+    128×256 (8 warps, 3 stages) 40.9 ms for the whole backward vs 46.0 ms with 128×128. Before
+    Hopper (no wgmma, accumulators in more registers) 128×256 spills, so sm < 90 keeps 128×128."""
     if dtype == torch.float32:
         return KernelConfig(64, 128, 32, 8, 2)
-    return KernelConfig(128, 128, 64, 8, 3)
+    return KernelConfig(128, 256, 64, 8, 3) if sm >= 90 else KernelConfig(128, 128, 64, 8, 3)
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
@@ -207,6 +223,14 @@ def _dot_precision(dtype: torch.dtype) -> str:
     if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
         return "ieee"
     return "tf32"
+
+
+def _sm(device: torch.device) -> int:
+    """Compute capability as an integer (90 = Hopper); the interpreter takes Hopper's configs."""
+    if device.type != "cuda":
+        return 90
+    major, minor = torch.cuda.get_device_capability(device)
+    return 10 * major + minor
 
 
 @functools.lru_cache(maxsize=None)
@@ -227,8 +251,12 @@ def triton_forward(h, w, y, inv_temp, with_entropy):
     """h: [N, H], w: [V, H], y: [N] int64 → (z_y, lse, E_p[z] or None), each [N] fp32."""
     N, H = h.shape
     V = w.shape[0]
-    cfg = forward_config(h.dtype)
+    cfg = forward_config(h.dtype, _sm(h.device))
     n_tiles = triton.cdiv(N, cfg.block_n)
+    # Split the vocabulary only as far as needed to fill the GPU (small N). Measured on an H100
+    # (qwen-1.5b head, N = 16384): splitting further so that fewer row tiles are resident and
+    # their hidden tiles stay in L2 (S ≈ √(resident·BN/BV) = 12 slices) was slower, 28.8 ms vs
+    # 23.5 ms, and 90 vs 52 ms at the llama-8b head.
     max_splits = triton.cdiv(V, cfg.block_v)
     splits = max(1, min(max_splits, triton.cdiv(_target_programs(h.device), n_tiles)))
     v_per_split = triton.cdiv(triton.cdiv(V, splits), cfg.block_v) * cfg.block_v
@@ -268,7 +296,7 @@ def triton_backward(h, w, y, lse, g, gh, ez, inv_temp, need_dh, need_dw):
     """dz by vocabulary chunk (Triton), then dW[chunk] = dzᵀh and dh += dz·W[chunk] (cuBLAS)."""
     N, H = h.shape
     V = w.shape[0]
-    cfg = backward_config(h.dtype)
+    cfg = backward_config(h.dtype, _sm(h.device))
     with_entropy = gh is not None
     width = _chunk_width(N, V, h.element_size(), cfg.block_v)
     dz_buf = torch.empty((N, min(width, V)), device=h.device, dtype=h.dtype)
@@ -290,11 +318,31 @@ def triton_backward(h, w, y, lse, g, gh, ez, inv_temp, need_dh, need_dw):
         if need_dw:
             torch.mm(dz.T, h, out=dw[v_lo:v_hi])
         if need_dh:
-            if dh.dtype == dz.dtype:
-                dh.addmm_(dz, w[v_lo:v_hi])
-            else:
-                dh += dz @ w[v_lo:v_hi]
+            dh = _accumulate_dh(dh, dz, w[v_lo:v_hi])
     return dh, dw
+
+
+@functools.lru_cache(maxsize=None)
+def _has_fp32_out_addmm(device_type: str) -> bool:
+    """Whether torch.addmm takes out_dtype=fp32 for 16-bit operands here (CUDA, torch ≥ 2.8)."""
+    if device_type != "cuda":
+        return False
+    try:
+        a = torch.zeros(16, 16, device="cuda", dtype=torch.bfloat16)
+        torch.addmm(torch.zeros(16, 16, device="cuda"), a, a, out_dtype=torch.float32)
+        return True
+    except (RuntimeError, TypeError, NotImplementedError):
+        return False
+
+
+def _accumulate_dh(dh: torch.Tensor, dz: torch.Tensor, w_chunk: torch.Tensor) -> torch.Tensor:
+    """dh (fp32) + dz·W[chunk]: one cuBLAS call accumulating in fp32 where torch offers it,
+    else a 16-bit product added in fp32 (one extra rounding of each chunk's partial sum)."""
+    if dh.dtype == dz.dtype:
+        return dh.addmm_(dz, w_chunk)
+    if _has_fp32_out_addmm(dh.device.type):
+        return torch.addmm(dh, dz, w_chunk, out_dtype=torch.float32)
+    return dh.add_(dz @ w_chunk)
 
 
 # ----------------------------------------------------------------------------- autograd

@@ -102,8 +102,8 @@ def test_triton_small_tiles_cover_every_tile_edge(monkeypatch, dtype):
     # Tiles much smaller than the shape: several row tiles (the last partial), a K loop whose
     # last step is partial (H = 40 over 16), vocabulary split across programs, and a backward
     # that walks the vocabulary in several chunks, the last one partial.
-    monkeypatch.setattr(llp, "forward_config", lambda dt: llp.KernelConfig(16, 32, 16, 4, 1))
-    monkeypatch.setattr(llp, "backward_config", lambda dt: llp.KernelConfig(16, 32, 16, 4, 1))
+    monkeypatch.setattr(llp, "forward_config", lambda dt, sm=90: llp.KernelConfig(16, 32, 16, 4, 1))
+    monkeypatch.setattr(llp, "backward_config", lambda dt, sm=90: llp.KernelConfig(16, 32, 16, 4, 1))
     monkeypatch.setattr(llp, "_BWD_BUFFER_MIN_BYTES", 0)
     monkeypatch.setattr(llp, "_BWD_BUFFER_FRACTION", 0.25)
     widths = []

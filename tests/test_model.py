@@ -298,8 +298,13 @@ def test_save_load_round_trip_gives_identical_outputs(tmp_path):
     path = save_policy(model, tmp_path / "ckpt")
     assert (path / "config.json").is_file() and list(path.glob("*.safetensors"))
     assert "prolix" not in (path / "config.json").read_text()                  # loaders use their default
-    loaded = load_policy(path)
-    assert loaded.dtype == torch.float32 and loaded.device.type == "cpu"     # CPU default: fp32
+    default = load_policy(path)   # the per-device default: bf16 on CUDA, fp32 on CPU
+    if torch.cuda.is_available():
+        assert default.dtype == torch.bfloat16 and default.device.type == "cuda"
+    else:
+        assert default.dtype == torch.float32 and default.device.type == "cpu"
+    del default
+    loaded = load_policy(path, dtype=torch.float32, device="cpu")
     batch = pack(make_records())
     with torch.no_grad():
         torch.testing.assert_close(forward_hidden(loaded, batch), forward_hidden(model, batch), atol=0, rtol=0)
