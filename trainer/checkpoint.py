@@ -1,0 +1,229 @@
+"""Crash-safe checkpoints: Hugging Face weights plus everything needed to resume exactly.
+
+Layout of a run directory:
+
+    RUN/config.yaml                     the resolved config
+    RUN/metrics.jsonl                   one line per step (metrics.py)
+    RUN/checkpoints/latest              text: the name of the newest complete checkpoint
+    RUN/checkpoints/step_000040/
+        config.json, model.safetensors, tokenizer files     the policy, loadable by transformers/vLLM
+        reference.safetensors           the frozen reference (it changes at every reset)
+        optimizer.pt                    AdamW state (empty right after a reset)
+        rng.pt                          python / numpy / torch (and CUDA) RNG states
+        trainer_state.json              step, prompt-sampler state, best eval, patience counter, resets
+
+A checkpoint is written into `checkpoints/.tmp-step_000040-<pid>`, every file fsync'd, then the
+folder is renamed into place (atomic on POSIX) and only then `latest` is replaced (write to a
+temp file, fsync, `os.replace`). A kill at any moment leaves the previous checkpoint whole and
+`latest` pointing at it; leftover `.tmp-*` folders are swept on the next save. `keep_last`
+complete checkpoints are kept (never the one `latest` names).
+
+The learning-rate schedule is a pure function of the step (loop.py), so it has no state here.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_model, save_model
+
+from .model import TOKENIZER_FILES, save_policy
+
+__all__ = [
+    "CHECKPOINT_DIR",
+    "save_checkpoint",
+    "load_checkpoint",
+    "latest_checkpoint",
+    "resolve_checkpoint",
+    "capture_rng",
+    "restore_rng",
+]
+
+CHECKPOINT_DIR = "checkpoints"
+LATEST = "latest"
+PREFIX = "step_"
+
+
+def _fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(root: Path) -> None:
+    """fsync every file, then every directory (bottom-up), so the rename publishes durable data."""
+    for dirpath, _, filenames in os.walk(root, topdown=False):
+        for name in filenames:
+            _fsync_path(Path(dirpath) / name)
+        _fsync_path(Path(dirpath))
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_path(path.parent)
+
+
+# ----------------------------------------------------------------------------- RNG
+
+
+def capture_rng() -> dict[str, Any]:
+    """The global RNG states (python, numpy, torch CPU and CUDA), as torch.save-able data."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state(legacy=True)
+    state = {"python": random.getstate(), "numpy": (kind, torch.from_numpy(keys.copy()), pos, has_gauss, cached),
+             "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng(state: dict[str, Any]) -> None:
+    random.setstate(_as_tuple(state["python"]))
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy(), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _as_tuple(x: Any) -> Any:
+    """random.setstate wants nested tuples; a JSON/weights-only round trip may give lists."""
+    return tuple(_as_tuple(v) for v in x) if isinstance(x, (list, tuple)) else x
+
+
+# ----------------------------------------------------------------------------- save
+
+
+def _step_name(step: int) -> str:
+    return f"{PREFIX}{step:06d}"
+
+
+def _complete_checkpoints(root: Path) -> list[Path]:
+    return sorted(p for p in root.glob(f"{PREFIX}*") if p.is_dir() and (p / "trainer_state.json").is_file())
+
+
+def _save_tokenizer(tokenizer, source: str | Path | None, out: Path) -> None:
+    """Copy the tokenizer files of the run's base model when it has them (byte-identical, so
+    whatever transformers version loaded the base model loads the checkpoint), else save it."""
+    copied = False
+    if source and Path(source).is_dir():
+        for name in TOKENIZER_FILES:
+            if (Path(source) / name).is_file():
+                shutil.copy2(Path(source) / name, out / name)
+                copied = True
+    if not copied and tokenizer is not None:
+        tokenizer.save_pretrained(out)
+
+
+def save_checkpoint(run_dir: str | Path, step: int, *, policy, tokenizer, optimizer: torch.optim.Optimizer,
+                    reference: torch.nn.Module | None, trainer_state: dict[str, Any], keep_last: int,
+                    tokenizer_source: str | Path | None = None) -> Path:
+    """Write the checkpoint of `step` atomically, point `latest` at it, rotate old ones.
+
+    Args:
+        run_dir: the run directory (checkpoints go to run_dir/checkpoints).
+        step: the number of completed RL steps.
+        policy, tokenizer: saved in Hugging Face format (`save_policy`); the tokenizer files are
+            copied from `tokenizer_source` (the base model's directory) when it holds them.
+        optimizer: its state_dict goes to optimizer.pt.
+        reference: the frozen reference model, or None when the run keeps none (kl_coef = 0).
+        trainer_state: JSON-serialisable loop state (step, sampler, eval/patience, resets).
+        keep_last: complete checkpoints to keep, >= 1.
+
+    Returns:
+        The final checkpoint directory.
+    """
+    root = Path(run_dir) / CHECKPOINT_DIR
+    root.mkdir(parents=True, exist_ok=True)
+    for stale in root.glob(".tmp-*"):                      # a previous writer was killed mid-save
+        shutil.rmtree(stale, ignore_errors=True)
+    final = root / _step_name(step)
+    tmp = root / f".tmp-{final.name}-{os.getpid()}"
+    tmp.mkdir()
+    save_policy(policy, tmp, tokenizer=None)
+    for name in TOKENIZER_FILES:                             # save_policy may copy from the load path
+        (tmp / name).unlink(missing_ok=True)
+    _save_tokenizer(tokenizer, tokenizer_source, tmp)
+    if reference is not None:
+        save_model(reference, str(tmp / "reference.safetensors"))   # handles tied embeddings
+    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    torch.save(capture_rng(), tmp / "rng.pt")
+    (tmp / "trainer_state.json").write_text(json.dumps({**trainer_state, "step": step}, indent=1))
+    _fsync_tree(tmp)
+    if final.exists():                                       # re-saving a step (e.g. after a resume)
+        trash = root / f".tmp-old-{final.name}-{os.getpid()}"
+        os.rename(final, trash)
+        os.rename(tmp, final)
+        shutil.rmtree(trash, ignore_errors=True)
+    else:
+        os.rename(tmp, final)
+    _fsync_path(root)
+    _write_atomic(root / LATEST, final.name + "\n")
+    for old in _complete_checkpoints(root)[:-keep_last]:
+        if old != final:
+            shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+# ----------------------------------------------------------------------------- load
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    """The checkpoint `latest` names (falling back to the newest complete one), or None."""
+    root = Path(run_dir) / CHECKPOINT_DIR
+    pointer = root / LATEST
+    if pointer.is_file():
+        candidate = root / pointer.read_text().strip()
+        if (candidate / "trainer_state.json").is_file():
+            return candidate
+    complete = _complete_checkpoints(root) if root.is_dir() else []
+    return complete[-1] if complete else None
+
+
+def resolve_checkpoint(path: str | Path) -> tuple[Path, Path]:
+    """(run_dir, checkpoint_dir) for `--resume PATH`: a run directory (its latest checkpoint)
+    or one checkpoint directory. FileNotFoundError naming the path when there is none."""
+    path = Path(path)
+    if (path / "trainer_state.json").is_file():
+        return path.parent.parent, path
+    if not path.is_dir():
+        raise FileNotFoundError(f"--resume: {str(path)!r} does not exist")
+    ckpt = latest_checkpoint(path)
+    if ckpt is None:
+        raise FileNotFoundError(f"--resume: {str(path)!r} holds no complete checkpoint "
+                                f"(expected {CHECKPOINT_DIR}/{PREFIX}NNNNNN/trainer_state.json)")
+    return path, ckpt
+
+
+def load_checkpoint(ckpt: str | Path, *, optimizer: torch.optim.Optimizer | None,
+                    reference: torch.nn.Module | None, restore_rng_state: bool = True) -> dict[str, Any]:
+    """Load optimizer / reference / RNG from a checkpoint (the policy itself is loaded by
+    `model.load_policy(ckpt)`); returns the trainer state dict."""
+    ckpt = Path(ckpt)
+    state = json.loads((ckpt / "trainer_state.json").read_text())
+    if optimizer is not None:
+        optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", map_location="cpu", weights_only=True))
+    if reference is not None:
+        if not (ckpt / "reference.safetensors").is_file():
+            raise FileNotFoundError(f"{ckpt}: no reference.safetensors, but this run keeps a reference "
+                                    "(algorithm.kl_coef > 0); was it written with kl_coef = 0?")
+        device = next(reference.parameters()).device
+        missing, unexpected = load_model(reference, str(ckpt / "reference.safetensors"), strict=True,
+                                         device=str(device))
+        del missing, unexpected
+    if restore_rng_state:
+        restore_rng(torch.load(ckpt / "rng.pt", weights_only=True))
+    return state

@@ -1,0 +1,642 @@
+"""The typed configuration of one training run: a dataclass tree, YAML, `key=value` overrides.
+
+    cfg = load_config("examples/prorl_1p5b_8k.yaml", ["optim.lr=1e-6", "rollout.n=8"])
+    save_config(cfg, run_dir / "config.yaml")          # the resolved config, saved with the run
+
+Every section is a `@dataclass(kw_only=True)` with a docstring under each field and its own
+checks in `__post_init__`; `TrainConfig.__post_init__` adds the checks that span sections (a
+prompt plus a response must fit the model's context and a micro-batch). Errors are
+`ConfigError`s that name the field (`rollout.max_tokens: ...`), raised before anything heavy
+is built. Unknown keys, in YAML or on the command line, are errors that list the valid keys.
+
+The defaults are the embedded demo (`make train`): a tiny model built and warm-started on CPU
+(see `demo.py`), then the ProRL recipe scaled down. `examples/` holds the real 1.5B configs.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import types
+import typing
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from prolix.kernels import GRPOLossConfig
+
+from .tasks import SourceConfig
+
+__all__ = [
+    "ConfigError",
+    "ModelConfig",
+    "DemoConfig",
+    "DataConfig",
+    "RolloutConfig",
+    "AlgorithmConfig",
+    "OptimConfig",
+    "ReferenceConfig",
+    "EvalConfig",
+    "RunConfig",
+    "TrainConfig",
+    "load_config",
+    "save_config",
+    "config_to_dict",
+    "config_from_dict",
+    "apply_overrides",
+]
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing, unknown or inconsistent; the message names the field."""
+
+
+def _check(ok: bool, field: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(f"{field}: {message}")
+
+
+def _choice(value: str, field: str, choices: Sequence[str]) -> None:
+    _check(value in choices, field, f"expected one of {tuple(choices)}, got {value!r}")
+
+
+# ----------------------------------------------------------------------------- sections
+
+
+@dataclasses.dataclass(kw_only=True)
+class ModelConfig:
+    """The policy (and, as a frozen copy, the reference)."""
+
+    path: str = ""
+    """Local Hugging Face model directory (config.json + *.safetensors + tokenizer); never
+    downloaded. Empty: build the embedded demo model described by the `demo` section."""
+    dtype: str = "auto"
+    """Parameter (master weight) dtype: "auto" (fp32), "fp32" or "bf16". AdamW at ProRL's
+    lr 2e-6 needs fp32 master weights: a bf16 weight ignores updates below 2^-8 of itself."""
+    autocast: str = "auto"
+    """Compute dtype: "auto" (bf16 on CUDA, off on CPU), "bf16" or "off". With bf16 the decoder
+    runs under torch.autocast and the fused LM head gets bf16 hidden states and weight."""
+    gradient_checkpointing: bool = False
+    """Recompute each decoder layer in the backward (needed at 16k-token micro-batches)."""
+    attn_backend: str = "auto"
+    """Packed attention backend, see `prolix.trainer.model.ATTN_BACKENDS`."""
+    kernel_backend: str = "auto"
+    """`prolix.kernels` backend: "auto" (Triton on CUDA, streaming torch on CPU), "torch", "triton"."""
+
+    def __post_init__(self) -> None:
+        _choice(self.dtype, "model.dtype", ("auto", "fp32", "bf16"))
+        _choice(self.autocast, "model.autocast", ("auto", "bf16", "off"))
+        _choice(self.attn_backend, "model.attn_backend",
+                ("auto", "flash_attn", "torch_varlen", "sdpa_block_mask", "sdpa_per_sequence"))
+        _choice(self.kernel_backend, "model.kernel_backend", ("auto", "torch", "triton"))
+
+
+@dataclasses.dataclass(kw_only=True)
+class DemoConfig:
+    """The embedded default's model and warm start; used only when `model.path` is empty."""
+
+    hidden_size: int = 128
+    """Width of the tiny Qwen2 model (CPU-trainable in minutes)."""
+    num_layers: int = 2
+    """Decoder layers."""
+    num_heads: int = 4
+    """Query heads (head dim = hidden_size / num_heads)."""
+    num_kv_heads: int = 2
+    """Key/value heads (GQA, as in Qwen2)."""
+    intermediate_size: int = 512
+    """SwiGLU MLP width."""
+    warmup_steps: int = 150
+    """Supervised steps on the task's worked answers before RL: enough to learn the format and
+    be partly right, few enough to leave RL something to improve."""
+    warmup_batch: int = 32
+    """Worked examples per supervised step."""
+    warmup_lr: float = 3e-3
+    """AdamW learning rate of the warm start (cosine to 10%)."""
+    direct_fraction: float = 0.5
+    """Share of warm-start examples that state only the answer ("<answer>5</answer>") instead
+    of working it out first: the model leaves the warm start with both habits, and RL has to
+    find out, from the reward alone, that working it out pays."""
+
+    def __post_init__(self) -> None:
+        for name in ("hidden_size", "num_layers", "num_heads", "num_kv_heads", "intermediate_size", "warmup_batch"):
+            _check(getattr(self, name) >= 1, f"demo.{name}", f"expected >= 1, got {getattr(self, name)}")
+        _check(self.warmup_steps >= 0, "demo.warmup_steps", f"expected >= 0, got {self.warmup_steps}")
+        _check(self.hidden_size % self.num_heads == 0, "demo.hidden_size",
+               f"expected a multiple of demo.num_heads={self.num_heads}, got {self.hidden_size}")
+        _check(self.num_heads % self.num_kv_heads == 0, "demo.num_kv_heads",
+               f"expected a divisor of demo.num_heads={self.num_heads}, got {self.num_kv_heads}")
+        _check(self.warmup_lr > 0, "demo.warmup_lr", f"expected > 0, got {self.warmup_lr}")
+        _check(0 <= self.direct_fraction <= 1, "demo.direct_fraction", f"expected in [0, 1], got {self.direct_fraction}")
+
+
+# The demo's task, as YAML would write it: `load_config` starts from this tree, so reading a
+# config that names its own sources never builds (or imports) the default one.
+DEFAULT_SOURCES = [{"kind": "reasoning_gym", "name": "chain_sum", "heldout_size": 64,
+                    "dataset_kwargs": {"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 1}}]
+
+
+def _default_sources() -> list[SourceConfig]:
+    return [SourceConfig(**copy.deepcopy(s)) for s in DEFAULT_SOURCES]
+
+
+@dataclasses.dataclass(kw_only=True)
+class DataConfig:
+    """Where prompts come from: one or more sources, mixed by weight."""
+
+    sources: list[SourceConfig] = dataclasses.field(default_factory=_default_sources,
+                                                    metadata={"tree_default": DEFAULT_SOURCES})
+    """Prompt sources (`prolix.trainer.tasks.SourceConfig`): reasoning-gym datasets by name,
+    or JSONL/parquet files with a prompt and an answer field. Each brings its own held-out set."""
+    system_prompt: str = ""
+    """System turn of every prompt; "" omits it (the demo: its tiny model reads every prompt
+    token and learns the format from its warm start). Real models need the instruction the
+    rewards parse: `tokenizer.SYSTEM_PROMPT` asks for reasoning, then `<answer>...</answer>`,
+    which the reasoning-gym rewards extract (the examples set it)."""
+
+    def __post_init__(self) -> None:
+        _check(len(self.sources) >= 1, "data.sources", "expected at least one source")
+        for i, source in enumerate(self.sources):
+            _check(isinstance(source, SourceConfig), f"data.sources[{i}]",
+                   f"expected a SourceConfig, got {type(source).__name__}")
+
+
+@dataclasses.dataclass(kw_only=True)
+class RolloutConfig:
+    """Sampling of the training rollouts."""
+
+    engine: str = "torch"
+    """Rollout engine by name (`prolix.trainer.engines.ENGINES`): "vllm" or "torch" (a KV-cache
+    sampler for machines without vLLM)."""
+    n: int = 8
+    """Samples per prompt (the GRPO group). ProRL: 16."""
+    temperature: float = 1.0
+    """Sampling temperature; the loss divides the logits by the same τ. ProRL: 1.2."""
+    top_p: float = 1.0
+    """Nucleus sampling. Keep 1.0 for training: the loss's log-probs are over the full softmax."""
+    max_tokens: int = 32
+    """Response budget (tokens); responses cut here are "truncated". ProRL: 8k, then 16k."""
+    max_prompt_tokens: int = 256
+    """Longest prompt accepted; longer prompts are an error naming the problem."""
+    max_model_len: int = 320
+    """Context the engine allocates (>= max_prompt_tokens + max_tokens, <= the model's context)."""
+    engine_options: dict[str, Any] = dataclasses.field(default_factory=dict)
+    """Extra keyword arguments of the engine (e.g. vLLM's gpu_memory_utilization)."""
+
+    def __post_init__(self) -> None:
+        _check(self.n >= 2, "rollout.n", f"expected >= 2 (group advantages need 2 samples per prompt), got {self.n}")
+        _check(self.temperature > 0, "rollout.temperature", f"expected > 0, got {self.temperature}")
+        _check(0 < self.top_p <= 1, "rollout.top_p", f"expected in (0, 1], got {self.top_p}")
+        for name in ("max_tokens", "max_prompt_tokens", "max_model_len"):
+            _check(getattr(self, name) >= 1, f"rollout.{name}", f"expected >= 1, got {getattr(self, name)}")
+
+
+@dataclasses.dataclass(kw_only=True)
+class AlgorithmConfig:
+    """The objective: GRPO loss terms, advantages, dynamic sampling, length control."""
+
+    clip_low: float = 0.2
+    """ε_low: ratio clipped below at 1 − ε_low. ProRL/DAPO: 0.2."""
+    clip_high: float = 0.4
+    """ε_high: ratio clipped above at 1 + ε_high (DAPO's clip-higher; ProRL: 0.4)."""
+    dual_clip: float | None = None
+    """c > 1 bounds the loss of negative-advantage tokens by −c·A (dual-clip PPO); None: off."""
+    kl_coef: float = 1e-4
+    """β of the KL penalty to the reference (ProRL does not report its β; small). 0 = no
+    reference model is kept at all."""
+    kl_estimator: str = "k3"
+    """k1, k2 or k3 (Schulman's estimators; k3 = exp(δ) − δ − 1 is the GRPO default)."""
+    loss_agg: str = "token-mean"
+    """token-mean (DAPO, ProRL), seq-mean-token-mean (GRPO paper), seq-mean-token-sum,
+    seq-mean-token-sum-norm (Dr.GRPO: divides by a fixed max length)."""
+    loss_max_len: int | None = None
+    """The fixed length of seq-mean-token-sum-norm; None = rollout.max_tokens."""
+    entropy_coef: float = 0.0
+    """Entropy bonus c_ent (loss −= c_ent·H); ProRL uses 0 and relies on clip-higher."""
+    tis_cap: float | None = None
+    """Truncated importance weight min(π_old/π_rollout, C) against the engine's own log-probs
+    (corrects vLLM/trainer numeric mismatch); None: off."""
+    advantage: str = "grpo"
+    """"grpo" (r − mean)/std over the group, or "dr_grpo" r − mean (Dr.GRPO)."""
+    dynamic_sampling: bool = True
+    """DAPO: drop groups whose rewards are all equal (no signal) and sample more prompts until
+    the batch is full."""
+    max_sampling_tries: int = 4
+    """Rollout rounds per step at most when refilling; a batch still short trains on what it has."""
+    overlong: str = "none"
+    """Responses truncated at max_tokens: "none", "penalty" (reward lowered, see
+    `advantages.shape_overlong`) or "mask" (excluded from the loss, DAPO's overlong filtering)."""
+    overlong_penalty: float = 1.0
+    """Reward subtracted from truncated responses in "penalty" mode."""
+
+    def __post_init__(self) -> None:
+        _choice(self.advantage, "algorithm.advantage", ("grpo", "dr_grpo"))
+        _choice(self.overlong, "algorithm.overlong", ("none", "penalty", "mask"))
+        _check(self.max_sampling_tries >= 1, "algorithm.max_sampling_tries",
+               f"expected >= 1, got {self.max_sampling_tries}")
+        _check(self.overlong_penalty >= 0, "algorithm.overlong_penalty", f"expected >= 0, got {self.overlong_penalty}")
+        try:
+            self.loss_config(temperature=1.0, max_len=self.loss_max_len or 1)
+        except ValueError as e:
+            raise ConfigError(f"algorithm: {e}") from None
+
+    def loss_config(self, *, temperature: float, max_len: int) -> GRPOLossConfig:
+        """The kernels' GRPOLossConfig (τ = the rollout temperature)."""
+        return GRPOLossConfig(clip_low=self.clip_low, clip_high=self.clip_high, dual_clip=self.dual_clip,
+                              kl_coef=self.kl_coef, kl_estimator=self.kl_estimator, entropy_coef=self.entropy_coef,
+                              tis_cap=self.tis_cap, loss_agg=self.loss_agg, max_len=self.loss_max_len or max_len,
+                              temperature=temperature)
+
+
+@dataclasses.dataclass(kw_only=True)
+class OptimConfig:
+    """Batch shape and the optimizer."""
+
+    lr: float = 2e-4
+    """AdamW learning rate, constant after warmup. ProRL: 2e-6 (1.5B)."""
+    warmup_steps: int = 0
+    """Linear warmup of the lr over this many RL steps (0: constant from the start)."""
+    betas: tuple[float, float] = (0.9, 0.999)
+    """AdamW (β1, β2)."""
+    eps: float = 1e-8
+    """AdamW ε."""
+    weight_decay: float = 0.01
+    """AdamW decoupled weight decay."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this (0: no clipping; the norm is still logged)."""
+    prompts_per_step: int = 16
+    """Prompts (groups) per rollout batch; the step trains on prompts_per_step · n sequences. ProRL: 256."""
+    mini_batch_prompts: int = 16
+    """Prompts per optimizer update; prompts_per_step / mini_batch_prompts updates per rollout
+    (ProRL: 256 / 64 = 4)."""
+    epochs: int = 1
+    """Passes over the rollout batch (PPO epochs); updates per rollout multiply by it."""
+    max_tokens_per_microbatch: int = 4096
+    """Token budget of one packed forward/backward (micro-batches are planned first-fit decreasing)."""
+
+    def __post_init__(self) -> None:
+        _check(self.lr > 0, "optim.lr", f"expected > 0, got {self.lr}")
+        _check(self.warmup_steps >= 0, "optim.warmup_steps", f"expected >= 0, got {self.warmup_steps}")
+        _check(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "optim.betas",
+               f"expected two values in [0, 1), got {self.betas}")
+        _check(self.eps > 0, "optim.eps", f"expected > 0, got {self.eps}")
+        _check(self.weight_decay >= 0, "optim.weight_decay", f"expected >= 0, got {self.weight_decay}")
+        _check(self.grad_clip >= 0, "optim.grad_clip", f"expected >= 0, got {self.grad_clip}")
+        for name in ("prompts_per_step", "mini_batch_prompts", "epochs", "max_tokens_per_microbatch"):
+            _check(getattr(self, name) >= 1, f"optim.{name}", f"expected >= 1, got {getattr(self, name)}")
+        _check(self.prompts_per_step % self.mini_batch_prompts == 0, "optim.mini_batch_prompts",
+               f"expected a divisor of optim.prompts_per_step={self.prompts_per_step}, got {self.mini_batch_prompts}")
+
+    @property
+    def updates_per_rollout(self) -> int:
+        """Optimizer steps per rollout batch; > 1 makes the loop recompute old_logp."""
+        return self.prompts_per_step // self.mini_batch_prompts * self.epochs
+
+
+@dataclasses.dataclass(kw_only=True)
+class ReferenceConfig:
+    """The ProRL reference reset: reference ← policy (and, in v1, a fresh optimizer)."""
+
+    mode: str = "patience"
+    """When to reset: "off", "patience" (validation stopped improving — ProRL), "every"
+    (a fixed period — ProRL v2) or "both". A file `watch_file` in the run dir always triggers one."""
+    patience: int = 3
+    """Evaluations without a new best validation score before a reset."""
+    min_improvement: float = 0.0
+    """A validation score must beat the best by more than this to count as an improvement."""
+    every: int = 0
+    """Reset every this many steps in "every"/"both" modes (ProRL v2: 200–500)."""
+    reset_optimizer: bool = True
+    """Re-initialise the AdamW state at each reset (ProRL v1: True; v2 keeps it: False)."""
+    watch_file: str = "RESET_REFERENCE"
+    """Create this file in the run dir to reset at the end of the current step; the loop deletes it."""
+
+    def __post_init__(self) -> None:
+        _choice(self.mode, "reference.mode", ("off", "patience", "every", "both"))
+        _check(self.patience >= 1, "reference.patience", f"expected >= 1, got {self.patience}")
+        _check(self.every >= 0, "reference.every", f"expected >= 0, got {self.every}")
+        _check(self.mode not in ("every", "both") or self.every >= 1, "reference.every",
+               f"expected >= 1 with reference.mode={self.mode!r}, got {self.every}")
+        _check(bool(self.watch_file) and "/" not in self.watch_file, "reference.watch_file",
+               f"expected a plain file name, got {self.watch_file!r}")
+
+
+@dataclasses.dataclass(kw_only=True)
+class EvalConfig:
+    """Validation on each source's held-out problems."""
+
+    every: int = 10
+    """Evaluate every this many steps (0: only before and after training)."""
+    at_start: bool = True
+    """Evaluate once before the first step (the "before" of the final report)."""
+    heldout_size: int | None = None
+    """Held-out problems per source at most; None: the source's whole held-out set."""
+    n: int = 4
+    """Samples per held-out problem; pass@1 averages over them."""
+    k: int = 4
+    """pass@k (unbiased estimator over the n samples); k <= n."""
+    temperature: float = 0.6
+    """Evaluation temperature (the ProRL paper's 0.6)."""
+    top_p: float = 0.95
+    """Evaluation nucleus (the paper's 0.95)."""
+    max_tokens: int | None = None
+    """Response budget for evaluation; None = rollout.max_tokens."""
+    correct_threshold: float = 1.0
+    """A sample counts as correct (accuracy, pass@k) when its reward is >= this."""
+
+    def __post_init__(self) -> None:
+        _check(self.every >= 0, "eval.every", f"expected >= 0, got {self.every}")
+        _check(self.heldout_size is None or self.heldout_size >= 1, "eval.heldout_size",
+               f"expected >= 1 or null, got {self.heldout_size}")
+        _check(self.n >= 1, "eval.n", f"expected >= 1, got {self.n}")
+        _check(1 <= self.k <= self.n, "eval.k", f"expected 1 <= k <= eval.n={self.n}, got {self.k}")
+        _check(self.temperature > 0, "eval.temperature", f"expected > 0, got {self.temperature}")
+        _check(0 < self.top_p <= 1, "eval.top_p", f"expected in (0, 1], got {self.top_p}")
+        _check(self.max_tokens is None or self.max_tokens >= 1, "eval.max_tokens",
+               f"expected >= 1 or null, got {self.max_tokens}")
+
+
+@dataclasses.dataclass(kw_only=True)
+class RunConfig:
+    """Where the run lives, how long it goes, how it is checkpointed and logged."""
+
+    out_dir: str = "runs"
+    """Parent folder of run directories."""
+    name: str = ""
+    """Run directory name under out_dir; empty: a timestamp."""
+    seed: int = 0
+    """Seeds model init (demo), prompt sampling, and each step's rollout sampling."""
+    steps: int = 60
+    """RL steps (one rollout batch each)."""
+    checkpoint_every: int = 20
+    """Checkpoint every this many steps (and always after the last; 0: only the last)."""
+    keep_last: int = 2
+    """Checkpoints kept; older ones are deleted after each new one is complete."""
+    device: str = "auto"
+    """"auto" (cuda if available), "cpu", "cuda" or "cuda:N"."""
+    tensorboard: bool = True
+    """Also write TensorBoard events when tensorboard is installed."""
+    progress: bool = True
+    """Show a tqdm progress bar."""
+
+    def __post_init__(self) -> None:
+        _check(self.steps >= 0, "run.steps", f"expected >= 0, got {self.steps}")
+        _check(self.checkpoint_every >= 0, "run.checkpoint_every", f"expected >= 0, got {self.checkpoint_every}")
+        _check(self.keep_last >= 1, "run.keep_last", f"expected >= 1, got {self.keep_last}")
+        _check(self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"), "run.device",
+               f"expected 'auto', 'cpu', 'cuda' or 'cuda:N', got {self.device!r}")
+        _check("/" not in self.name, "run.name", f"expected a plain directory name, got {self.name!r}")
+
+
+@dataclasses.dataclass(kw_only=True)
+class TrainConfig:
+    """One training run. Defaults: the embedded demo (`prolix train` with no arguments)."""
+
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    demo: DemoConfig = dataclasses.field(default_factory=DemoConfig)
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    rollout: RolloutConfig = dataclasses.field(default_factory=RolloutConfig)
+    algorithm: AlgorithmConfig = dataclasses.field(default_factory=AlgorithmConfig)
+    optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
+    reference: ReferenceConfig = dataclasses.field(default_factory=ReferenceConfig)
+    eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
+    run: RunConfig = dataclasses.field(default_factory=RunConfig)
+
+    def __post_init__(self) -> None:
+        r = self.rollout
+        _check(r.max_prompt_tokens + r.max_tokens <= r.max_model_len, "rollout.max_tokens",
+               f"a prompt of up to rollout.max_prompt_tokens={r.max_prompt_tokens} plus a response of "
+               f"{r.max_tokens} tokens exceeds rollout.max_model_len={r.max_model_len}")
+        _check(self.eval_max_tokens + r.max_prompt_tokens <= r.max_model_len, "eval.max_tokens",
+               f"{self.eval_max_tokens} + rollout.max_prompt_tokens={r.max_prompt_tokens} exceeds "
+               f"rollout.max_model_len={r.max_model_len}")
+        _check(self.optim.max_tokens_per_microbatch >= r.max_prompt_tokens + r.max_tokens,
+               "optim.max_tokens_per_microbatch",
+               f"expected >= the longest sequence, rollout.max_prompt_tokens + rollout.max_tokens = "
+               f"{r.max_prompt_tokens + r.max_tokens}, got {self.optim.max_tokens_per_microbatch}")
+
+    @property
+    def eval_max_tokens(self) -> int:
+        return self.eval.max_tokens or self.rollout.max_tokens
+
+    def loss_config(self) -> GRPOLossConfig:
+        return self.algorithm.loss_config(temperature=self.rollout.temperature, max_len=self.rollout.max_tokens)
+
+    def check_model_context(self, max_position_embeddings: int | None) -> None:
+        """Raise ConfigError when the engine's context exceeds what the model was built for."""
+        if max_position_embeddings is None:
+            return
+        r = self.rollout
+        _check(r.max_model_len <= max_position_embeddings, "rollout.max_model_len",
+               f"{r.max_model_len} exceeds the model's context (config.json max_position_embeddings="
+               f"{max_position_embeddings}); lower rollout.max_tokens ({r.max_tokens}) or "
+               f"rollout.max_prompt_tokens ({r.max_prompt_tokens})")
+
+
+# ----------------------------------------------------------------------------- dict <-> dataclass
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+_TRUE, _FALSE = ("true", "yes", "on", "1"), ("false", "no", "off", "0")
+
+
+def _coerce_scalar(tp: type, value: Any, field: str) -> Any:
+    """bool / int / float / str from a YAML value or a command-line string."""
+    if tp is bool:
+        if isinstance(value, bool) or str(value).lower() in _TRUE + _FALSE:
+            return value if isinstance(value, bool) else str(value).lower() in _TRUE
+        raise ConfigError(f"{field}: expected true or false, got {value!r}")
+    if tp is str:
+        _check(isinstance(value, (str, int, float)) and not isinstance(value, bool), field,
+               f"expected a string, got {value!r}")
+        return str(value)
+    try:             # "1e-6" (a string to YAML 1.1) is a float; 4.0 is an int
+        number = None if isinstance(value, bool) else float(value)
+    except (TypeError, ValueError):
+        number = None
+    if number is None or (tp is int and not number.is_integer()):
+        raise ConfigError(f"{field}: expected {tp.__name__}, got {value!r}")
+    return int(number) if tp is int else number
+
+
+def _coerce(tp: Any, value: Any, field: str) -> Any:
+    """`value` (from YAML or a command line) as type `tp`; ConfigError naming `field` otherwise."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if tp is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for option in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(option, value, field)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if len(errors) == 1 else f"{field}: expected {_type_name(tp)}, got {value!r}")
+    if dataclasses.is_dataclass(tp):
+        return config_from_dict(tp, value, prefix=field)
+    if tp in (bool, int, float, str):
+        return _coerce_scalar(tp, value, field)
+    if origin in (list, tuple) or tp in (list, tuple):
+        if isinstance(value, (str, bytes, Mapping)) or not isinstance(value, Sequence):
+            raise ConfigError(f"{field}: expected a list, got {value!r}")
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            _check(len(value) == len(args), field, f"expected {len(args)} values, got {len(value)}")
+            return tuple(_coerce(a, v, f"{field}[{i}]") for i, (a, v) in enumerate(zip(args, value)))
+        item = args[0] if args else Any
+        items = [_coerce(item, v, f"{field}[{i}]") for i, v in enumerate(value)]
+        return tuple(items) if (origin or tp) is tuple else items
+    if origin is dict or tp is dict:
+        _check(isinstance(value, Mapping), field, f"expected a mapping, got {value!r}")
+        return dict(value)
+    raise ConfigError(f"{field}: unsupported field type {_type_name(tp)}")
+
+
+def _fields(cls: type) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls) if f.init}
+
+
+def config_from_dict(cls: type, data: Any, *, prefix: str = "") -> Any:
+    """Build dataclass `cls` from a (partial) mapping; missing fields keep their defaults."""
+    where = prefix or "config"
+    if isinstance(data, cls):
+        return data
+    _check(isinstance(data, Mapping), where, f"expected a mapping of {cls.__name__} fields, got {data!r}")
+    fields = _fields(cls)
+    for key in data:
+        if key not in fields:
+            raise ConfigError(f"{prefix + '.' if prefix else ''}{key}: unknown key; valid keys of {where}: "
+                              f"{', '.join(fields)}")
+    kwargs = {k: _coerce(fields[k], v, f"{prefix + '.' if prefix else ''}{k}") for k, v in data.items()}
+    try:
+        return cls(**kwargs)
+    except ConfigError:
+        raise
+    except (TypeError, ValueError, ImportError) as e:          # e.g. SourceConfig's own checks
+        raise ConfigError(f"{where}: {e}") from None
+
+
+def config_to_dict(cfg: Any) -> Any:
+    """A dataclass tree as plain YAML-safe data (tuples become lists)."""
+    if dataclasses.is_dataclass(cfg):
+        return {f.name: config_to_dict(getattr(cfg, f.name)) for f in dataclasses.fields(cfg) if f.init}
+    if isinstance(cfg, (list, tuple)):
+        return [config_to_dict(v) for v in cfg]
+    if isinstance(cfg, Mapping):
+        return {k: config_to_dict(v) for k, v in cfg.items()}
+    return cfg
+
+
+def default_tree(cls: type = None) -> dict:
+    """The defaults of a dataclass tree as plain data, without constructing it (see DEFAULT_SOURCES)."""
+    cls = cls or TrainConfig
+    tree = {}
+    for f in dataclasses.fields(cls):
+        if not f.init:
+            continue
+        tp = _fields(cls)[f.name]
+        if "tree_default" in f.metadata:
+            tree[f.name] = copy.deepcopy(f.metadata["tree_default"])
+        elif dataclasses.is_dataclass(tp):
+            tree[f.name] = default_tree(tp)
+        elif f.default is not dataclasses.MISSING:
+            tree[f.name] = config_to_dict(f.default)
+        else:
+            tree[f.name] = config_to_dict(f.default_factory())
+    return tree
+
+
+def _field_type_at(cls: type, parts: list[str], key: str) -> Any:
+    """The declared type at a dotted path (None below a dict/Any field, where any key goes)."""
+    tp: Any = cls
+    walked = []
+    for part in parts:
+        origin = typing.get_origin(tp)
+        if origin in (typing.Union, types.UnionType):
+            tp = next(a for a in typing.get_args(tp) if a is not type(None))
+            origin = typing.get_origin(tp)
+        if dataclasses.is_dataclass(tp):
+            fields = _fields(tp)
+            if part not in fields:
+                where = ".".join(walked) or "config"
+                raise ConfigError(f"{key}: unknown key {part!r}; valid keys of {where}: {', '.join(fields)}")
+            tp = fields[part]
+        elif origin is list:
+            _check(part.isdigit(), key, f"expected a list index at {part!r}")
+            tp = typing.get_args(tp)[0]
+        else:
+            return None
+        walked.append(part)
+    return tp
+
+
+def apply_overrides(tree: dict, overrides: Sequence[str], cls: type = None) -> dict:
+    """Apply `a.b.c=value` overrides to a config dict in place (values parsed as YAML; list
+    items by index, `data.sources.0.name=chain_sum`). Unknown keys raise ConfigError."""
+    cls = cls or TrainConfig
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        key = key.strip()
+        _check(bool(sep) and bool(key), item, "expected key=value (e.g. optim.lr=1e-6)")
+        parts = key.split(".")
+        tp = _field_type_at(cls, parts, key)
+        value = raw if tp is str else yaml.safe_load(raw) if raw.strip() else ""
+        node: Any = tree
+        for depth, part in enumerate(parts[:-1]):
+            if isinstance(node, list):
+                idx = int(part)
+                _check(idx < len(node), key, f"index {idx} out of range: {'.'.join(parts[:depth])} has {len(node)} items")
+                node = node[idx]
+            else:
+                node = node.setdefault(part, {})
+        if isinstance(node, list):
+            idx = int(parts[-1])
+            _check(idx < len(node), key, f"index {idx} out of range: the list has {len(node)} items")
+            node[idx] = value
+        else:
+            node[parts[-1]] = value
+    return tree
+
+
+def _merge(base: dict, update: Mapping) -> dict:
+    """Recursive dict merge; lists and scalars in `update` replace those in `base`."""
+    for k, v in update.items():
+        if isinstance(v, Mapping) and isinstance(base.get(k), dict):
+            _merge(base[k], v)
+        else:
+            base[k] = v
+    return base
+
+
+def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> TrainConfig:
+    """Defaults ← YAML file (if any) ← `key=value` overrides, validated as a whole.
+
+    Raises ConfigError naming the field (or the file when it is not a YAML mapping)."""
+    tree = default_tree()
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"--config: no such file {str(path)!r}")
+        try:
+            loaded = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML: {e}") from None
+        _check(isinstance(loaded, Mapping), str(path), f"expected a mapping at the top level, got {type(loaded).__name__}")
+        for key in loaded:
+            _field_type_at(TrainConfig, [str(key)], str(key))     # unknown top-level sections
+        _merge(tree, loaded)
+    apply_overrides(tree, overrides)
+    return config_from_dict(TrainConfig, tree)
+
+
+def save_config(cfg: TrainConfig, path: str | Path) -> Path:
+    """Write the resolved config as YAML (loadable with `load_config`)."""
+    path = Path(path)
+    path.write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False, default_flow_style=None))
+    return path

@@ -1,0 +1,109 @@
+"""The embedded default of `make train`: a model built from nothing, so RL needs no download.
+
+`build_base_model(cfg, run_dir, data)` writes RUN/base_model, which `model.path` then points at:
+
+1. a character-level tokenizer (`tokenizer.build_char_tokenizer`, printable ASCII) in HF format;
+2. a tiny Qwen2-architecture causal LM from a config (`demo.*`: by default hidden 128, 2 layers,
+   4 query / 2 KV heads, tied embeddings, ~0.4M parameters), context = rollout.max_model_len;
+3. a short supervised warm start on the task's own worked answers (`tasks.worked_answer`:
+   "9 - 5 = 4\\n<answer>4</answer>"), drawn from the training split (never the held-out set).
+   It teaches the format and some arithmetic — deliberately stopped early, so that the model
+   is partly right and RL has something to raise.
+
+Then the ordinary trainer runs GRPO on it (torch sampler on CPU, vLLM where installed), and
+`prolix train` prints the held-out accuracy before and after RL. The warm start uses the same
+packed forward and fused log-prob kernel as RL: its loss is the mean negative log-likelihood
+of the answer tokens (and the closing eos) given the prompt.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, Qwen2Config
+
+from prolix.kernels import linear_logprobs
+
+from .config import TrainConfig
+from .model import forward_hidden, lm_head_weight, prepare_policy, save_policy
+from .packing import SequenceRecord, pack
+from .tasks import worked_answer
+from .tokenizer import DEFAULT_ALPHABET, build_char_tokenizer, format_prompt, save_tokenizer
+
+__all__ = ["build_base_model", "build_model", "warm_start"]
+
+
+def build_model(cfg: TrainConfig, tokenizer) -> torch.nn.Module:
+    """A randomly initialised Qwen2 causal LM of the `demo` section's size (fp32, CPU)."""
+    d = cfg.demo
+    config = Qwen2Config(
+        vocab_size=len(tokenizer), hidden_size=d.hidden_size, intermediate_size=d.intermediate_size,
+        num_hidden_layers=d.num_layers, num_attention_heads=d.num_heads, num_key_value_heads=d.num_kv_heads,
+        max_position_embeddings=cfg.rollout.max_model_len, tie_word_embeddings=True,
+        bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(cfg.run.seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation="sdpa")
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return prepare_policy(model, liger=False)
+
+
+def warm_start(model, tokenizer, cfg: TrainConfig, data, *, device: torch.device, log=print) -> tuple[float, float]:
+    """Supervised steps on worked answers; returns (first, last) mean loss per answer token."""
+    d = cfg.demo
+    rng = random.Random(cfg.run.seed + 2)            # its own draws: the RL sampler's stream is untouched
+    optimizer = torch.optim.AdamW(model.parameters(), lr=d.warmup_lr, weight_decay=0.0)
+    eos = tokenizer.eos_token_id
+    model.train()
+    losses = []
+    for step in range(d.warmup_steps):
+        records = []
+        for problem in data.train.sample(d.warmup_batch, rng):
+            prompt = format_prompt(tokenizer, problem.prompt, cfg.data.system_prompt)
+            text = f"<answer>{problem.answer}</answer>" if rng.random() < d.direct_fraction else worked_answer(problem)
+            answer = tokenizer.encode(text, add_special_tokens=False) + [eos]
+            records.append(SequenceRecord(token_ids=prompt + answer, response_start=len(prompt), advantage=0.0))
+        batch = pack(records).to(device)
+        hidden = forward_hidden(model, batch)                                        # (N, H)
+        logp = linear_logprobs(hidden, lm_head_weight(model), batch.targets, ignore_index=batch.ignore_index)
+        loss = -(logp * batch.loss_mask).sum() / batch.loss_mask.sum()
+        lr = d.warmup_lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / max(d.warmup_steps, 1))))
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        losses.append(loss.item())
+        if (step + 1) % 50 == 0 or step + 1 == d.warmup_steps:
+            log(f"demo warm start: step {step + 1}/{d.warmup_steps}, loss {sum(losses[-10:]) / len(losses[-10:]):.3f}")
+    model.eval()
+    return (losses[0], losses[-1]) if losses else (float("nan"), float("nan"))
+
+
+def build_base_model(cfg: TrainConfig, run_dir: str | Path, data) -> Path:
+    """Tokenizer + tiny Qwen2 + warm start, saved in HF format to RUN/base_model; returns the path."""
+    from .loop import check_prompt_lengths
+
+    out = Path(run_dir) / "base_model"
+    t0 = time.perf_counter()
+    tokenizer = build_char_tokenizer(DEFAULT_ALPHABET)
+    check_prompt_lengths(cfg, tokenizer, data)        # config errors before any training
+    device = torch.device("cuda" if cfg.run.device == "auto" and torch.cuda.is_available()
+                          else "cpu" if cfg.run.device == "auto" else cfg.run.device)
+    model = build_model(cfg, tokenizer).to(device)
+    params = sum(p.numel() for p in model.parameters())
+    print(f"demo: tiny Qwen2 ({params / 1e6:.2f}M parameters, vocabulary {len(tokenizer)}), "
+          f"warm start on {', '.join(s.name for s in cfg.data.sources)} worked answers", flush=True)
+    first, last = warm_start(model, tokenizer, cfg, data, device=device)
+    save_policy(model.to("cpu"), out)
+    save_tokenizer(tokenizer, str(out))
+    print(f"demo: base model in {out} (warm-start loss {first:.2f} -> {last:.2f}, "
+          f"{time.perf_counter() - t0:.0f} s)", flush=True)
+    return out

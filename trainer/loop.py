@@ -1,0 +1,550 @@
+"""The RL loop: one GRPO step in plain sight, plus validation and the ProRL reference reset.
+
+One step (`Trainer.train_step`):
+
+    groups  = collect_groups(step)        rollout → reward (+ overlong shaping) → group advantages,
+                                          dynamic sampling refills the batch with informative groups
+    records = make_records(groups)        prompt+response ids, the advantage broadcast per token,
+                                          the engine's log-probs (for the TIS correction)
+    records = attach_logps(records)       old_logp (no grad) when a rollout feeds > 1 update,
+                                          ref_logp from the frozen reference when kl_coef > 0
+    for mini_batch in mini_batches(records):
+        update(mini_batch)                pack → micro-batches → fused LM head + GRPO loss with the
+                                          mini-batch's global normaliser → backward → clip → AdamW
+    engine.sync_weights(policy)           the rollout engine samples from the new weights
+
+`Trainer.fit` wraps it: evaluate (pass@1 / pass@k on each source's held-out problems at T=0.6,
+top-p 0.95), reset the reference when validation stagnated for `patience` evaluations, every
+`reference.every` steps, or when RUN/RESET_REFERENCE appears; log; checkpoint.
+
+Deviations from textbook GRPO, all from the ProRL/DAPO recipe and all configurable:
+token-mean aggregation over the whole mini-batch, clip-higher, dynamic sampling, a KL term
+(k3) to a reference that is periodically reset, optional overlong penalty/masking.
+Determinism: prompt draws come from one `random.Random` (checkpointed); each rollout call gets a
+seed that is a function of (run.seed, step, try), so a resumed run samples what an
+uninterrupted one would.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+import random
+import time
+from collections import defaultdict
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from prolix.kernels import fused_linear_grpo_loss, linear_logprobs
+
+from . import checkpoint
+from .advantages import group_advantages, informative_groups, shape_overlong
+from .config import ConfigError, TrainConfig
+from .engines import Completion, SamplingConfig, make_engine
+from .metrics import MetricsLogger, peak_flops, train_flops
+from .model import forward_hidden, lm_head_weight, load_policy
+from .packing import SequenceRecord, pack, plan_microbatches
+from .rewards import pop_reward_errors, score
+from .tasks import MixedSource, Problem, ProblemSource, make_source
+from .tokenizer import format_prompt
+
+__all__ = ["Data", "Group", "TrainerState", "TrainResult", "Trainer", "prepare_data", "load_tokenizer", "pass_at_k"]
+
+EVAL_SEED_OFFSET = 7_777_777   # evaluations reuse one seed: every eval sees the same random numbers
+
+
+# ----------------------------------------------------------------------------- data
+
+
+@dataclasses.dataclass
+class Data:
+    """The run's prompt sources: one sampler for training, held-out problems per source."""
+
+    train: ProblemSource
+    heldout: dict[str, list[Problem]]
+
+
+def prepare_data(cfg: TrainConfig) -> Data:
+    """Build every source (unknown tasks, missing files or fields raise ConfigError here)."""
+    sources = []
+    for i, source_cfg in enumerate(cfg.data.sources):
+        try:
+            sources.append(make_source(source_cfg))
+        except (ValueError, FileNotFoundError, RuntimeError) as e:
+            raise ConfigError(f"data.sources[{i}] ({source_cfg.name or source_cfg.path}): {e}") from None
+    train = sources[0] if len(sources) == 1 else MixedSource(sources, [c.weight for c in cfg.data.sources])
+    heldout: dict[str, list[Problem]] = {}
+    for i, source in enumerate(sources):
+        name = source.name if source.name not in heldout else f"{source.name}_{i}"
+        problems = source.heldout()[: cfg.eval.heldout_size]
+        if problems:
+            heldout[name] = problems
+    return Data(train=train, heldout=heldout)
+
+
+def check_prompt_lengths(cfg: TrainConfig, tokenizer, data: Data) -> None:
+    """Every held-out prompt and a sample of training prompts fit rollout.max_prompt_tokens."""
+    probe = data.train.sample(32, random.Random(cfg.run.seed + 1))     # its own rng: training draws untouched
+    for problem in probe + [p for ps in data.heldout.values() for p in ps]:
+        length = len(format_prompt(tokenizer, problem.prompt, cfg.data.system_prompt))
+        if length > cfg.rollout.max_prompt_tokens:
+            raise ConfigError(f"rollout.max_prompt_tokens: a {problem.task!r} prompt has {length} tokens, more than "
+                              f"{cfg.rollout.max_prompt_tokens}: {problem.prompt[:80]!r}...")
+
+
+# ----------------------------------------------------------------------------- state
+
+
+@dataclasses.dataclass
+class Group:
+    """The n completions of one prompt, with their rewards and advantages."""
+
+    problem: Problem
+    completions: list[Completion]
+    rewards: torch.Tensor          # [n] fp32, after overlong shaping
+    advantages: torch.Tensor       # [n] fp32
+
+
+@dataclasses.dataclass
+class TrainerState:
+    """Everything of the loop that a checkpoint must carry (JSON-serialisable)."""
+
+    step: int = 0
+    sampler: Any = None                     # random.Random.getstate() of the prompt sampler
+    best_score: float | None = None
+    evals_since_best: int = 0
+    resets: list[dict] = dataclasses.field(default_factory=list)
+    first_eval: dict | None = None
+    last_eval: dict | None = None
+
+
+@dataclasses.dataclass
+class TrainResult:
+    run_dir: Path
+    first_eval: dict | None
+    last_eval: dict | None
+    steps: int
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased pass@k from n samples with c correct (Chen et al. 2021): 1 − C(n−c, k)/C(n, k)."""
+    if n - c < k:
+        return 1.0
+    return 1.0 - math.comb(n - c, k) / math.comb(n, k)
+
+
+def load_tokenizer(path: str | Path):
+    """The tokenizer saved in `path`, as its files declare it.
+
+    transformers 5's AutoTokenizer swaps in the registered class for some model types (qwen2
+    among them: `MODELS_WITH_INCORRECT_HUB_TOKENIZER_CLASS`), which rebuilds the pre-tokenizer
+    and would turn the demo's character tokenizer into Qwen's byte-level one (spaces dropped).
+    A tokenizer_config.json that names the generic fast class is therefore loaded as that."""
+    import json
+
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    config = Path(path) / "tokenizer_config.json"
+    declared = json.loads(config.read_text()).get("tokenizer_class") if config.is_file() else None
+    if declared in ("PreTrainedTokenizerFast", "TokenizersBackend") and (Path(path) / "tokenizer.json").is_file():
+        return PreTrainedTokenizerFast.from_pretrained(path, local_files_only=True)
+    return AutoTokenizer.from_pretrained(path, local_files_only=True)
+
+
+def _resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"run.device: {name!r} requested but CUDA is not available")
+    return torch.device(name)
+
+
+# ----------------------------------------------------------------------------- trainer
+
+
+class Trainer:
+    """Owns the policy, the reference, the optimizer, the engine and the loop state."""
+
+    def __init__(self, cfg: TrainConfig, run_dir: str | Path, *, data: Data | None = None,
+                 resume_from: str | Path | None = None) -> None:
+        self.cfg, self.run_dir = cfg, Path(run_dir)
+        self.device = _resolve_device(cfg.run.device)
+        on_cuda = self.device.type == "cuda"
+        self.param_dtype = torch.bfloat16 if cfg.model.dtype == "bf16" else torch.float32
+        wants_bf16 = cfg.model.autocast == "bf16" or (cfg.model.autocast == "auto" and on_cuda)
+        self.compute_dtype = torch.bfloat16 if wants_bf16 else None
+        source = Path(resume_from) if resume_from else Path(cfg.model.path)
+        if not cfg.model.path and not resume_from:
+            raise ConfigError("model.path: empty (the demo builds its model before the trainer starts)")
+
+        self.tokenizer = load_tokenizer(source)
+        self.data = data or prepare_data(cfg)
+        check_prompt_lengths(cfg, self.tokenizer, self.data)
+        torch.manual_seed(cfg.run.seed)
+        self.policy = load_policy(source, dtype=self.param_dtype, device=self.device,
+                                  gradient_checkpointing=cfg.model.gradient_checkpointing)
+        cfg.check_model_context(getattr(self.policy.config, "max_position_embeddings", None))
+        self.reference = self._frozen_copy() if cfg.algorithm.kl_coef > 0 else None
+        self.optimizer = self._make_optimizer()
+        self.loss_config = cfg.loss_config()
+        self.state = TrainerState()
+        self.rng = random.Random(cfg.run.seed)
+        if resume_from:
+            saved = checkpoint.load_checkpoint(resume_from, optimizer=self.optimizer, reference=self.reference)
+            self.state = TrainerState(**{k: v for k, v in saved.items() if k in TrainerState.__dataclass_fields__})
+            self.rng.setstate(checkpoint._as_tuple(self.state.sampler))
+        self.engine = make_engine(cfg.rollout.engine, self.policy, self.tokenizer,
+                                  max_model_len=cfg.rollout.max_model_len, seed=cfg.run.seed,
+                                  **cfg.rollout.engine_options)
+        self.log = MetricsLogger(self.run_dir, total_steps=cfg.run.steps, start_step=self.state.step,
+                                 tensorboard=cfg.run.tensorboard, progress=cfg.run.progress)
+        self._peak = peak_flops(self.device)
+
+    # ------------------------------------------------------------------ setup helpers
+
+    def _frozen_copy(self) -> torch.nn.Module:
+        ref = copy.deepcopy(self.policy)
+        if self.compute_dtype is not None:
+            ref.to(self.compute_dtype)         # only ever run forward: store it in the compute dtype
+        ref.eval().requires_grad_(False)
+        return ref
+
+    def _make_optimizer(self) -> torch.optim.Optimizer:
+        o = self.cfg.optim
+        params = [p for p in self.policy.parameters() if p.requires_grad]
+        return torch.optim.AdamW(params, lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay)
+
+    def _lr(self, step: int) -> float:
+        o = self.cfg.optim
+        return o.lr * min(1.0, step / o.warmup_steps) if o.warmup_steps else o.lr
+
+    def _autocast(self):
+        if self.compute_dtype is None:
+            return nullcontext()
+        return torch.autocast(self.device.type, dtype=self.compute_dtype)
+
+    def _head(self, model, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(hidden [N, H], LM-head weight [V, H]) in one dtype for the fused kernel: bf16 under
+        autocast (the cast is differentiable, so fp32 master weights get their gradient)."""
+        weight = lm_head_weight(model)
+        dtype = self.compute_dtype or weight.dtype
+        return hidden.to(dtype), weight.to(dtype)
+
+    def prompt_ids(self, problem: Problem) -> list[int]:
+        ids = format_prompt(self.tokenizer, problem.prompt, self.cfg.data.system_prompt)
+        if len(ids) > self.cfg.rollout.max_prompt_tokens:
+            raise ValueError(f"a {problem.task!r} prompt has {len(ids)} tokens > rollout.max_prompt_tokens="
+                             f"{self.cfg.rollout.max_prompt_tokens}: {problem.prompt[:80]!r}")
+        return ids
+
+    def _seed(self, step: int, attempt: int) -> int:
+        return (self.cfg.run.seed * 1_000_003 + step * 1_009 + attempt) % (2**31 - 1)
+
+    # ------------------------------------------------------------------ the loop
+
+    def fit(self) -> TrainResult:
+        """Train until run.steps; evaluate, reset, log and checkpoint along the way."""
+        cfg = self.cfg
+        try:
+            if self.state.first_eval is None and cfg.eval.at_start:
+                self.state.first_eval = self.state.last_eval = self.evaluate()
+                self._track_validation(self.state.first_eval["eval/score"])
+                self.log.log(0, self.state.first_eval)
+            while self.state.step < cfg.run.steps:
+                metrics = self.train_step()
+                step = self.state.step
+                evaluated = (cfg.eval.every and step % cfg.eval.every == 0) or step == cfg.run.steps
+                if evaluated:
+                    self.state.last_eval = self.evaluate()
+                    self.state.first_eval = self.state.first_eval or self.state.last_eval
+                    metrics.update(self.state.last_eval)
+                    self._track_validation(self.state.last_eval["eval/score"])
+                reason = self.reset_reason(step, evaluated)
+                if reason:
+                    self.reset_reference(reason)
+                    metrics["reference/reset_reason"] = reason
+                metrics["reference/resets"] = len(self.state.resets)
+                self.log.log(step, metrics)
+                if step == cfg.run.steps or (cfg.run.checkpoint_every and step % cfg.run.checkpoint_every == 0):
+                    self.save()
+        finally:
+            self.log.close()
+            self.engine.close()
+        return TrainResult(self.run_dir, self.state.first_eval, self.state.last_eval, self.state.step)
+
+    def train_step(self) -> dict[str, float]:
+        """One RL step: rollout → reward → advantage → pack → loss → AdamW → sync. Returns metrics."""
+        step = self.state.step + 1
+        t0 = time.perf_counter()
+        groups, metrics = self.collect_groups(step)                  # rollout, reward, advantage, refill
+        t_rollout = time.perf_counter() - t0
+        records = self.make_records(groups)                          # per-token advantage, rollout logp
+        t1 = time.perf_counter()
+        records = self.attach_logps(records)                         # old_logp, ref_logp (no grad)
+        stats = [self.update(mb, step) for mb in self.mini_batches(records, step)]   # pack, loss, step
+        self.engine.sync_weights(self.policy)                         # rollout engine ← new weights
+        t_train = time.perf_counter() - t1
+        self.state.step = step
+        metrics.update(self._reduce(stats))
+        metrics.update(self._throughput(metrics, records, t_rollout, t_train))
+        return metrics
+
+    # ------------------------------------------------------------------ rollout
+
+    def collect_groups(self, step: int) -> tuple[list[Group], dict[str, float]]:
+        """Sample prompts and n completions each, score, shape and normalise per group; with
+        dynamic sampling keep only groups whose rewards differ and draw again until the batch
+        holds prompts_per_step groups (at most algorithm.max_sampling_tries rounds)."""
+        cfg, alg = self.cfg, self.cfg.algorithm
+        want = cfg.optim.prompts_per_step
+        kept: list[Group] = []
+        raw, lengths, finished, informative = [], [], [], []
+        attempt = 0
+        while len(kept) < want and attempt < (alg.max_sampling_tries if alg.dynamic_sampling else 1):
+            problems = self.data.train.sample(want, self.rng)
+            sampling = SamplingConfig(n=cfg.rollout.n, temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
+                                      max_tokens=cfg.rollout.max_tokens, seed=self._seed(step, attempt))
+            outs = self.engine.generate([self.prompt_ids(p) for p in problems], sampling)
+            rewards = torch.tensor([[score(p, c.text) for c in cs] for p, cs in zip(problems, outs)])   # [G, n]
+            done = torch.tensor([[c.finished for c in cs] for cs in outs])                            # [G, n]
+            shaped = shape_overlong(rewards, done, alg.overlong, alg.overlong_penalty)
+            advantages = group_advantages(shaped, alg.advantage)
+            useful = informative_groups(shaped) if alg.dynamic_sampling else torch.ones(len(problems), dtype=torch.bool)
+            for g, problem in enumerate(problems):
+                if useful[g] and len(kept) < want:
+                    kept.append(Group(problem, outs[g], shaped[g], advantages[g]))
+            raw.append(rewards.flatten())
+            finished.append(done.flatten())
+            lengths += [len(c.response_ids) for cs in outs for c in cs]
+            informative.append(useful.float())
+            attempt += 1
+        raw_all, lens = torch.cat(raw), torch.tensor(lengths, dtype=torch.float32)
+        thr = cfg.eval.correct_threshold
+        metrics = {
+            "reward/mean": raw_all.mean().item(), "reward/std": raw_all.std().item() if raw_all.numel() > 1 else 0.0,
+            "pass_rate": (raw_all >= thr).float().mean().item(),
+            "response_len/mean": lens.mean().item(), "response_len/max": lens.max().item(),
+            "truncated_frac": 1.0 - torch.cat(finished).float().mean().item(),
+            "batch/groups": len(kept), "batch/informative_frac": torch.cat(informative).mean().item(),
+            "batch/tries": attempt, "perf/rollout_tokens": float(lens.sum()),
+        }
+        for name, count in pop_reward_errors().items():
+            metrics[f"reward_errors/{name}"] = count
+        return kept, metrics
+
+    def make_records(self, groups: list[Group]) -> list[SequenceRecord]:
+        """One SequenceRecord per completion: the advantage is broadcast over its response by
+        `pack`; overlong="mask" leaves truncated responses out of the loss (DAPO)."""
+        use_rollout_logp = self.cfg.algorithm.tis_cap is not None
+        records = []
+        for group in groups:
+            for c, adv in zip(group.completions, group.advantages.tolist()):
+                if not c.response_ids or (self.cfg.algorithm.overlong == "mask" and not c.finished):
+                    continue
+                records.append(SequenceRecord(
+                    token_ids=list(c.prompt_ids) + list(c.response_ids), response_start=len(c.prompt_ids),
+                    advantage=adv, rollout_logp=list(c.response_logprobs) if use_rollout_logp else None))
+        return records
+
+    # ------------------------------------------------------------------ update
+
+    def _logps(self, model, batch) -> torch.Tensor:
+        """[N] fp32 log-probs of the packed targets under `model` at the rollout temperature."""
+        with self._autocast():
+            hidden = forward_hidden(model, batch, attn_backend=self.cfg.model.attn_backend)
+        hidden, weight = self._head(model, hidden)
+        return linear_logprobs(hidden, weight, batch.targets, temperature=self.cfg.rollout.temperature,
+                               ignore_index=batch.ignore_index, backend=self.cfg.model.kernel_backend)
+
+    @torch.no_grad()
+    def attach_logps(self, records: list[SequenceRecord]) -> list[SequenceRecord]:
+        """old_logp from the policy before any update of this step (needed when the rollout
+        feeds several updates; with one, old = logp.detach() and the ratio is 1), and ref_logp
+        from the frozen reference (when kl_coef > 0). Both are constants of the loss."""
+        need_old = self.cfg.optim.updates_per_rollout > 1
+        if not records or not (need_old or self.reference is not None):
+            return records
+        old: list[Any] = [None] * len(records)
+        ref: list[Any] = [None] * len(records)
+        plan = plan_microbatches([r.length for r in records], self.cfg.optim.max_tokens_per_microbatch)
+        models = [(m, out) for m, out in ((self.policy if need_old else None, old), (self.reference, ref)) if m]
+        for idx in plan:
+            batch = pack([records[i] for i in idx]).to(self.device)
+            for model, out in models:
+                for i, values in zip(idx, batch.split_responses(self._logps(model, batch))):
+                    out[i] = values.float().cpu()
+        return [dataclasses.replace(r, old_logp=old[i], ref_logp=ref[i]) for i, r in enumerate(records)]
+
+    def mini_batches(self, records: list[SequenceRecord], step: int) -> list[list[SequenceRecord]]:
+        """Split the rollout batch into updates (sequences of one prompt stay together);
+        optim.epochs passes, each in its own seeded order."""
+        groups = self._regroup(records)
+        size = self.cfg.optim.mini_batch_prompts
+        out = []
+        for epoch in range(self.cfg.optim.epochs):
+            order = list(range(len(groups)))
+            if epoch:
+                random.Random(self._seed(step, 1000 + epoch)).shuffle(order)
+            for start in range(0, len(order), size):
+                out.append([r for g in order[start:start + size] for r in groups[g]])
+        return [mb for mb in out if mb]
+
+    @staticmethod
+    def _regroup(records: list[SequenceRecord]) -> list[list[SequenceRecord]]:
+        """Consecutive records with the same prompt: one group (sizes vary once some are masked)."""
+        out: list[list[SequenceRecord]] = []
+        for r in records:
+            key = tuple(r.token_ids[: r.response_start])
+            if out and tuple(out[-1][0].token_ids[: out[-1][0].response_start]) == key:
+                out[-1].append(r)
+            else:
+                out.append([r])
+        return out
+
+    def update(self, records: list[SequenceRecord], step: int) -> dict[str, float]:
+        """One optimizer step on a mini-batch: micro-batches planned by token budget, each
+        loss normalised by the whole mini-batch's denominator, gradients accumulated."""
+        cfg = self.cfg
+        self.policy.train()
+        plan = plan_microbatches([r.length for r in records], cfg.optim.max_tokens_per_microbatch)
+        if cfg.algorithm.loss_agg == "token-mean":
+            normalizer = float(sum(r.num_response_tokens for r in records))   # response tokens
+        else:
+            normalizer = float(len(records))                                 # sequences
+        self.optimizer.zero_grad(set_to_none=True)
+        sums: dict[str, float] = defaultdict(float)
+        tokens, loss_total, ratio_max = 0.0, 0.0, 0.0
+        for idx in plan:
+            batch = pack([records[i] for i in idx]).to(self.device)
+            with self._autocast():
+                hidden = forward_hidden(self.policy, batch, attn_backend=cfg.model.attn_backend)
+            hidden, weight = self._head(self.policy, hidden)
+            loss, m = fused_linear_grpo_loss(
+                hidden, weight, batch.targets, batch.advantages, batch.loss_mask, old_logp=batch.old_logp,
+                ref_logp=batch.ref_logp, rollout_logp=batch.rollout_logp, cu_seqlens=batch.cu_seqlens,
+                config=self.loss_config, normalizer=normalizer, ignore_index=batch.ignore_index,
+                entropy_metric=True, backend=cfg.model.kernel_backend)
+            loss.backward()
+            count = m["num_tokens"].item()
+            tokens += count
+            loss_total += loss.item()
+            ratio_max = max(ratio_max, m["ratio_max"].item())
+            for key, value in m.items():
+                if key not in ("num_tokens", "ratio_max"):
+                    sums[key] += value.item() * count
+        clip = cfg.optim.grad_clip or float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), clip).item()
+        lr = self._lr(step)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        if math.isfinite(grad_norm):
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.policy.eval()
+        out = {k: v / max(tokens, 1.0) for k, v in sums.items()}
+        out.update(loss=loss_total, ratio_max=ratio_max, grad_norm=grad_norm, lr=lr,
+                   skipped_update=float(not math.isfinite(grad_norm)))
+        return out
+
+    @staticmethod
+    def _reduce(stats: list[dict[str, float]]) -> dict[str, float]:
+        """Mean over the step's updates (max for ratio_max)."""
+        if not stats:
+            return {"updates": 0}
+        out = {k: sum(s[k] for s in stats) / len(stats) for k in stats[0]}
+        out["ratio_max"] = max(s["ratio_max"] for s in stats)
+        out["skipped_update"] = sum(s["skipped_update"] for s in stats)
+        out["updates"] = len(stats)
+        return out
+
+    def _throughput(self, metrics: dict, records: list[SequenceRecord], t_rollout: float, t_train: float) -> dict:
+        lengths = [r.length for r in records]
+        epochs = self.cfg.optim.epochs
+        out = {"batch/sequences": len(records), "perf/rollout_s": t_rollout, "perf/train_s": t_train,
+               "perf/rollout_tokens_per_s": metrics.pop("perf/rollout_tokens") / max(t_rollout, 1e-9),
+               "perf/train_tokens_per_s": epochs * sum(lengths) / max(t_train, 1e-9)}
+        if self._peak and records:
+            c = self.policy.config
+            head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+            embed = self.policy.get_input_embeddings().weight
+            # weights touched per token: all but the input embedding (a lookup), plus the LM head
+            params = sum(p.numel() for p in self.policy.parameters()) - embed.numel()
+            if self.policy.config.tie_word_embeddings:
+                params += embed.numel()
+            # forward + backward (3 passes) per epoch, plus one no-grad forward each for old_logp / ref_logp
+            passes = 3.0 * epochs + (self.cfg.optim.updates_per_rollout > 1) + (self.reference is not None)
+            flops = train_flops(params, c.num_hidden_layers, c.num_attention_heads * head_dim, lengths, passes=passes)
+            out["perf/mfu"] = flops / (t_train * self._peak)
+        return out
+
+    # ------------------------------------------------------------------ validation
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """pass@1 (mean reward over eval.n samples), accuracy (samples with reward >= the
+        threshold) and pass@k per held-out source; eval/score is the mean pass@1 over sources."""
+        e = self.cfg.eval
+        sampling = SamplingConfig(n=e.n, temperature=e.temperature, top_p=e.top_p,
+                                  max_tokens=self.cfg.eval_max_tokens, seed=self.cfg.run.seed + EVAL_SEED_OFFSET)
+        out: dict[str, float] = {}
+        for name, problems in self.data.heldout.items():
+            outs = self.engine.generate([self.prompt_ids(p) for p in problems], sampling)
+            rewards = torch.tensor([[score(p, c.text) for c in cs] for p, cs in zip(problems, outs)])   # [P, n]
+            correct = (rewards >= e.correct_threshold).sum(1).tolist()
+            out[f"eval/{name}/pass@1"] = rewards.mean().item()
+            out[f"eval/{name}/accuracy"] = sum(correct) / rewards.numel()
+            out[f"eval/{name}/pass@{e.k}"] = sum(pass_at_k(e.n, c, e.k) for c in correct) / len(correct)
+            out[f"eval/{name}/response_len"] = sum(len(c.response_ids) for cs in outs for c in cs) / rewards.numel()
+        pass1 = [v for k, v in out.items() if k.endswith("/pass@1")]
+        acc = [v for k, v in out.items() if k.endswith("/accuracy")]
+        out["eval/score"] = sum(pass1) / max(len(pass1), 1)
+        out["eval/accuracy"] = sum(acc) / max(len(acc), 1)
+        pop_reward_errors()
+        return out
+
+    def _track_validation(self, value: float) -> None:
+        best = self.state.best_score
+        if best is None or value > best + self.cfg.reference.min_improvement:
+            self.state.best_score, self.state.evals_since_best = value, 0
+        else:
+            self.state.evals_since_best += 1
+
+    # ------------------------------------------------------------------ reference reset
+
+    def reset_reason(self, step: int, evaluated: bool) -> str | None:
+        """Why the reference should be reset after `step`, or None. The watch file is consumed."""
+        r = self.cfg.reference
+        reasons = []
+        watch = self.run_dir / r.watch_file
+        if watch.exists():
+            watch.unlink(missing_ok=True)
+            reasons.append("on_demand")
+        if r.mode in ("every", "both") and step % r.every == 0:
+            reasons.append("every")
+        if r.mode in ("patience", "both") and evaluated and self.state.evals_since_best >= r.patience:
+            reasons.append("patience")
+        return "+".join(reasons) or None
+
+    def reset_reference(self, reason: str) -> None:
+        """The ProRL reset: reference ← policy, and (ProRL v1) a fresh optimizer state."""
+        if self.reference is not None:
+            self.reference.load_state_dict(self.policy.state_dict())
+        if self.cfg.reference.reset_optimizer:
+            self.optimizer = self._make_optimizer()
+        self.state.evals_since_best = 0
+        self.state.resets.append({"step": self.state.step, "reason": reason})
+        self.log.write(f"step {self.state.step}: reference reset ({reason}); "
+                       f"optimizer state {'cleared' if self.cfg.reference.reset_optimizer else 'kept'}")
+
+    # ------------------------------------------------------------------ checkpoint
+
+    def save(self) -> Path:
+        self.state.sampler = self.rng.getstate()
+        return checkpoint.save_checkpoint(
+            self.run_dir, self.state.step, policy=self.policy, tokenizer=self.tokenizer, optimizer=self.optimizer,
+            reference=self.reference, trainer_state=dataclasses.asdict(self.state), keep_last=self.cfg.run.keep_last,
+            tokenizer_source=self.cfg.model.path)

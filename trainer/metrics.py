@@ -1,0 +1,182 @@
+"""Run logging: one JSONL line per step, TensorBoard when installed, a progress bar, a final plot.
+
+    log = MetricsLogger(run_dir, total_steps=cfg.run.steps)
+    log.log(step, {"reward/mean": 0.4, ...})        # → RUN/metrics.jsonl (+ TensorBoard events)
+    log.close()                                      # → RUN/curves.png
+
+JSONL keys (means over the step's response tokens unless said otherwise):
+    step, time                      completed steps, seconds since the run (or resume) started
+    reward/mean, reward/std         raw task reward of every sampled response (all refill rounds)
+    pass_rate                       fraction of sampled responses counted correct
+    response_len/mean, /max         response tokens; truncated_frac: cut at rollout.max_tokens
+    batch/groups, /informative_frac, /tries, /sequences   dynamic sampling's view of the batch
+    loss, pg_loss, kl, entropy, clip_frac, clip_frac_low, clip_frac_high, ratio_mean, ratio_max
+    grad_norm (before clipping), lr
+    perf/rollout_tokens_per_s       generated tokens per second of rollout
+    perf/train_tokens_per_s         packed tokens (prompt + response) per second of the update
+    perf/mfu                        CUDA only: model FLOPs / (time · peak), formula in `train_flops`
+    reference/resets                resets so far; reference/reset_reason on the step of a reset
+    eval/<task>/pass@1, eval/<task>/pass@k, eval/<task>/accuracy, eval/score   on eval steps
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+
+__all__ = ["MetricsLogger", "train_flops", "peak_flops", "plot_curves", "read_metrics"]
+
+METRICS_FILE = "metrics.jsonl"
+PLOT_FILE = "curves.png"
+
+# Dense bf16 tensor-core peaks (FLOP/s) by device-name fragment; MFU is not reported elsewhere.
+_PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12, "L4": 121e12}
+
+
+def train_flops(num_params: int, num_layers: int, attn_width: int, seq_lengths: list[int], *,
+                passes: float = 3.0) -> float:
+    """Model FLOPs of running `passes` forward-equivalents over packed sequences.
+
+    Per token a forward costs 2·P (every weight once, multiply + add) and the backward twice
+    that, so forward + backward = 6·P per token (passes = 3). Causal attention adds, per layer
+    and sequence of length L, QKᵀ and PV over L²/2 pairs of width d = heads·head_dim:
+    2·2·d·L²/2 = 2·d·L² forward. Total = passes·(2·P·ΣL + 2·n_layers·d·ΣL²). A no-grad
+    forward (old_logp, ref_logp) is passes = 1. Activation recomputation is not counted (MFU,
+    not hardware utilisation).
+    """
+    tokens = sum(seq_lengths)
+    squares = sum(L * L for L in seq_lengths)
+    return passes * (2.0 * num_params * tokens + 2.0 * num_layers * attn_width * squares)
+
+
+def peak_flops(device: torch.device) -> float | None:
+    """bf16 dense peak of a known CUDA GPU, or None (CPU, unknown GPU)."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((peak for key, peak in _PEAK_BF16.items() if key in name), None)
+
+
+def _clean(value: Any) -> Any:
+    """JSON-safe scalars: tensors → float, NaN/inf → None (JSON has no NaN)."""
+    if isinstance(value, torch.Tensor):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
+    path = Path(run_dir) / METRICS_FILE
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+class MetricsLogger:
+    """Appends step records to RUN/metrics.jsonl, mirrors them to TensorBoard, drives tqdm."""
+
+    def __init__(self, run_dir: str | Path, *, total_steps: int, start_step: int = 0,
+                 tensorboard: bool = True, progress: bool = True) -> None:
+        self.run_dir = Path(run_dir)
+        self.path = self.run_dir / METRICS_FILE
+        if self.path.is_file():
+            # Resuming: drop the lines a killed run wrote after its last checkpoint, so the
+            # file reads as one uninterrupted run.
+            kept = [r for r in read_metrics(self.run_dir) if r.get("step", 0) <= start_step]
+            self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        self._file = open(self.path, "a")
+        self._tb = None
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+                self._tb = SummaryWriter(str(self.run_dir / "tensorboard"))
+            except ImportError:        # tensorboard is optional
+                self._tb = None
+        self._bar = None
+        if progress:
+            from tqdm.auto import tqdm
+            self._bar = tqdm(total=total_steps, initial=start_step, desc="prolix train", unit="step",
+                             dynamic_ncols=True)
+
+    def log(self, step: int, values: dict[str, Any]) -> dict[str, Any]:
+        record = {"step": step, **{k: _clean(v) for k, v in values.items()}}
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+        if self._tb is not None:
+            for key, value in record.items():
+                if isinstance(value, (int, float)) and not isinstance(value, bool) and key != "step":
+                    self._tb.add_scalar(key, value, step)
+        if self._bar is not None and "reward/mean" in record:
+            shown = {"reward": record.get("reward/mean"), "len": record.get("response_len/mean")}
+            if record.get("eval/score") is not None:
+                shown["eval"] = record["eval/score"]
+            self._bar.set_postfix({k: f"{v:.3g}" for k, v in shown.items() if v is not None}, refresh=False)
+            self._bar.update(step - self._bar.n)
+        return record
+
+    def write(self, message: str) -> None:
+        """Print a line without breaking the progress bar."""
+        if self._bar is not None:
+            self._bar.write(message)
+        else:
+            print(message, flush=True)
+
+    def close(self, *, plot: bool = True) -> Path | None:
+        self._file.close()
+        if self._tb is not None:
+            self._tb.close()
+        if self._bar is not None:
+            self._bar.close()
+        return plot_curves(self.run_dir) if plot else None
+
+
+def plot_curves(run_dir: str | Path) -> Path | None:
+    """RUN/curves.png: reward, response length and held-out score against the step, resets
+    marked; None when there is nothing to plot or matplotlib is not installed."""
+    records = read_metrics(run_dir)
+    try:
+        import matplotlib
+    except ImportError:                  # optional: the JSONL holds everything the plot shows
+        return None
+    if not records:
+        return None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    def series(key):
+        pts = [(r["step"], r[key]) for r in records if r.get(key) is not None]
+        return [p[0] for p in pts], [p[1] for p in pts]
+
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    panels = [("training reward", [("reward/mean", "reward mean"), ("pass_rate", "pass rate")]),
+              ("response length (tokens)", [("response_len/mean", "mean"), ("response_len/max", "max")]),
+              ("held-out", [k for k in _eval_keys(records)])]
+    resets = [r["step"] for r in records if r.get("reference/reset_reason")]
+    for ax, (title, keys) in zip(axes, panels):
+        for key, label in keys:
+            xs, ys = series(key)
+            if xs:
+                ax.plot(xs, ys, marker="o" if title == "held-out" else None, markersize=3, label=label)
+        for x in resets:
+            ax.axvline(x, color="grey", linestyle=":", linewidth=1)
+        ax.set_title(title + (" (dotted: reference resets)" if resets and title == "training reward" else ""))
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+        if ax.lines:
+            ax.legend(fontsize=8)
+    fig.tight_layout()
+    out = Path(run_dir) / PLOT_FILE
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def _eval_keys(records: list[dict[str, Any]]) -> list[tuple[str, str]]:
+    keys = sorted({k for r in records for k in r if k.startswith("eval/") and (k.endswith("/pass@1")
+                   or k.endswith("/accuracy") or "/pass@" in k)})
+    return [(k, k.removeprefix("eval/")) for k in keys]
