@@ -69,6 +69,10 @@ class Inputs:
     logp [N] (a leaf with requires_grad: the input of grpo-loss); advantages [N]
     (one value per sequence, repeated), mask [N] (0 on prompt rows), old_logp [N], ref_logp [N];
     cu_seqlens [S+1] int32; adv_seq [S] fp32 for the baselines that take one advantage per sequence.
+    pad_index [N] int64 or None: where each packed row sits in the padded [S, L] layout of the
+    Liger and TRL baselines (row-major). None when all sequences have L tokens, as in every kernel
+    case (the padded layout is then a view); the trainer step's ragged batches set it, with L the
+    longest sequence.
     """
 
     shape: Shape
@@ -86,6 +90,7 @@ class Inputs:
     old_logp: torch.Tensor
     ref_logp: torch.Tensor
     cu_seqlens: torch.Tensor
+    pad_index: torch.Tensor | None = None
 
 
 def sequence_layout(N: int, seq_len: int | None) -> tuple[int, int]:

@@ -185,6 +185,8 @@ def versions() -> dict:
         "triton": package_version("triton"),
         "liger_kernel": package_version("liger-kernel"),
         "cut_cross_entropy": package_version("cut-cross-entropy"),
+        "trl": package_version("trl"),
+        "transformers": package_version("transformers"),
         "prolix": package_version("prolix"),
     }
 

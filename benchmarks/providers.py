@@ -11,6 +11,13 @@ it, differentiates it and checks it. A provider that cannot run here raises `Ski
 | fused-grpo      | fused_linear_grpo_loss    | eager logp + grpo_loss_ref    | LigerFusedLinearGRPOLoss; liger-triton: | CCE logp + grpo_loss_ref |
 |                 |                           |                               | h@Wᵀ logits + triton_grpo_loss         |     |
 
+TRL (`trl_providers.py`): "trl" = TRL's `selective_log_softmax` on full logits (+ GRPOTrainer's
+`_compute_loss`), "trl-chunked" = TRL's `ChunkedLogProbFunction` (GRPOTrainer 1.16's fused head),
+"trl+prolix" = prolix's TRL integration; each runs TRL's own code, or is skipped with the reason.
+
+train (`train_step.py`): the fused-grpo heads on a model's hidden states, prolix called exactly
+as `Trainer.update` calls it.
+
 All run at temperature 1 (CCE and Liger's FLCE have no temperature argument).
 """
 
@@ -21,10 +28,11 @@ from typing import Callable
 
 import torch
 
+from . import trl_providers as T
 from .cases import IGNORE_INDEX, Inputs
 
 Forward = Callable[[], torch.Tensor]
-BASELINES = ("eager", "compile", "liger", "cce")
+BASELINES = ("eager", "compile", "liger", "cce", "trl")
 COMPILE_CHUNK = {"cuda": 4096, "cpu": 256}  # tokens per compiled chunk
 
 
@@ -172,8 +180,15 @@ def liger_flce(inp: Inputs, ctx: Context) -> Forward:
 
 
 def _seq(t: torch.Tensor, inp: Inputs) -> torch.Tensor:
-    """[N, ...] → [S, L, ...]: the padded batch layout of the Liger losses (no padding here)."""
-    return t.view(inp.S, inp.L, *t.shape[1:])
+    """[N, ...] → [S, L, ...]: the padded batch layout of the Liger and TRL losses.
+
+    A view when all S sequences have L tokens (every kernel case: no padding); zero-padded to
+    the longest sequence for a ragged batch (`inp.pad_index`, the trainer step), the padding
+    being part of what those baselines cost. Differentiable in `t` either way."""
+    if inp.pad_index is None:
+        return t.view(inp.S, inp.L, *t.shape[1:])
+    padded = t.new_zeros(inp.S * inp.L, *t.shape[1:])
+    return padded.index_copy(0, inp.pad_index, t).view(inp.S, inp.L, *t.shape[1:])
 
 
 def liger_grpo(inp: Inputs, ctx: Context) -> Forward:
@@ -235,6 +250,16 @@ def _prolix_loss(inp, ctx):
                              ref_logp=inp.ref_logp, cu_seqlens=inp.cu_seqlens, config=ctx.config)[0]
 
 
+def _prolix_trainer_head(inp, ctx):
+    """fused_linear_grpo_loss exactly as `Trainer.update` calls it (entropy metric on)."""
+    from prolix.kernels import fused_linear_grpo_loss
+
+    return lambda: fused_linear_grpo_loss(
+        inp.hidden, inp.weight, inp.targets, inp.advantages, inp.mask, old_logp=inp.old_logp,
+        ref_logp=inp.ref_logp, cu_seqlens=inp.cu_seqlens, config=ctx.config, ignore_index=IGNORE_INDEX,
+        entropy_metric=True)[0]
+
+
 def _prolix_fused(inp, ctx):
     from prolix.kernels import fused_linear_grpo_loss
 
@@ -255,6 +280,9 @@ PROVIDERS: dict[str, tuple[Provider, ...]] = {
             i.hidden, i.weight, i.targets, c.device), _COMPILE_NOTE),
         Provider("liger", "liger", liger_flce, _GRADS_IN_FWD),
         Provider("cce", "cce", cce_logprobs, "gradient filtering on (CCE's default filter_eps)"),
+        Provider("trl", "trl", T.trl_linear, T.NOTES["trl-linear"]),
+        Provider("trl-chunked", "trl", T.trl_chunked_linear, T.NOTES["trl-chunked-linear"]),
+        Provider("trl+prolix", "trl", _skip(T.SKIPS["trl+prolix-linear"])),
     ),
     "grpo-loss": (
         Provider("prolix", None, _prolix_loss),
@@ -266,6 +294,9 @@ PROVIDERS: dict[str, tuple[Provider, ...]] = {
             "it is measured in fused-grpo as 'liger-triton' (h@Wᵀ logits + triton_grpo_loss)")),
         Provider("cce", "cce", _skip("Cut Cross-Entropy has no GRPO loss; its log-probs are "
                                      "measured in linear-logprobs and fused-grpo")),
+        Provider("trl", "trl", T.trl_loss, T.NOTES["trl-loss"]),
+        Provider("trl-chunked", "trl", _skip(T.SKIPS["trl-chunked-loss"])),
+        Provider("trl+prolix", "trl", _skip(T.SKIPS["trl+prolix-loss"])),
     ),
     "fused-grpo": (
         Provider("prolix", None, _prolix_fused),
@@ -279,8 +310,17 @@ PROVIDERS: dict[str, tuple[Provider, ...]] = {
         Provider("liger-triton", "liger", liger_triton_grpo,
                  "full [S, L+1, V] logits from torch matmul + Liger's triton_grpo_loss"),
         Provider("cce", "cce", lambda i, c: _cce_fused(i, c), "CCE log-probs + the GRPO loss in torch"),
+        Provider("trl", "trl", T.trl_fused, T.NOTES["trl"]),
+        Provider("trl-chunked", "trl", T.trl_chunked_fused, T.NOTES["trl-chunked"]),
+        Provider("trl+prolix", "trl", T.trl_prolix_fused, T.NOTES["trl+prolix"]),
     ),
 }
+# The trainer step: the backbone, then one of the fused-grpo heads on its hidden states.
+PROVIDERS["train"] = (
+    Provider("prolix", None, _prolix_trainer_head,
+             "fused_linear_grpo_loss as Trainer.update calls it (entropy metric on)"),
+    *(p for p in PROVIDERS["fused-grpo"] if p.name != "prolix"),
+)
 
 
 def _cce_fused(inp: Inputs, ctx: Context) -> Forward:

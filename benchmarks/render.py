@@ -2,7 +2,8 @@
 
 - `<stem>.md`: the run's header (device, versions, commit, command, measured ceilings), then per
   kernel one table of the measured cases, the cases that ran out of memory or failed, the
-  providers that were not measured and why, and how to read each provider.
+  providers that were not measured and why, and how to read each provider. The trainer step
+  (`train`) also gets tokens/s and MFU columns and a line per model it ran.
 - `<stem>.png`: per (kernel, shape) one column; top: time vs N (log-log, the roofline floor
   dashed), bottom: peak memory vs N; one line per provider; "OOM" where a provider ran out.
 - `<stem>-profile.md` when the run was profiled; `<stem>-packing.png` after `all`, whose
@@ -12,24 +13,34 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 PLOT_MODES = ("fwdbwd", "fwd", "bwd")  # the panel shows the first of these that was measured
 COLORS = {"prolix": "tab:red", "eager": "tab:gray", "compile": "tab:purple", "liger": "tab:blue",
-          "liger-triton": "tab:cyan", "cce": "tab:green"}
+          "liger-triton": "tab:cyan", "cce": "tab:green", "trl": "tab:orange", "trl-chunked": "tab:brown",
+          "trl+prolix": "tab:pink"}
 
 
-def render_file(path: Path, out_dir: Path | None = None) -> tuple[Path, Path]:
-    """Re-render the markdown and the PNG of a results JSON; next to it unless `out_dir`."""
+def render_file(path: Path, out_dir: Path | None = None) -> tuple[Path, Path | None]:
+    """Re-render the markdown and the PNG of a results JSON; next to it unless `out_dir`.
+    The PNG path is None when matplotlib is not installed (the markdown is written anyway)."""
     path = Path(path)
     results = json.loads(path.read_text())
     stem = (Path(out_dir) if out_dir else path.parent) / path.stem
     stem.parent.mkdir(parents=True, exist_ok=True)
     md, png = stem.with_suffix(".md"), stem.with_suffix(".png")
     md.write_text(markdown(results))
-    plot(results, png)
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError as e:  # the numbers are in the JSON and the table; only the pictures are lost
+        print(f"prolix bench: no .png plots, matplotlib is not installed ({e}); pip install matplotlib",
+              file=sys.stderr)
+        png = None
+    else:
+        plot(results, png)
     packing = results.get("extras", {}).get("packing_efficiency")
-    if packing and packing["status"] == "ok":
+    if png and packing and packing["status"] == "ok":
         from .packing_efficiency import plot as packing_plot
 
         packing_plot(packing["results"], Path(f"{stem}-packing.png"))
@@ -53,7 +64,9 @@ def header(results: dict) -> list[str]:
         "# prolix kernel benchmarks", "",
         f"Measured {results['created']} on **{dev['name']}** · commit `{results['commit']}` · "
         f"torch {v['torch']} · triton {v['triton']} · liger-kernel {v['liger_kernel']} · "
-        f"cut-cross-entropy {v['cut_cross_entropy']}", "",
+        f"cut-cross-entropy {v['cut_cross_entropy']}"
+        + "".join(f" · {k} {v[k]}" for k in ("trl", "transformers") if k in v),  # not in /1 results
+        "",
         f"Command: `{results['command']}`", "",
         f"Ceilings measured in this run: {c['matmul_dtype']} matmul **{c['matmul_tflops']:.3g} TFLOP/s** "
         f"({'×'.join(map(str, c['matmul_shape']))}), copy **{c['copy_gbps']:.3g} GB/s**. "
@@ -64,8 +77,9 @@ def header(results: dict) -> list[str]:
     return lines
 
 
-def kernel_table(cases: list[dict]) -> list[str]:
-    """One row per measured (or OOM / failed) case; a `× P` column per provider P measured."""
+def kernel_table(cases: list[dict], *, step: bool = False) -> list[str]:
+    """One row per measured (or OOM / failed) case; a `× P` column per provider P measured;
+    with `step` (the trainer step) tokens/s and MFU columns after ms."""
     shown = [c for c in cases if c["status"] != "skipped"]
     # Same shape, N and mode together, so the providers being compared sit on adjacent rows.
     order = {k: {v: i for i, v in enumerate(dict.fromkeys(c[k] for c in cases))}
@@ -76,19 +90,21 @@ def kernel_table(cases: list[dict]) -> list[str]:
         return ["No provider was measured."]
     others = [p for p in COLORS if any(c["provider"] == p and c["status"] == "ok" for c in cases)]
     others += sorted({c["provider"] for c in cases if c["status"] == "ok"} - set(others))
-    cols = ["shape", "N", "mode", "provider", "ms (p20–p80)", "TFLOP/s", "GB/s", "% floor",
-            "peak GB", "max err"] + [f"× {p}" for p in others]
+    cols = (["shape", "N", "mode", "provider", "ms (p20–p80)"] + (["tokens/s", "MFU"] if step else [])
+            + ["TFLOP/s", "GB/s", "% floor", "peak GB", "max err"] + [f"× {p}" for p in others])
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * 4 + "---:|" * (len(cols) - 4)]
     for c in shown:
         if c["status"] == "ok":
             ms = f"{c['ms']:.3g} ({c['ms_p20']:.3g}–{c['ms_p80']:.3g})"
             err = _num(c["max_err"], ".1e") + ("" if c["check_ok"] in (True, None) else " ✗")
-            cells = [ms, _num(c["tflops"], ".3g"), _num(c["gbps"], ".3g"),
-                     _num(c["floor_frac"] and 100 * c["floor_frac"], ".1f"),
-                     _num(c["peak_gb"], ".3f"), err]
+            cells = [ms] + ([_num(c.get("tokens_per_s"), ".4g"), _num(c.get("mfu") and 100 * c["mfu"], ".1f")]
+                            if step else [])
+            cells += [_num(c["tflops"], ".3g"), _num(c["gbps"], ".3g"),
+                      _num(c["floor_frac"] and 100 * c["floor_frac"], ".1f"),
+                      _num(c["peak_gb"], ".3f"), err]
             cells += ["" if p == c["provider"] else _ratio(c["vs"].get(p)) for p in others]
         else:
-            cells = [f"**{c['status']}**"] + [""] * (5 + len(others))
+            cells = [f"**{c['status']}**"] + [""] * (len(cols) - 5)
         lines.append("| " + " | ".join([c["shape"], str(c["N"]), c["mode"], c["provider"]] + cells) + " |")
     return lines
 
@@ -112,7 +128,8 @@ def markdown(results: dict) -> str:
     kernels = list(dict.fromkeys(c["kernel"] for c in results["cases"]))
     for k in kernels:
         cases = [c for c in results["cases"] if c["kernel"] == k]
-        lines += [f"## {k}", ""] + kernel_table(cases) + [""]
+        lines += [f"## {k}", ""] + (_models(cases) if k == "train" else [])
+        lines += kernel_table(cases, step=k == "train") + [""]
         failed = _dedup(cases, ("OOM", "error"))
         if failed:
             lines += ["Out of memory or failed:", ""] + failed + [""]
@@ -128,10 +145,33 @@ def markdown(results: dict) -> str:
               "measured copy bandwidth) / ms; `peak GB` above the inputs, gradients included; `max err`",
               "relative to the reference (✗ above the dtype's tolerance); `× P` = P's ms / this row's ms",
               "(> 1: this row is faster).", ""]
+    if "train" in kernels:
+        lines += ["`train` rows time one packed forward + backward of the whole model (no optimizer step):",
+                  "`TFLOP/s` and `MFU` count model FLOPs, 6·P·N + 6·layers·d·ΣL² (P the matmul parameters,",
+                  "d = heads·head_dim; recomputation not counted), MFU against the measured matmul peak (CUDA",
+                  "only); `GB/s` counts the parameters read and their gradients written once; `max err` is the",
+                  "head + loss on one batch's hidden states against the fp64 reference.", ""]
     packing = results.get("extras", {}).get("packing_efficiency")
     if packing:
         lines += ["## packing efficiency", ""] + _packing_markdown(packing)
     return "\n".join(lines)
+
+
+def _models(cases: list[dict]) -> list[str]:
+    """One line per model shape of the trainer step: its sizes, precision and batch."""
+    lines, seen = [], set()
+    for c in cases:
+        m = c.get("model")
+        if not m or (c["shape"], c["N"]) in seen:
+            continue
+        seen.add((c["shape"], c["N"]))
+        lengths = m["seq_lengths"]
+        lines.append(
+            f"- **{c['shape']}** N={c['N']}: {m['family']} {m['layers']} layers, H {m['hidden']}, "
+            f"I {m['intermediate']}, {m['heads']} heads ({m['kv_heads']} kv), V {m['vocab']}, {'tied' if m['tied'] else 'untied'} head, "
+            f"{m['params'] / 1e6:.4g} M params ({m['param_dtype']}, autocast {m['autocast'] or 'off'}), "
+            f"attention {m['attn_backend']}; {len(lengths)} sequences of {min(lengths)}–{max(lengths)} tokens")
+    return lines + ([""] if lines else [])
 
 
 def _packing_markdown(extra: dict) -> list[str]:

@@ -2,13 +2,17 @@
 
     prolix bench linear-logprobs --shape qwen-1.5b,llama-8b --tokens 4096,16384
     prolix bench fused-grpo --modes fwdbwd --baselines eager,liger --profile
-    prolix bench all --quick --out /tmp/bench         # every kernel at CPU-sized shapes
+    prolix bench train --shape qwen-0.5b,qwen-1.5b --tokens 4096,16384   # the trainer's step
+    prolix bench all --quick --out /tmp/bench         # every kernel and the step, CPU-sized
     prolix bench render benchmarks/results/<run>.json  # re-draw the table and plot
 
 A sweep is kernel × shape × N × provider × mode. For each (kernel, shape, N) the inputs are
 made once, the reference once; then every provider is built (or skipped with its reason),
 checked against the reference, and only then timed per mode, its peak memory measured, and,
 with `--profile`, traced. An out-of-memory error is a result ("OOM"), never a dropped row.
+
+The trainer step (`train`, `train_step.py`) is the same sweep over model shapes: a Qwen2 model's
+packed forward + backward with each provider's head, in the same rows (plus tokens/s and MFU).
 """
 
 from __future__ import annotations
@@ -26,13 +30,15 @@ from . import check, harness
 from .providers import (BASELINES, PROVIDERS, Context, Provider, Skip, bench_config, grad_output,
                         leaves, no_donated_buffers)
 
-SCHEMA = "prolix-bench/1"
+SCHEMA = "prolix-bench/2"  # /2: + tokens_per_s, mfu, model; the train kernel; trl providers
 CASE_KEYS = (
     "kernel", "provider", "note", "shape", "N", "H", "V", "S", "L", "dtype", "mode", "status",
     "reason", "ms", "ms_p20", "ms_p80", "tflops", "gbps", "flop", "bytes", "floor_ms",
     "floor_frac", "peak_gb", "peak_reason", "grads_gb", "errors", "max_err", "err_vs",
-    "check_ok", "vs", "profile",
+    "check_ok", "vs", "profile", "tokens_per_s", "mfu", "model",
 )
+TRAIN = "train"
+ALL_KERNELS = (*C.KERNELS, TRAIN)
 DEFAULT_OUT = Path(__file__).resolve().parent / "results"
 
 
@@ -82,11 +88,37 @@ class SpecError(ValueError):
     """A sweep that cannot run as asked; the message names the option."""
 
 
-def validate(spec: Spec, device: torch.device) -> None:
+def default_shapes(kernels: tuple[str, ...], quick: bool) -> tuple[str, ...]:
+    """--shape when none is given: model shapes for the trainer step alone, else LM heads (with
+    `all`, the step runs at the model shapes among them, or its own defaults)."""
+    from .train_step import DEFAULT_MODELS, QUICK_MODELS
+
+    if set(kernels) == {TRAIN}:
+        return QUICK_MODELS if quick else DEFAULT_MODELS
+    return C.QUICK_SHAPES if quick else C.DEFAULT_SHAPES
+
+
+def run_kernels(spec: Spec, with_packing: bool) -> tuple[str, ...]:
+    """The kernels a run measures: `all` (the CLI's with_packing) always includes the step."""
+    return spec.kernels + ((TRAIN,) if with_packing and TRAIN not in spec.kernels else ())
+
+
+def validate(spec: Spec, device: torch.device, kernels: tuple[str, ...] | None = None) -> None:
     """Refuse a sweep that cannot mean anything here, naming the option and the limit."""
-    unknown = [s for s in spec.shapes if s not in C.SHAPES]
+    from .train_step import MODEL_SHAPES, model_shapes
+
+    kernels = kernels or spec.kernels
+    bad = [k for k in kernels if k not in ALL_KERNELS]
+    if bad:
+        raise SpecError(f"kernels: unknown {bad}; known: {list(ALL_KERNELS)}")
+    heads = [k for k in kernels if k != TRAIN]
+    known = (set(C.SHAPES) if heads else set()) | (set(MODEL_SHAPES) if TRAIN in kernels else set())
+    unknown = [s for s in spec.shapes if s not in known]
     if unknown:
-        raise SpecError(f"--shape: unknown {unknown}; known: {sorted(C.SHAPES)}")
+        raise SpecError(f"--shape: unknown {unknown}; known: {sorted(known)}")
+    if heads and not any(s in C.SHAPES for s in spec.shapes):
+        raise SpecError(f"--shape: {list(spec.shapes)} names no LM-head shape for {heads}; "
+                        f"LM heads: {sorted(C.SHAPES)}")
     for name, got, known in (("--baselines", spec.baselines, BASELINES), ("--modes", spec.modes, C.MODES)):
         bad = [x for x in got if x not in known]
         if bad:
@@ -94,7 +126,10 @@ def validate(spec: Spec, device: torch.device) -> None:
     if spec.dtype not in harness.DTYPES:
         raise SpecError(f"--dtype must be one of {list(harness.DTYPES)}, got {spec.dtype!r}")
     if device.type == "cpu":
-        big_h = [s for s in spec.shapes if C.SHAPES[s].H > 256]
+        big_h = [s for s in spec.shapes if heads and s in C.SHAPES and C.SHAPES[s].H > 256]
+        if TRAIN in kernels:
+            big_h += [s for s in model_shapes(spec.shapes, spec.quick)
+                      if MODEL_SHAPES[s].hidden > 256 and s not in big_h]
         big_n = [n for n in spec.tokens if n > 2048]
         if big_h or big_n:
             raise SpecError(
@@ -103,10 +138,11 @@ def validate(spec: Spec, device: torch.device) -> None:
 
 
 def run(spec: Spec, *, with_packing: bool = False) -> Path:
-    """Run the sweep (and the packing benchmark with `all`); write
+    """Run the sweep (and, with `all`, the trainer step and the packing benchmark); write
     `<out>/<date>-<device>-<commit>.json`, its .md and .png; return the JSON's path."""
     device = harness.pick_device()
-    validate(spec, device)
+    kernels = run_kernels(spec, with_packing)
+    validate(spec, device, kernels)
     torch.manual_seed(spec.seed)
     dtype = harness.DTYPES[spec.dtype]
     created, stamp = harness.timestamp()
@@ -117,8 +153,14 @@ def run(spec: Spec, *, with_packing: bool = False) -> Path:
     ctx = Context(device=device, config=bench_config(), quick=spec.quick)
     rows: list[dict] = []
     with no_donated_buffers():
-        for kernel in spec.kernels:
-            shapes = [C.LOSS_SHAPE] if kernel == "grpo-loss" else [C.SHAPES[s] for s in spec.shapes]
+        for kernel in kernels:
+            if kernel == TRAIN:
+                from .train_step import bench_train
+
+                rows += bench_train(spec, ceilings, ctx, stem)
+                continue
+            shapes = ([C.LOSS_SHAPE] if kernel == "grpo-loss" else
+                      [C.SHAPES[s] for s in spec.shapes if s in C.SHAPES])
             for shape in shapes:
                 for N in spec.tokens:
                     point = Point(kernel, shape, N, dtype, device, ctx)
@@ -127,7 +169,7 @@ def run(spec: Spec, *, with_packing: bool = False) -> Path:
         "schema": SCHEMA, "created": created, "command": spec.command, "commit": commit,
         "device": {"name": harness.device_name(device), "type": device.type},
         "versions": harness.versions(), "ceilings": ceilings,
-        "settings": {"dtype": spec.dtype, "quick": spec.quick, "check": spec.check,
+        "settings": {"kernels": list(kernels), "dtype": spec.dtype, "quick": spec.quick, "check": spec.check,
                      "seed": spec.seed, "timing": _timing_text(device), "quantiles": list(harness.QUANTILES),
                      "config": dataclasses.asdict(ctx.config)},
         "cases": rows, "extras": {},
@@ -276,7 +318,8 @@ def measure_mode(point: Point, fwd, mode: str, row: dict, ceilings: dict, spec: 
     floor = C.floor_ms(flop, n_bytes, ceilings)
     row.update(flop=flop, bytes=n_bytes, tflops=flop / sec / 1e12 if flop else None,
                gbps=n_bytes / sec / 1e9, floor_ms=floor, floor_frac=floor / row["ms"],
-               grads_gb=C.grads_gb(point.kernel, mode, point.shape, point.N, elem))
+               grads_gb=C.grads_gb(point.kernel, mode, point.shape, point.N, elem),
+               tokens_per_s=point.N / sec)
 
 
 def _profile(fn, device, trace: Path, lv) -> dict:
@@ -299,11 +342,12 @@ def add_ratios(rows: list[dict]) -> None:
 
 def _print_row(r: dict) -> None:
     head = f"  {r['kernel']:<15} {r['shape']:<9} N={r['N']:<6} {r['mode']:<6} {r['provider']:<12}"
+    mfu = f"  MFU {100 * r['mfu']:4.1f}%" if r.get("mfu") is not None else ""
     if r["status"] != "ok":
         print(f"{head} {r['status']}: {r['reason']}", flush=True)
         return
     err = f"err {r['max_err']:.1e}" if r["max_err"] is not None else "unchecked"
-    print(f"{head} {r['ms']:9.3f} ms  {100 * r['floor_frac']:5.1f}% of floor  {err}", flush=True)
+    print(f"{head} {r['ms']:9.3f} ms  {100 * r['floor_frac']:5.1f}% of floor  {err}{mfu}", flush=True)
 
 
 def run_packing_efficiency(spec: Spec) -> dict:
@@ -320,5 +364,6 @@ def run_packing_efficiency(spec: Spec) -> dict:
 
 def main_run(spec: Spec, *, with_packing: bool = False) -> int:
     path = run(spec, with_packing=with_packing)
-    print(f"wrote {path} (+ .md, .png)", file=sys.stdout)
+    drawn = ".md, .png" if path.with_suffix(".png").exists() else ".md"
+    print(f"wrote {path} (+ {drawn})", file=sys.stdout)
     return 0

@@ -1,14 +1,18 @@
 """`prolix bench` runs end to end on CPU and writes results that a person and a script can read.
 
-The smoke run is the one CI affords: `prolix bench all --quick` at the `tiny` shape, in this
-process, through the CLI's own entry function. Its numbers mean nothing; what is checked is the
-contract of the results: every case has every key, every baseline was measured or skipped with
-a reason (never silently dropped), every measured provider matched the float64 reference, and
-the table and plot exist and re-render from the JSON alone.
+The smoke run is the one CI affords: `prolix bench all --quick` at the `tiny` shape (kernels and
+the trainer step), in this process, through the CLI's own entry function, every baseline asked
+for. Its numbers mean nothing; what is checked is the contract of the results: every case has
+every key, every baseline was measured or skipped with a reason (never silently dropped), every
+measured provider matched the float64 reference, and the table and plot exist and re-render
+from the JSON alone. Separately, on small fp32 inputs, the baselines that lay the batch out
+differently (TRL's padded [B, C] batch, Liger's, a ragged trainer batch) compute the same loss
+and gradients as prolix: what makes their timings comparable.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -17,20 +21,28 @@ from pathlib import Path
 import pytest
 import torch
 
-from prolix.benchmarks.cases import KERNELS
-from prolix.benchmarks.providers import BASELINES, PROVIDERS
-from prolix.benchmarks.runner import CASE_KEYS, SCHEMA
+from prolix.benchmarks import cases as C
+from prolix.benchmarks import check, runner
+from prolix.benchmarks import train_step as TS
+from prolix.benchmarks.providers import BASELINES, PROVIDERS, Context, Skip, bench_config, grad_output, leaves
+from prolix.benchmarks.runner import ALL_KERNELS, CASE_KEYS, SCHEMA
 from prolix.trainer.cli import main
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 TOP_KEYS = {"schema", "created", "command", "commit", "device", "versions", "ceilings", "settings",
             "cases", "extras"}
+MODEL_KEYS = {"family", "layers", "hidden", "intermediate", "heads", "kv_heads", "vocab", "tied", "params",
+              "flop_params", "param_dtype", "autocast", "attn_backend", "gradient_checkpointing",
+              "seq_lengths", "prompt_lengths"}
+HAS_TRL = importlib.util.find_spec("trl") is not None
+TRL_PROVIDERS = ("trl", "trl-chunked", "trl+prolix")
 
 
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory) -> tuple[Path, dict]:
     out = tmp_path_factory.mktemp("bench")
-    assert main(["bench", "all", "--quick", "--out", str(out)]) == 0
+    # Every baseline asked for, whatever the CLI's default: a missing one must say why.
+    assert main(["bench", "all", "--quick", "--out", str(out), "--baselines", ",".join(BASELINES)]) == 0
     (path,) = out.glob("*.json")
     return path, json.loads(path.read_text())
 
@@ -51,7 +63,8 @@ def test_results_json_has_the_schema(quick_run):
 
 def test_every_baseline_is_measured_or_skipped_with_a_reason(quick_run):
     _, results = quick_run
-    for kernel in KERNELS:
+    assert {c["kernel"] for c in results["cases"]} == set(ALL_KERNELS)
+    for kernel in ALL_KERNELS:
         seen = {c["provider"] for c in results["cases"] if c["kernel"] == kernel}
         assert seen == {p.name for p in PROVIDERS[kernel]}, kernel
         covered = {p.baseline for p in PROVIDERS[kernel] if p.baseline}
@@ -59,6 +72,12 @@ def test_every_baseline_is_measured_or_skipped_with_a_reason(quick_run):
     for case in results["cases"]:
         if case["status"] != "ok":
             assert case["reason"] and case["reason"].strip(), case
+        if case["provider"] in TRL_PROVIDERS and not HAS_TRL:
+            assert case["status"] == "skipped", case
+    if HAS_TRL:  # TRL's own GRPO path runs on CPU too: measured in the head and the step
+        for kernel in ("fused-grpo", "train"):
+            measured = {c["provider"] for c in results["cases"] if c["kernel"] == kernel and c["status"] == "ok"}
+            assert set(TRL_PROVIDERS) <= measured, kernel
 
 
 def test_measured_cases_are_checked_timed_and_compared(quick_run):
@@ -84,7 +103,7 @@ def test_table_and_plot_exist_and_rerender_from_the_json(quick_run, tmp_path):
     path, _ = quick_run
     md, png = path.with_suffix(".md"), path.with_suffix(".png")
     text = md.read_text()
-    for kernel in KERNELS:
+    for kernel in ALL_KERNELS:
         assert f"## {kernel}" in text
     assert "CPU run" in text and "not performance" in text  # a CPU run says so
     assert png.read_bytes().startswith(PNG_MAGIC)
@@ -101,6 +120,8 @@ def test_gpu_style_results_render_memory_and_oom(quick_run, tmp_path):
     for i, c in enumerate(results["cases"]):
         if c["status"] == "ok":
             c["peak_gb"], c["peak_reason"] = 0.01 * (i + 1), None
+            if c["kernel"] == "train":
+                c["mfu"] = 0.4321
     oom = next(c for c in results["cases"] if c["provider"] == "eager" and c["status"] == "ok")
     oom.update(status="OOM", reason="OutOfMemoryError: CUDA out of memory", ms=None)
     path = tmp_path / "synthetic.json"
@@ -108,6 +129,7 @@ def test_gpu_style_results_render_memory_and_oom(quick_run, tmp_path):
     assert main(["bench", "render", str(path)]) == 0
     text = path.with_suffix(".md").read_text()
     assert "**OOM**" in text and "CPU run" not in text
+    assert "| 43.2 |" in text  # the trainer step's MFU column
     assert path.with_suffix(".png").read_bytes().startswith(PNG_MAGIC)
 
 
@@ -127,3 +149,129 @@ def test_cli_help_is_fast_and_imports_no_torch():
     out = subprocess.run([sys.executable, "-m", "prolix.trainer.cli", "bench", "--help"],
                          capture_output=True, text=True, timeout=60, check=True).stdout
     assert "linear-logprobs" in out and "render" in out
+
+
+# ----------------------------------------------------------------------------- the trainer step
+
+
+def test_trainer_step_rows_validate(quick_run):
+    """`train` rows: one packed forward+backward of the tiny Qwen2 per provider, N tokens exactly,
+    a ragged batch of several sequences, and tokens/s, model FLOPs and MFU consistent with it."""
+    from prolix.trainer.metrics import train_flops
+
+    _, results = quick_run
+    rows = [c for c in results["cases"] if c["kernel"] == "train"]
+    assert {(c["shape"], c["N"]) for c in rows} == {("tiny", n) for n in C.QUICK_TOKENS}
+    assert {c["provider"] for c in rows} == {p.name for p in PROVIDERS["train"]}
+    on_cuda = results["device"]["type"] == "cuda"
+    ok = [c for c in rows if c["status"] == "ok"]
+    assert {"prolix", "eager", "liger"} <= {c["provider"] for c in ok}
+    for c in ok:
+        m = c["model"]
+        assert set(m) == MODEL_KEYS and m["layers"] == TS.MODEL_SHAPES["tiny"].layers
+        assert (c["mode"], c["H"], c["V"]) == ("fwdbwd", m["hidden"], m["vocab"])
+        assert c["dtype"] == ("bf16" if on_cuda else "fp32")   # the trainer's autocast=auto
+        lengths = m["seq_lengths"]
+        assert sum(lengths) == c["N"] and len(lengths) == c["S"] >= 2 and max(lengths) == c["L"]
+        assert len(set(lengths)) > 1 and all(0 < p < n for p, n in zip(m["prompt_lengths"], lengths))
+        head_dim = m["hidden"] // m["heads"]
+        assert c["flop"] == pytest.approx(train_flops(m["flop_params"], m["layers"], m["heads"] * head_dim, lengths))
+        assert c["flop"] > 6 * m["flop_params"] * c["N"]                # + attention
+        assert c["tokens_per_s"] == pytest.approx(c["N"] / (c["ms"] * 1e-3))
+        assert c["grads_gb"] == pytest.approx(4 * m["params"] / 1e9)     # fp32 master weights
+        if on_cuda:
+            assert 0 < c["mfu"] < 1
+        else:
+            assert c["mfu"] is None
+    for c in results["cases"]:
+        if c["kernel"] != "train":
+            assert c["model"] is None and c["mfu"] is None
+            assert c["status"] != "ok" or c["tokens_per_s"] == pytest.approx(c["N"] / (c["ms"] * 1e-3))
+    text = Path(quick_run[0]).with_suffix(".md").read_text()
+    assert "| tokens/s | MFU |" in text and "- **tiny** N=512: qwen2 2 layers" in text
+
+
+def test_packed_lengths_fill_the_budget_with_a_long_tailed_mix():
+    for budget in (2, 3, 128, 512, 4096, 16384, 131072):
+        pairs = TS.sample_lengths(budget, seed=0)
+        assert sum(p + r for p, r in pairs) == budget, budget
+        assert all(p >= 1 and r >= 1 for p, r in pairs)
+    pairs = TS.sample_lengths(16384, seed=0)
+    lengths = [p + r for p, r in pairs]
+    assert len(pairs) >= 3 and max(lengths) > 2 * min(lengths)     # several, of varied lengths
+    assert TS.sample_lengths(16384, seed=0) == pairs                # deterministic
+
+
+def test_train_shapes_are_model_shapes_and_cpu_sized():
+    cpu = torch.device("cpu")
+    spec = runner.Spec(kernels=("train",), shapes=("llama-8b",), tokens=(128,))
+    with pytest.raises(runner.SpecError, match="--shape"):
+        runner.validate(spec, cpu)
+    spec = runner.Spec(kernels=("train",), shapes=("qwen-0.5b",), tokens=(128,))
+    with pytest.raises(runner.SpecError, match="--quick"):
+        runner.validate(spec, cpu)
+    runner.validate(runner.Spec(kernels=("train",), shapes=("tiny",), tokens=(512,), quick=True), cpu)
+    assert runner.default_shapes(("train",), quick=False) == TS.DEFAULT_MODELS
+    assert runner.default_shapes(("train",), quick=True) == ("tiny",)
+    # `all` runs the step too, at the model shapes among --shape (here the tiny head's namesake)
+    spec = runner.Spec(kernels=C.KERNELS, shapes=("tiny",), tokens=(128,), quick=True)
+    assert runner.run_kernels(spec, with_packing=True) == ALL_KERNELS
+    assert TS.model_shapes(spec.shapes, spec.quick) == ("tiny",)
+    assert TS.model_shapes(("qwen-1.5b", "llama-8b"), False) == ("qwen-1.5b",)
+
+
+# ----------------------------------------------------------------------------- parity of the baselines
+
+
+def _answer(kernel: str, provider, inp, ctx) -> dict:
+    try:
+        fwd = provider.build(inp, ctx)
+    except Skip as e:
+        pytest.skip(f"{provider.name}: {e}")
+    return check.run_once(fwd, leaves(kernel, inp), grad_output(kernel, inp), True)
+
+
+def _assert_same(kernel: str, got: dict, want: dict, what: str) -> None:
+    """fp32: the value and every gradient within 1e-5 of prolix's, relative to prolix's scale."""
+    errors = {name: check.relative_error(g, w) for name, g, w in
+              zip(("out", *check.GRAD_NAMES[kernel]), (got["out"], *got["grads"]), (want["out"], *want["grads"]))}
+    assert max(errors.values()) < 1e-5, (what, errors)
+
+
+@pytest.mark.skipif(not HAS_TRL, reason="trl is not installed")
+@pytest.mark.parametrize("kernel", C.KERNELS)
+def test_trl_baselines_compute_prolix_loss_and_gradients(kernel):
+    """TRL's own code (GRPOTrainer._compute_loss, selective_log_softmax, ChunkedLogProbFunction,
+    and prolix's TRL integration) on TRL's padded batch gives prolix's answer on the packed one:
+    N = 320 as 5 sequences of 64 (1/8 prompt), fp32, the bench's DAPO objective."""
+    ctx = Context(device=torch.device("cpu"), config=bench_config(), quick=True)
+    shape = C.LOSS_SHAPE if kernel == "grpo-loss" else C.SHAPES["tiny"]
+    inp = C.make_inputs(shape, 320, torch.float32, ctx.device, seq_len=64)
+    providers = {p.name: p for p in PROVIDERS[kernel]}
+    want = _answer(kernel, providers["prolix"], inp, ctx)
+    measured = 0
+    for name in TRL_PROVIDERS:
+        try:
+            fwd = providers[name].build(inp, ctx)
+        except Skip as e:
+            assert "prolix" in str(e) or "grpo-loss" in str(e), (name, e)   # by design, not by accident
+            continue
+        got = check.run_once(fwd, leaves(kernel, inp), grad_output(kernel, inp), True)
+        _assert_same(kernel, got, want, name)
+        measured += 1
+    assert measured >= 1
+
+
+@pytest.mark.parametrize("provider", ["eager", "liger", *TRL_PROVIDERS])
+def test_padded_baselines_compute_prolix_loss_on_a_ragged_trainer_batch(provider):
+    """The trainer step's batch is ragged, so Liger and TRL get it zero-padded to [S, L_max]:
+    same loss and head gradients as the trainer's own fused call, on the model's hidden states."""
+    if provider in TRL_PROVIDERS and not HAS_TRL:
+        pytest.skip("trl is not installed")
+    ctx = Context(device=torch.device("cpu"), config=bench_config(), quick=True)
+    setup = TS.TrainSetup.build(TS.MODEL_SHAPES["tiny"], 384, torch.float32, ctx.device)
+    inp = setup.check_inputs()
+    assert inp.pad_index is not None and inp.S >= 2 and inp.S * inp.L > inp.N   # really padded
+    providers = {p.name: p for p in PROVIDERS["train"]}
+    want = _answer("fused-grpo", providers["prolix"], inp, ctx)
+    _assert_same("fused-grpo", _answer("fused-grpo", providers[provider], inp, ctx), want, provider)

@@ -3,7 +3,8 @@
     prolix bench linear-logprobs --shape qwen-1.5b,llama-8b --tokens 4096,16384
     prolix bench grpo-loss --tokens 16384,65536
     prolix bench fused-grpo --baselines eager,liger --modes fwdbwd --profile
-    prolix bench all --quick --out /tmp/bench      # every kernel, CPU-sized shapes, any device
+    prolix bench train --shape qwen-0.5b,qwen-1.5b  # the trainer's packed forward+backward step
+    prolix bench all --quick --out /tmp/bench      # every kernel and the step, CPU-sized, any device
     prolix bench render RESULTS.json [--out DIR]    # re-draw the table and plot from a JSON
     prolix train [--config X.yaml] [--resume DIR] [key=value ...]   # see prolix.trainer.train
 
@@ -21,10 +22,13 @@ KERNEL_COMMANDS = {
     "linear-logprobs": ("linear-logprobs",),
     "grpo-loss": ("grpo-loss",),
     "fused-grpo": ("fused-grpo",),
-    "all": ("linear-logprobs", "grpo-loss", "fused-grpo"),
+    "train": ("train",),
+    "all": ("linear-logprobs", "grpo-loss", "fused-grpo", "train"),
 }
-# Kept in step with prolix.benchmarks.cases / providers (not imported here: --help stays light).
-SHAPE_NAMES = "qwen-1.5b, qwen-7b, llama-8b (GPU); tiny, small (CPU smoke)"
+# Kept in step with prolix.benchmarks.cases / providers / train_step (not imported here: --help stays light).
+SHAPE_NAMES = ("LM heads qwen-1.5b, qwen-7b, llama-8b (GPU), tiny, small (CPU smoke); "
+               "models for train: qwen-0.5b, qwen-1.5b (GPU), tiny (CPU smoke)")
+BASELINES = ("eager", "compile", "liger", "cce", "trl")
 
 
 def _csv(kind):
@@ -39,13 +43,13 @@ def _csv(kind):
 def _sweep_options() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(add_help=False)
     p.add_argument("--shape", type=_csv(str), default=None,
-                   help=f"LM-head shapes, comma-separated: {SHAPE_NAMES}. "
-                        "Default qwen-1.5b,llama-8b; tiny with --quick")
+                   help=f"shapes, comma-separated: {SHAPE_NAMES}. "
+                        "Default qwen-1.5b,llama-8b (train: qwen-0.5b,qwen-1.5b); tiny with --quick")
     p.add_argument("--tokens", type=_csv(int), default=None,
                    help="packed tokens N, comma-separated. Default 4096,16384; 128,512 with --quick")
     p.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default="bf16", help="input dtype (default bf16)")
-    p.add_argument("--baselines", type=_csv(str), default=("eager", "compile", "liger", "cce"),
-                   help="baselines to run next to prolix: eager,compile,liger,cce (default all)")
+    p.add_argument("--baselines", type=_csv(str), default=BASELINES,
+                   help=f"baselines to run next to prolix: {','.join(BASELINES)} (default all)")
     p.add_argument("--modes", type=_csv(str), default=("fwd", "bwd", "fwdbwd"),
                    help="fwd, bwd, fwdbwd (default all three)")
     p.add_argument("--quick", action="store_true",
@@ -71,7 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
     what = bench.add_subparsers(dest="what", required=True, metavar="KERNEL")
     sweep = _sweep_options()
     helps = {"linear-logprobs": "fused LM head + log-prob gather", "grpo-loss": "GRPO loss on [N] log-probs",
-             "fused-grpo": "fused linear log-prob + GRPO loss", "all": "every kernel (and packing efficiency)"}
+             "fused-grpo": "fused linear log-prob + GRPO loss",
+             "train": "the trainer's packed forward+backward step (a Qwen2 model, each LM head)",
+             "all": "every kernel, the trainer step (and packing efficiency)"}
     for name, text in helps.items():
         what.add_parser(name, parents=[sweep], help=text, description=text)
     commands.add_parser("train", help="GRPO for prolonged RL (the ProRL recipe); no arguments: the demo",
@@ -95,7 +101,7 @@ def _bench(args: argparse.Namespace, argv: list[str]) -> int:
 
     spec = runner.Spec(
         kernels=KERNEL_COMMANDS[args.what],
-        shapes=args.shape or (cases.QUICK_SHAPES if args.quick else cases.DEFAULT_SHAPES),
+        shapes=args.shape or runner.default_shapes(KERNEL_COMMANDS[args.what], args.quick),
         tokens=args.tokens or (cases.QUICK_TOKENS if args.quick else cases.DEFAULT_TOKENS),
         dtype=args.dtype, baselines=args.baselines, modes=args.modes, quick=args.quick,
         out=Path(args.out) if args.out else runner.DEFAULT_OUT, profile=args.profile,
