@@ -43,3 +43,8 @@ def _patch_interpreter_bf16_dot() -> None:
 
 if os.environ.get("TRITON_INTERPRET") == "1":
     _patch_interpreter_bf16_dot()
+
+
+def pytest_configure(config):
+    # Long-running checks that still fit the default run; `-m "not soak"` deselects them.
+    config.addinivalue_line("markers", "soak: a long run checking memory and live objects stay flat (< 60 s)")

@@ -1,17 +1,23 @@
 """Checkpoints: a resumed run continues the same trajectory as an uninterrupted one, a kill
-in the middle of writing a checkpoint leaves the previous one whole, and old ones rotate.
+in the middle of writing a checkpoint leaves the previous one whole, old ones rotate, and a
+damaged checkpoint is caught by its manifest (and passed over by `--resume RUN`).
 
 "Same trajectory" is checked bit for bit: the policy after N steps straight equals the policy
 after N/2 steps, a resume, and N/2 more (same prompts, same sampling seeds, same AdamW state),
-and the per-step metrics after the resume match the uninterrupted run's.
+and the per-step metrics after the resume match the uninterrupted run's; the step right after
+a resume draws the same prompts and samples the same tokens with the same log-probs.
 """
 
+import hashlib
 import json
 import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -19,8 +25,10 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from prolix.trainer import checkpoint
+from prolix.trainer.loop import Trainer
 from prolix.trainer.train import main as train_main
-from test_loop import TESTS, base_model, one_thread, problems, read_jsonl, tiny_overrides  # noqa: F401  (fixtures)
+from test_loop import (TESTS, base_model, make_trainer, one_thread, problems, read_jsonl,  # noqa: F401  (fixtures)
+                       tiny_overrides)
 
 COMPARED = ("reward/mean", "pass_rate", "response_len/mean", "loss", "pg_loss", "kl", "entropy", "grad_norm",
             "ratio_mean", "batch/groups", "batch/tries")
@@ -74,6 +82,44 @@ def test_resume_continues_the_same_trajectory(straight, base_model, problems, tm
     ref_a = load_file(str(straight / "checkpoints" / "step_000004" / "reference.safetensors"))
     ref_b = load_file(str(run / "checkpoints" / "step_000004" / "reference.safetensors"))
     assert all(torch.equal(ref_a[k], ref_b[k]) for k in ref_a)
+
+
+def run_recorded_step(trainer: Trainer) -> tuple[list, dict]:
+    """One train_step, returning the groups it trained on (every rollout it kept) and its metrics."""
+    seen, collect = [], trainer.collect_groups
+
+    def collect_and_record(step):
+        groups, metrics = collect(step)
+        seen.extend(groups)
+        return groups, metrics
+
+    trainer.collect_groups = collect_and_record
+    metrics = trainer.train_step()
+    rollouts = [(g.problem.prompt, [(c.response_ids, c.response_logprobs, c.finished) for c in g.completions],
+                 g.rewards.tolist(), g.advantages.tolist()) for g in seen]
+    return rollouts, metrics
+
+
+def test_a_resumed_trainer_samples_and_trains_exactly_the_next_step(base_model, problems, tmp_path):  # noqa: F811
+    # trainer `a` is the uninterrupted run; `b` resumes from a's checkpoint after step 2
+    (tmp_path / "a").mkdir()
+    a = make_trainer(base_model, problems, tmp_path / "a")
+    a.train_step()
+    a.train_step()
+    ckpt = a.save()
+    global_rng = checkpoint.capture_rng()          # what an uninterrupted process would go on with
+    (tmp_path / "b").mkdir()
+    b = Trainer(a.cfg, tmp_path / "b", resume_from=ckpt)
+    rollouts_b, metrics_b = run_recorded_step(b)
+    checkpoint.restore_rng(global_rng)             # b's construction and step used the shared global RNG
+    rollouts_a, metrics_a = run_recorded_step(a)
+    assert a.state.step == b.state.step == 3
+    # the same prompts, every sampled token, its log-prob, the rewards and advantages of step 3
+    assert rollouts_b == rollouts_a and len(rollouts_a) == metrics_a["batch/groups"] > 0
+    assert {k: v for k, v in metrics_b.items() if not k.startswith("perf/")} == \
+        {k: v for k, v in metrics_a.items() if not k.startswith("perf/")}
+    for (name, p), q in zip(a.policy.state_dict().items(), b.policy.state_dict().values()):
+        assert torch.equal(p, q), name
 
 
 KILLER = textwrap.dedent("""
@@ -130,3 +176,88 @@ def test_rng_state_round_trips():
     expected = (random.random(), np.random.rand(), torch.rand(1).item())
     checkpoint.restore_rng(state)
     assert (random.random(), np.random.rand(), torch.rand(1).item()) == expected
+
+
+# ----------------------------------------------------------------------------- manifest
+
+
+def test_every_checkpoint_carries_a_manifest_of_its_files(straight):
+    ckpt = straight / "checkpoints" / "step_000004"
+    manifest = json.loads((ckpt / "manifest.json").read_text())
+    assert manifest["format"] == 1 and manifest["step"] == 4
+    listed = {e["path"]: e for e in manifest["files"]}
+    on_disk = {p.relative_to(ckpt).as_posix() for p in ckpt.rglob("*") if p.is_file()} - {"manifest.json"}
+    assert set(listed) == on_disk
+    assert {"config.json", "model.safetensors", "reference.safetensors", "optimizer.pt", "rng.pt",
+            "trainer_state.json", "tokenizer.json"} <= on_disk
+    for rel, entry in listed.items():
+        data = (ckpt / rel).read_bytes()
+        assert entry["size"] == len(data) and entry["sha256"] == hashlib.sha256(data).hexdigest(), rel
+    assert checkpoint.verify_checkpoint(ckpt) == manifest
+
+
+def flip_byte(path):
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01                         # mid-file: tensor data, not the header
+    path.write_bytes(bytes(data))
+
+
+def damage(ckpt, how: str) -> None:
+    action, name = how.split()
+    path = ckpt / name
+    if action == "flip":
+        flip_byte(path)
+    elif action == "delete":
+        path.unlink()
+    elif action == "truncate":
+        with open(path, "r+b") as f:
+            f.truncate(path.stat().st_size // 2)
+    elif action == "garble":
+        path.write_text("{not json")
+
+
+@pytest.mark.parametrize("how, message", [
+    ("flip model.safetensors", r"model.safetensors is corrupted \(its sha256 differs"),
+    ("flip trainer_state.json", r"trainer_state.json is corrupted"),
+    ("delete optimizer.pt", r"optimizer.pt is missing \(listed in manifest.json\)"),
+    ("truncate reference.safetensors", r"reference.safetensors has \d+ bytes, manifest.json recorded \d+"),
+    ("delete manifest.json", r"no manifest.json"),
+    ("garble manifest.json", r"manifest.json is unreadable"),
+])
+def test_a_damaged_checkpoint_fails_verification_naming_it_and_the_file(straight, tmp_path, how, message):
+    ckpt = Path(shutil.copytree(straight / "checkpoints" / "step_000004", tmp_path / "step_000004"))
+    damage(ckpt, how)
+    with pytest.raises(checkpoint.CheckpointError, match=f"checkpoint {re.escape(str(ckpt))}: {message}"):
+        checkpoint.verify_checkpoint(ckpt)
+    with pytest.raises(checkpoint.CheckpointError, match=message):
+        checkpoint.load_checkpoint(ckpt, optimizer=None, reference=None, restore_rng_state=False)
+
+
+def test_resume_falls_back_to_the_newest_checkpoint_that_verifies(straight, tmp_path, capsys):
+    run = Path(shutil.copytree(straight, tmp_path / "run"))
+    root = run / "checkpoints"
+    flip_byte(root / "step_000004" / "model.safetensors")
+    assert checkpoint.resolve_checkpoint(run) == (run, root / "step_000003")
+    err = capsys.readouterr().err
+    assert "step_000004: model.safetensors is corrupted" in err and "resuming from step_000003 instead" in err
+    # the resumed run redoes step 4 and replaces the damaged checkpoint by the one the uninterrupted run wrote
+    assert train_main(["--resume", str(run)]) == 0
+    assert "resuming from step_000003 instead" in capsys.readouterr().err
+    checkpoint.verify_checkpoint(root / "step_000004")
+    assert_same_weights(straight / "checkpoints" / "step_000004", root / "step_000004")
+    assert_same_metrics(straight, run, steps=(4,))
+
+
+def test_resume_when_no_checkpoint_verifies_is_a_clear_error(straight, tmp_path, capsys):
+    run = Path(shutil.copytree(straight, tmp_path / "run"))
+    root = run / "checkpoints"
+    (root / "step_000004" / "optimizer.pt").unlink()
+    (root / "step_000003" / "manifest.json").unlink()
+    assert train_main(["--resume", str(run)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"prolix train: error: --resume: no checkpoint of {run} passes "
+                                               "verification")
+    assert "step_000004: optimizer.pt is missing" in err[0] and "step_000003: no manifest.json" in err[0]
+    # a checkpoint named on the command line is used as it is, or not at all
+    assert train_main(["--resume", str(root / "step_000004")]) == 2
+    assert "step_000004: optimizer.pt is missing" in capsys.readouterr().err

@@ -78,8 +78,8 @@ def test_unknown_yaml_field_names_its_section(tmp_path, jsonl):
 
 
 @pytest.mark.parametrize("overrides, message", [
-    (["rollout.max_tokens=1000"], r"rollout.max_tokens: a prompt of up to rollout.max_prompt_tokens=256 plus a "
-                                  r"response of 1000 tokens exceeds rollout.max_model_len=320"),
+    (["rollout.max_tokens=1000"], r"rollout.max_tokens: a prompt of up to rollout.max_prompt_tokens=128 plus a "
+                                  r"response of 1000 tokens exceeds rollout.max_model_len=176"),
     (["optim.max_tokens_per_microbatch=100"], r"optim.max_tokens_per_microbatch: expected >= the longest sequence"),
     (["optim.mini_batch_prompts=5"], r"optim.mini_batch_prompts: expected a divisor of optim.prompts_per_step=16"),
     (["eval.k=8"], r"eval.k: expected 1 <= k <= eval.n=4, got 8"),
@@ -97,9 +97,9 @@ def test_invalid_values_name_the_field(jsonl, overrides, message):
 
 def test_model_context_smaller_than_the_budget_is_rejected(jsonl):
     cfg = load_config(None, [JSONL_SOURCE % jsonl])
-    with pytest.raises(ConfigError, match=r"rollout.max_model_len: 320 exceeds the model's context .*=256"):
-        cfg.check_model_context(256)
-    cfg.check_model_context(320)
+    with pytest.raises(ConfigError, match=r"rollout.max_model_len: 176 exceeds the model's context .*=128"):
+        cfg.check_model_context(128)
+    cfg.check_model_context(176)
 
 
 def test_missing_answer_field_is_a_config_error_naming_file_row_and_field(tmp_path):

@@ -6,6 +6,7 @@ Whether RL *raises* the accuracy is measured by running the real demo (`make tra
 not here: a test-sized run is too short to show it.
 """
 
+import random
 import re
 
 import pytest
@@ -57,10 +58,33 @@ def test_char_tokenizer_survives_a_qwen2_model_directory(tmp_path, capsys):
 
 
 def test_warm_start_learns_the_worked_answers(tmp_path):
-    cfg = load_config(None, [*SMALL, "demo.warmup_steps=30", "demo.warmup_batch=8", "demo.hidden_size=64",
+    cfg = load_config(None, [*SMALL, "demo.warmup_steps=30", "demo.warmup_batch=8", "demo.warmup_lr=3e-3",
+                             "demo.hidden_size=64",
                              "demo.intermediate_size=128"])
     data = prepare_data(cfg)
     tokenizer = demo.build_char_tokenizer(demo.DEFAULT_ALPHABET)
     model = demo.build_model(cfg, tokenizer)
     first, last = demo.warm_start(model, tokenizer, cfg, data, device=torch.device("cpu"), log=lambda *_: None)
     assert last < 0.5 * first, (first, last)
+
+
+def test_warm_start_teaches_two_answer_styles_and_only_the_tagged_one_scores():
+    """The warm start mixes "<answer>X</answer>" (read by the scorer) with "The answer is X."
+    (reward 0), so RL has a habit to find out about from the reward alone."""
+    from prolix.trainer.rewards import score
+
+    cfg = load_config(None, SMALL)
+    data = prepare_data(cfg)
+    rng = random.Random(0)
+    problems = data.train.sample(400, rng)
+    texts = [demo.warm_start_answer(p, rng, 0.3) for p in problems]
+    tagged = [t.endswith("</answer>") for t in texts]
+    assert 0.3 - 0.08 < sum(tagged) / len(texts) < 0.3 + 0.08              # ~5 standard deviations
+    for problem, text, is_tagged in zip(problems, texts, tagged):
+        work = text.rsplit("\n", 1)[0]
+        assert work == demo.worked_answer(problem).rsplit("\n", 1)[0]   # the same working either way
+        assert score(problem, text) == float(is_tagged), text
+        if not is_tagged:
+            assert text.endswith(f"The answer is {problem.answer}.")
+    assert all(demo.warm_start_answer(p, rng, 1.0).endswith("</answer>") for p in problems[:20])
+    assert not any(demo.warm_start_answer(p, rng, 0.0).endswith("</answer>") for p in problems[:20])

@@ -14,6 +14,7 @@ sampling has to replace them.
 import importlib.util
 import json
 import math
+import re
 import sys
 from pathlib import Path
 
@@ -83,6 +84,7 @@ def tiny_overrides(base_model: Path, problems: Path, out_dir: Path, **extra) -> 
         "rollout.n": 4, "rollout.max_tokens": 8, "rollout.max_prompt_tokens": 40, "rollout.max_model_len": 48,
         "optim.prompts_per_step": 4, "optim.mini_batch_prompts": 2, "optim.max_tokens_per_microbatch": 96,
         "optim.lr": 1e-2, "algorithm.kl_coef": 1e-2, "algorithm.max_sampling_tries": 3,
+        "algorithm.overlong": "none",         # "same" prompts keep a constant reward even when truncated
         "eval.every": 2, "eval.n": 2, "eval.k": 2, "eval.correct_threshold": 0.5,
         "run.out_dir": str(out_dir), "run.name": "run", "run.steps": 4, "run.checkpoint_every": 2,
         "run.progress": "false", "run.tensorboard": "false",
@@ -259,3 +261,28 @@ def test_one_update_per_rollout_without_kl_needs_no_extra_forward(base_model, pr
     groups, _ = trainer.collect_groups(step=1)
     records = trainer.make_records(groups)
     assert trainer.attach_logps(records) is records          # old_logp = logp.detach(): ratio 1
+
+
+def test_nvtx_ranges_are_free_without_cuda_and_name_each_phase_of_a_step_in_order(base_model, problems, tmp_path,
+                                                                                  monkeypatch):
+    from prolix.trainer import nvtx
+
+    if not torch.cuda.is_available():
+        assert not nvtx.enabled()
+        assert nvtx.range("rollout") is nvtx.range("pack")          # one shared no-op, nothing allocated
+    events = []
+    monkeypatch.setattr(nvtx, "_push", events.append)
+    monkeypatch.setattr(nvtx, "_pop", lambda: events.append(None))
+    monkeypatch.setattr(nvtx, "_enabled", True)
+    trainer = make_trainer(base_model, problems, tmp_path)
+    metrics = trainer.train_step()
+    # the step's ranges do not nest: each push is followed by its pop
+    assert events[1::2] == [None] * (len(events) // 2) and len(events) % 2 == 0
+    names = " ".join(name.removeprefix(nvtx.PREFIX) for name in events[::2])
+    # dynamic sampling's rounds, the no-grad old/ref forward, two updates, the weight push
+    assert re.fullmatch(r"(rollout reward ){%d}logprobs ((pack forward backward )+optimizer ){2}weight_sync"
+                        % metrics["batch/tries"], names), names
+    events.clear()
+    trainer.evaluate()
+    trainer.save()
+    assert events == ["prolix/eval", None, "prolix/checkpoint", None]

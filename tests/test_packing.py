@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 
 from prolix.trainer.packing import (
     IGNORE_INDEX,
+    LOGP_FIELDS,
     PackedBatch,
     SequenceRecord,
     attention_crossover,
@@ -180,6 +181,41 @@ def test_row_convention_holds_for_random_records(records):
                 assert batch.old_logp[t] == 0 and batch.advantages[t] == 0
 
 
+@st.composite
+def _records_with_fields(draw):
+    """Records carrying any subset of the log-prob fields (the same subset for every sequence),
+    response starts anywhere from the second token to the last."""
+    fields = draw(st.sets(st.sampled_from(LOGP_FIELDS)))
+    out = []
+    for _ in range(draw(st.integers(1, 6))):
+        length = draw(st.integers(2, 12))
+        start = draw(st.integers(1, length - 1))
+        ids = draw(st.lists(st.integers(0, 50), min_size=length, max_size=length))
+        r = length - start
+        logps = {f: draw(st.lists(st.floats(-20, 0, width=32), min_size=r, max_size=r)) for f in sorted(fields)}
+        out.append(_record(ids, start, draw(st.floats(-4, 4, width=32)), **logps))
+    return out
+
+
+@SETTINGS
+@given(_records_with_fields())
+def test_pack_round_trips_every_logp_field_and_the_masks(records):
+    batch = pack(records)
+    for name in LOGP_FIELDS:                              # given for all sequences, or None
+        assert (getattr(batch, name) is None) == (getattr(records[0], name) is None)
+        if getattr(batch, name) is not None:
+            assert (getattr(batch, name)[~batch.loss_mask] == 0).all()
+    # masked targets are exactly the response tokens; each sequence's last row is ignored
+    assert batch.targets[batch.loss_mask].tolist() == [t for r in records for t in r.token_ids[r.response_start:]]
+    assert batch.targets[batch.cu_seqlens[1:].long() - 1].eq(IGNORE_INDEX).all()
+    for a, b in zip(records, batch.unpack()):
+        assert b.token_ids.tolist() == list(a.token_ids) and b.response_start == a.response_start
+        assert b.advantage == a.advantage
+        for name in LOGP_FIELDS:
+            got, want = getattr(b, name), getattr(a, name)
+            assert (got is None and want is None) or got.tolist() == list(want), name
+
+
 # ----------------------------------------------------------------------------- plan_microbatches
 
 
@@ -236,6 +272,27 @@ def test_plan_properties(lengths, budget):
         assert loads[i] + min(lengths[k] for k in plan[j]) > budget
     # hence at most one micro-batch is at most half full, and the count is near the bound
     assert len(plan) <= max(1, 2 * -(-sum(lengths) // budget)) or not lengths
+
+
+@SETTINGS
+@given(st.data(), st.integers(2, 64))
+def test_planned_microbatches_pack_within_the_budget_and_give_back_every_response(data, budget):
+    # lengths up to the budget itself (a sequence that fills a micro-batch alone), as the trainer
+    # plans them: pack each micro-batch, split the per-token values back per sequence
+    lengths = data.draw(st.lists(st.integers(2, budget), max_size=24))
+    starts = [data.draw(st.integers(1, n - 1)) for n in lengths]
+    records = [_record([i % 50] * n, r, rollout_logp=[-float(i)] * (n - r))
+               for i, (n, r) in enumerate(zip(lengths, starts))]
+    plan = plan_microbatches([r.length for r in records], budget)
+    seen = []
+    for idx in plan:
+        batch = pack([records[i] for i in idx])
+        assert batch.num_tokens <= budget
+        assert int(batch.loss_mask.sum()) == sum(records[i].num_response_tokens for i in idx)
+        for i, values in zip(idx, batch.split_responses(batch.rollout_logp)):
+            assert values.tolist() == list(records[i].rollout_logp)
+            seen.append(i)
+    assert sorted(seen) == list(range(len(records)))                            # each exactly once
 
 
 # ----------------------------------------------------------------------------- balance

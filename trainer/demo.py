@@ -3,17 +3,28 @@
 `build_base_model(cfg, run_dir, data)` writes RUN/base_model, which `model.path` then points at:
 
 1. a character-level tokenizer (`tokenizer.build_char_tokenizer`, printable ASCII) in HF format;
-2. a tiny Qwen2-architecture causal LM from a config (`demo.*`: by default hidden 128, 2 layers,
-   4 query / 2 KV heads, tied embeddings, ~0.4M parameters), context = rollout.max_model_len;
+2. a tiny Qwen2-architecture causal LM from a config (`demo.*`: hidden 128, 2 layers, 4 query /
+   2 KV heads, tied embeddings: 0.5M parameters), context = rollout.max_model_len;
 3. a short supervised warm start on the task's own worked answers (`tasks.worked_answer`:
-   "9 - 5 = 4\\n<answer>4</answer>"), drawn from the training split (never the held-out set).
-   It teaches the format and some arithmetic — deliberately stopped early, so that the model
-   is partly right and RL has something to raise.
+   "4 - 1 = 3\n3 + 7 = 10\n<answer>10</answer>"), drawn from the training split, never the
+   held-out one; AdamW, lr 1.5e-3 cosine to 10%. Half of its answers (`demo.tagged_fraction`)
+   end in the "<answer>X</answer>" tag the scorer reads; the other half end in "The answer is
+   X.", which scores 0 however right X is (`warm_start_answer`).
 
 Then the ordinary trainer runs GRPO on it (torch sampler on CPU, vLLM where installed), and
-`prolix train` prints the held-out accuracy before and after RL. The warm start uses the same
-packed forward and fused log-prob kernel as RL: its loss is the mean negative log-likelihood
-of the answer tokens (and the closing eos) given the prompt.
+`prolix train` prints the held-out accuracy before and after RL.
+
+What RL has to learn. The base model leaves the warm start with two habits and no way to know
+which one pays; the reward alone tells it, and GRPO learns within a few dozen steps to always
+tag its answer — the format lesson RL teaches real base models (DeepSeek-R1-Zero's format
+reward), in miniature. It roughly doubles held-out accuracy. The arithmetic itself improves
+far more slowly at a learning rate the tiny model tolerates (1e-4; at 2e-4 accuracy fell).
+
+The task is chain_sum with three one-digit terms ("4 - 1 + 7 ="): every held-out question is
+new, but the one-step facts it needs ("3 + 7") also occur in training questions, so what RL
+learns from rewards on training questions transfers. The reward is the dataset's scorer
+thresholded at a full score: chain_sum's own scorer gives partial credit to an answer that
+merely contains the gold string, which RL learns to exploit ("-4" for "4").
 """
 
 from __future__ import annotations
@@ -34,7 +45,7 @@ from .packing import SequenceRecord, pack
 from .tasks import worked_answer
 from .tokenizer import DEFAULT_ALPHABET, build_char_tokenizer, format_prompt, save_tokenizer
 
-__all__ = ["build_base_model", "build_model", "warm_start"]
+__all__ = ["build_base_model", "build_model", "warm_start", "warm_start_answer"]
 
 
 def build_model(cfg: TrainConfig, tokenizer) -> torch.nn.Module:
@@ -54,6 +65,17 @@ def build_model(cfg: TrainConfig, tokenizer) -> torch.nn.Module:
     return prepare_policy(model, liger=False)
 
 
+def warm_start_answer(problem, rng: random.Random, tagged_fraction: float) -> str:
+    """A worked answer ending, with probability `tagged_fraction`, in "<answer>X</answer>" (what
+    the scorer reads) and otherwise in "The answer is X." (no tag: reward 0)."""
+    text = worked_answer(problem)
+    if rng.random() < tagged_fraction:
+        return text
+    tagged = f"<answer>{problem.answer}</answer>"
+    assert text.endswith(tagged), text
+    return text[: -len(tagged)] + f"The answer is {problem.answer}."
+
+
 def warm_start(model, tokenizer, cfg: TrainConfig, data, *, device: torch.device, log=print) -> tuple[float, float]:
     """Supervised steps on worked answers; returns (first, last) mean loss per answer token."""
     d = cfg.demo
@@ -66,7 +88,7 @@ def warm_start(model, tokenizer, cfg: TrainConfig, data, *, device: torch.device
         records = []
         for problem in data.train.sample(d.warmup_batch, rng):
             prompt = format_prompt(tokenizer, problem.prompt, cfg.data.system_prompt)
-            text = f"<answer>{problem.answer}</answer>" if rng.random() < d.direct_fraction else worked_answer(problem)
+            text = warm_start_answer(problem, rng, d.tagged_fraction)
             answer = tokenizer.encode(text, add_special_tokens=False) + [eos]
             records.append(SequenceRecord(token_ids=prompt + answer, response_start=len(prompt), advantage=0.0))
         batch = pack(records).to(device)

@@ -17,6 +17,13 @@ One step (`Trainer.train_step`):
 top-p 0.95), reset the reference when validation stagnated for `patience` evaluations, every
 `reference.every` steps, or when RUN/RESET_REFERENCE appears; log; checkpoint.
 
+Numerical guards: an update whose loss is not finite stops before its backward, one whose
+gradient norm is not finite before AdamW; either way the weights and the optimizer state are
+left as they were, `skipped_update` counts it and a warning names the step. A step none of whose
+updates was applied is a skipped step; `optim.max_consecutive_skips` of them in a row raise
+`TrainingDivergedError` before anything is saved, so `latest` stays the last good checkpoint.
+Each phase runs inside an NVTX range (`nvtx.py`: "prolix/rollout", ...; free without CUDA).
+
 Deviations from textbook GRPO, all from the ProRL/DAPO recipe and all configurable:
 token-mean aggregation over the whole mini-batch, clip-higher, dynamic sampling, a KL term
 (k3) to a reference that is periodically reset, optional overlong penalty/masking.
@@ -41,7 +48,7 @@ import torch
 
 from prolix.kernels import fused_linear_grpo_loss, linear_logprobs
 
-from . import checkpoint
+from . import checkpoint, nvtx
 from .advantages import group_advantages, informative_groups, shape_overlong
 from .config import ConfigError, TrainConfig
 from .engines import Completion, SamplingConfig, make_engine
@@ -52,7 +59,8 @@ from .rewards import pop_reward_errors, score
 from .tasks import MixedSource, Problem, ProblemSource, make_source
 from .tokenizer import format_prompt
 
-__all__ = ["Data", "Group", "TrainerState", "TrainResult", "Trainer", "prepare_data", "load_tokenizer", "pass_at_k"]
+__all__ = ["Data", "Group", "TrainerState", "TrainResult", "Trainer", "TrainingDivergedError", "prepare_data",
+           "load_tokenizer", "pass_at_k"]
 
 EVAL_SEED_OFFSET = 7_777_777   # evaluations reuse one seed: every eval sees the same random numbers
 
@@ -120,6 +128,11 @@ class TrainerState:
     resets: list[dict] = dataclasses.field(default_factory=list)
     first_eval: dict | None = None
     last_eval: dict | None = None
+    consecutive_skips: int = 0              # steps in a row without an applied update (numerical guard)
+
+
+class TrainingDivergedError(RuntimeError):
+    """optim.max_consecutive_skips steps in a row had no finite update; the run stopped unsaved."""
 
 
 @dataclasses.dataclass
@@ -180,6 +193,8 @@ class Trainer:
         source = Path(resume_from) if resume_from else Path(cfg.model.path)
         if not cfg.model.path and not resume_from:
             raise ConfigError("model.path: empty (the demo builds its model before the trainer starts)")
+        if resume_from:
+            checkpoint.verify_checkpoint(resume_from)      # before any of its files is read
 
         self.tokenizer = load_tokenizer(source)
         self.data = data or prepare_data(cfg)
@@ -194,7 +209,8 @@ class Trainer:
         self.state = TrainerState()
         self.rng = random.Random(cfg.run.seed)
         if resume_from:
-            saved = checkpoint.load_checkpoint(resume_from, optimizer=self.optimizer, reference=self.reference)
+            saved = checkpoint.load_checkpoint(resume_from, optimizer=self.optimizer, reference=self.reference,
+                                               verify=False)   # verified above
             self.state = TrainerState(**{k: v for k, v in saved.items() if k in TrainerState.__dataclass_fields__})
             self.rng.setstate(checkpoint._as_tuple(self.state.sampler))
         self.engine = make_engine(cfg.rollout.engine, self.policy, self.tokenizer,
@@ -286,10 +302,13 @@ class Trainer:
         t1 = time.perf_counter()
         records = self.attach_logps(records)                         # old_logp, ref_logp (no grad)
         stats = [self.update(mb, step) for mb in self.mini_batches(records, step)]   # pack, loss, step
-        self.engine.sync_weights(self.policy)                         # rollout engine ← new weights
+        self._track_skips(step, stats)                                # raises after too many skipped steps
+        with nvtx.range("weight_sync"):
+            self.engine.sync_weights(self.policy)                     # rollout engine ← new weights
         t_train = time.perf_counter() - t1
         self.state.step = step
         metrics.update(self._reduce(stats))
+        metrics["consecutive_skips"] = self.state.consecutive_skips
         metrics.update(self._throughput(metrics, records, t_rollout, t_train))
         return metrics
 
@@ -308,8 +327,10 @@ class Trainer:
             problems = self.data.train.sample(want, self.rng)
             sampling = SamplingConfig(n=cfg.rollout.n, temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
                                       max_tokens=cfg.rollout.max_tokens, seed=self._seed(step, attempt))
-            outs = self.engine.generate([self.prompt_ids(p) for p in problems], sampling)
-            rewards = torch.tensor([[score(p, c.text) for c in cs] for p, cs in zip(problems, outs)])   # [G, n]
+            with nvtx.range("rollout"):
+                outs = self.engine.generate([self.prompt_ids(p) for p in problems], sampling)
+            with nvtx.range("reward"):
+                rewards = torch.tensor([[score(p, c.text) for c in cs] for p, cs in zip(problems, outs)])  # [G, n]
             done = torch.tensor([[c.finished for c in cs] for cs in outs])                            # [G, n]
             shaped = shape_overlong(rewards, done, alg.overlong, alg.overlong_penalty)
             advantages = group_advantages(shaped, alg.advantage)
@@ -372,11 +393,12 @@ class Trainer:
         ref: list[Any] = [None] * len(records)
         plan = plan_microbatches([r.length for r in records], self.cfg.optim.max_tokens_per_microbatch)
         models = [(m, out) for m, out in ((self.policy if need_old else None, old), (self.reference, ref)) if m]
-        for idx in plan:
-            batch = pack([records[i] for i in idx]).to(self.device)
-            for model, out in models:
-                for i, values in zip(idx, batch.split_responses(self._logps(model, batch))):
-                    out[i] = values.float().cpu()
+        with nvtx.range("logprobs"):
+            for idx in plan:
+                batch = pack([records[i] for i in idx]).to(self.device)
+                for model, out in models:
+                    for i, values in zip(idx, batch.split_responses(self._logps(model, batch))):
+                        out[i] = values.float().cpu()
         return [dataclasses.replace(r, old_logp=old[i], ref_logp=ref[i]) for i, r in enumerate(records)]
 
     def mini_batches(self, records: list[SequenceRecord], step: int) -> list[list[SequenceRecord]]:
@@ -405,9 +427,25 @@ class Trainer:
                 out.append([r])
         return out
 
+    def _loss(self, batch, normalizer: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The policy's GRPO loss on one packed micro-batch (decoder, then the fused LM head)."""
+        cfg = self.cfg
+        with self._autocast():
+            hidden = forward_hidden(self.policy, batch, attn_backend=cfg.model.attn_backend)
+        hidden, weight = self._head(self.policy, hidden)
+        return fused_linear_grpo_loss(
+            hidden, weight, batch.targets, batch.advantages, batch.loss_mask, old_logp=batch.old_logp,
+            ref_logp=batch.ref_logp, rollout_logp=batch.rollout_logp, cu_seqlens=batch.cu_seqlens,
+            config=self.loss_config, normalizer=normalizer, ignore_index=batch.ignore_index,
+            entropy_metric=True, backend=cfg.model.kernel_backend)
+
     def update(self, records: list[SequenceRecord], step: int) -> dict[str, float]:
         """One optimizer step on a mini-batch: micro-batches planned by token budget, each
-        loss normalised by the whole mini-batch's denominator, gradients accumulated."""
+        loss normalised by the whole mini-batch's denominator, gradients accumulated.
+
+        A non-finite loss (checked before its backward) or gradient norm skips the AdamW step:
+        weights and optimizer state stay as they were, `skipped_update` is 1, a warning names
+        the step."""
         cfg = self.cfg
         self.policy.train()
         plan = plan_microbatches([r.length for r in records], cfg.optim.max_tokens_per_microbatch)
@@ -418,44 +456,77 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         sums: dict[str, float] = defaultdict(float)
         tokens, loss_total, ratio_max = 0.0, 0.0, 0.0
+        skip = None                                                  # why this update is not applied
         for idx in plan:
-            batch = pack([records[i] for i in idx]).to(self.device)
-            with self._autocast():
-                hidden = forward_hidden(self.policy, batch, attn_backend=cfg.model.attn_backend)
-            hidden, weight = self._head(self.policy, hidden)
-            loss, m = fused_linear_grpo_loss(
-                hidden, weight, batch.targets, batch.advantages, batch.loss_mask, old_logp=batch.old_logp,
-                ref_logp=batch.ref_logp, rollout_logp=batch.rollout_logp, cu_seqlens=batch.cu_seqlens,
-                config=self.loss_config, normalizer=normalizer, ignore_index=batch.ignore_index,
-                entropy_metric=True, backend=cfg.model.kernel_backend)
-            loss.backward()
+            with nvtx.range("pack"):
+                batch = pack([records[i] for i in idx]).to(self.device)
+            with nvtx.range("forward"):
+                loss, m = self._loss(batch, normalizer)
+            # The host reads the loss (as the metrics below do anyway) before the backward is
+            # issued, so a NaN never propagates into the gradients; later micro-batches are moot.
+            loss_value = loss.item()
+            loss_total += loss_value
+            if not math.isfinite(loss_value):
+                skip = f"non-finite loss ({loss_value})"
+                break
+            with nvtx.range("backward"):
+                loss.backward()
             count = m["num_tokens"].item()
             tokens += count
-            loss_total += loss.item()
             ratio_max = max(ratio_max, m["ratio_max"].item())
             for key, value in m.items():
                 if key not in ("num_tokens", "ratio_max"):
                     sums[key] += value.item() * count
         clip = cfg.optim.grad_clip or float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), clip).item()
         lr = self._lr(step)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        if math.isfinite(grad_norm):
-            self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        grad_norm = float("nan")
+        with nvtx.range("optimizer"):
+            if skip is None:
+                grad_norm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), clip).item()
+                if not math.isfinite(grad_norm):
+                    skip = f"non-finite gradient norm ({grad_norm})"
+            if skip is None:
+                self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        if skip is not None:
+            self.log.write(f"step {step}: warning: {skip}; update skipped, weights unchanged")
         self.policy.eval()
         out = {k: v / max(tokens, 1.0) for k, v in sums.items()}
         out.update(loss=loss_total, ratio_max=ratio_max, grad_norm=grad_norm, lr=lr,
-                   skipped_update=float(not math.isfinite(grad_norm)))
+                   skipped_update=float(skip is not None))
         return out
+
+    def _track_skips(self, step: int, stats: list[dict[str, float]]) -> None:
+        """Count consecutive steps in which no update was applied (a step with no update at all
+        counts neither way); raise TrainingDivergedError at optim.max_consecutive_skips."""
+        if not stats:
+            return
+        if not all(s["skipped_update"] for s in stats):
+            self.state.consecutive_skips = 0
+            return
+        self.state.consecutive_skips += 1
+        limit = self.cfg.optim.max_consecutive_skips
+        if self.state.consecutive_skips >= limit:
+            latest = checkpoint.latest_checkpoint(self.run_dir)
+            raise TrainingDivergedError(
+                f"step {step}: {limit} consecutive steps without a finite update (optim.max_consecutive_skips="
+                f"{limit}); stopped without saving this state; last good checkpoint: "
+                f"{latest if latest is not None else 'none'}")
+        self.log.write(f"step {step}: warning: no update applied; {self.state.consecutive_skips} consecutive "
+                       f"skipped step(s), the run stops at optim.max_consecutive_skips={limit}")
 
     @staticmethod
     def _reduce(stats: list[dict[str, float]]) -> dict[str, float]:
-        """Mean over the step's updates (max for ratio_max)."""
+        """Mean over the step's updates (max for ratio_max, sum for skipped_update). An update
+        skipped on its first micro-batch has no loss-term metrics: those average over the others."""
         if not stats:
             return {"updates": 0}
-        out = {k: sum(s[k] for s in stats) / len(stats) for k in stats[0]}
+        out = {}
+        for key in dict.fromkeys(k for s in stats for k in s):        # every key, in first-seen order
+            values = [s[key] for s in stats if key in s]
+            out[key] = sum(values) / len(values)
         out["ratio_max"] = max(s["ratio_max"] for s in stats)
         out["skipped_update"] = sum(s["skipped_update"] for s in stats)
         out["updates"] = len(stats)
@@ -491,14 +562,15 @@ class Trainer:
         sampling = SamplingConfig(n=e.n, temperature=e.temperature, top_p=e.top_p,
                                   max_tokens=self.cfg.eval_max_tokens, seed=self.cfg.run.seed + EVAL_SEED_OFFSET)
         out: dict[str, float] = {}
-        for name, problems in self.data.heldout.items():
-            outs = self.engine.generate([self.prompt_ids(p) for p in problems], sampling)
-            rewards = torch.tensor([[score(p, c.text) for c in cs] for p, cs in zip(problems, outs)])   # [P, n]
-            correct = (rewards >= e.correct_threshold).sum(1).tolist()
-            out[f"eval/{name}/pass@1"] = rewards.mean().item()
-            out[f"eval/{name}/accuracy"] = sum(correct) / rewards.numel()
-            out[f"eval/{name}/pass@{e.k}"] = sum(pass_at_k(e.n, c, e.k) for c in correct) / len(correct)
-            out[f"eval/{name}/response_len"] = sum(len(c.response_ids) for cs in outs for c in cs) / rewards.numel()
+        with nvtx.range("eval"):
+            for name, problems in self.data.heldout.items():
+                outs = self.engine.generate([self.prompt_ids(p) for p in problems], sampling)
+                rewards = torch.tensor([[score(p, c.text) for c in cs] for p, cs in zip(problems, outs)])   # [P, n]
+                correct = (rewards >= e.correct_threshold).sum(1).tolist()
+                out[f"eval/{name}/pass@1"] = rewards.mean().item()
+                out[f"eval/{name}/accuracy"] = sum(correct) / rewards.numel()
+                out[f"eval/{name}/pass@{e.k}"] = sum(pass_at_k(e.n, c, e.k) for c in correct) / len(correct)
+                out[f"eval/{name}/response_len"] = sum(len(c.response_ids) for cs in outs for c in cs) / rewards.numel()
         pass1 = [v for k, v in out.items() if k.endswith("/pass@1")]
         acc = [v for k, v in out.items() if k.endswith("/accuracy")]
         out["eval/score"] = sum(pass1) / max(len(pass1), 1)
@@ -544,7 +616,8 @@ class Trainer:
 
     def save(self) -> Path:
         self.state.sampler = self.rng.getstate()
-        return checkpoint.save_checkpoint(
-            self.run_dir, self.state.step, policy=self.policy, tokenizer=self.tokenizer, optimizer=self.optimizer,
-            reference=self.reference, trainer_state=dataclasses.asdict(self.state), keep_last=self.cfg.run.keep_last,
-            tokenizer_source=self.cfg.model.path)
+        with nvtx.range("checkpoint"):
+            return checkpoint.save_checkpoint(
+                self.run_dir, self.state.step, policy=self.policy, tokenizer=self.tokenizer,
+                optimizer=self.optimizer, reference=self.reference, trainer_state=dataclasses.asdict(self.state),
+                keep_last=self.cfg.run.keep_last, tokenizer_source=self.cfg.model.path)

@@ -11,7 +11,11 @@ JSONL keys (means over the step's response tokens unless said otherwise):
     response_len/mean, /max         response tokens; truncated_frac: cut at rollout.max_tokens
     batch/groups, /informative_frac, /tries, /sequences   dynamic sampling's view of the batch
     loss, pg_loss, kl, entropy, clip_frac, clip_frac_low, clip_frac_high, ratio_mean, ratio_max
-    grad_norm (before clipping), lr
+    grad_norm (before clipping; null when an update of the step was skipped), lr
+    updates, skipped_update         optimizer updates of the step, and how many of them were
+                                    skipped on a non-finite loss or gradient norm (loop.py)
+    consecutive_skips               steps in a row without an applied update (the run stops at
+                                    optim.max_consecutive_skips)
     perf/rollout_tokens_per_s       generated tokens per second of rollout
     perf/train_tokens_per_s         packed tokens (prompt + response) per second of the update
     perf/mfu                        CUDA only: model FLOPs / (time · peak), formula in `train_flops`

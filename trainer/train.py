@@ -22,7 +22,12 @@ reset trigger is automated (the paper's resets were decided by hand on validatio
 
 Resume: `--resume RUN_DIR` (or a checkpoint folder) reloads the run's saved config.yaml (or
 `--config`), applies the `key=value` overrides on top, and continues with the same data order
-and RNG as an uninterrupted run. Exit status 0 on success, 2 on a configuration error.
+and RNG as an uninterrupted run. Every checkpoint carries a manifest of sha256 checksums; when
+the newest one of RUN_DIR fails it, the run resumes from the newest one that passes (warning).
+
+Exit status: 0 on success; 2 on a configuration error or when no checkpoint to resume from
+verifies; 3 when training diverged (optim.max_consecutive_skips steps in a row without a finite
+update: the run stops without checkpointing, so `--resume` restarts from the last good state).
 """
 
 from __future__ import annotations
@@ -66,9 +71,9 @@ def main(argv: list[str] | None = None) -> int:
 
     hf_logging.disable_progress_bar()                     # per-checkpoint "Writing model shards" bars
     from . import demo
-    from .checkpoint import resolve_checkpoint
+    from .checkpoint import CheckpointError, resolve_checkpoint
     from .config import ConfigError, load_config, save_config
-    from .loop import Trainer, prepare_data
+    from .loop import Trainer, TrainingDivergedError, prepare_data
 
     try:
         ckpt = None
@@ -86,12 +91,16 @@ def main(argv: list[str] | None = None) -> int:
                 cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, path=str(path)))
         save_config(cfg, run_dir / "config.yaml")
         trainer = Trainer(cfg, run_dir, data=data, resume_from=ckpt)
-    except (ConfigError, FileNotFoundError) as e:
+    except (ConfigError, FileNotFoundError, CheckpointError) as e:
         print(f"prolix train: error: {e}", file=sys.stderr)
         return 2
     if ckpt is not None:
         print(f"resuming {run_dir} from {ckpt.name} (step {trainer.state.step})", flush=True)
-    result = trainer.fit()
+    try:
+        result = trainer.fit()
+    except TrainingDivergedError as e:
+        print(f"prolix train: error: {e}", file=sys.stderr)
+        return 3
     print(f"run directory: {result.run_dir}")
     first, last = result.first_eval, result.last_eval
     if first and last:
