@@ -6,7 +6,8 @@
     prolix bench train --shape qwen-0.5b,qwen-1.5b  # the trainer's packed forward+backward step
     prolix bench all --quick --out /tmp/bench      # every kernel and the step, CPU-sized, any device
     prolix bench render RESULTS.json [--out DIR]    # re-draw the table and plot from a JSON
-    prolix train [--config X.yaml] [--resume DIR] [key=value ...]   # see prolix.trainer.train
+    prolix train [--config X.yaml] [--resume DIR] [--nproc G] [key=value ...]   # see prolix.trainer.train
+    torchrun --nproc-per-node=G -m prolix.trainer.cli train ...     # data parallel (trainer/distributed.py)
 
 Everything heavy (torch, the kernels, the trainer, the benchmark suite) is imported inside the
 handler, so `prolix --help` is instant and needs no trainer dependency.

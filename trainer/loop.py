@@ -30,6 +30,11 @@ token-mean aggregation over the whole mini-batch, clip-higher, dynamic sampling,
 Determinism: prompt draws come from one `random.Random` (checkpointed); each rollout call gets a
 seed that is a function of (run.seed, step, try), so a resumed run samples what an
 uninterrupted one would.
+
+Under torchrun every rank runs this loop; `self.dp` (distributed.py) is then consulted at a few
+hooks — rollout (`_rollout`), micro-batch plan and packing (`_plan`, `_pack`), the sharded forward
+(`_forward`), the update's metrics, weight sync, the reset decision, checkpoints — and is None in
+a plain process, where none of it runs.
 """
 
 from __future__ import annotations
@@ -48,7 +53,7 @@ import torch
 
 from prolix.kernels import fused_linear_grpo_loss, linear_logprobs
 
-from . import checkpoint, nvtx
+from . import checkpoint, distributed, nvtx
 from .advantages import group_advantages, informative_groups, shape_overlong
 from .config import ConfigError, TrainConfig
 from .engines import Completion, SamplingConfig, make_engine
@@ -185,7 +190,8 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, run_dir: str | Path, *, data: Data | None = None,
                  resume_from: str | Path | None = None) -> None:
         self.cfg, self.run_dir = cfg, Path(run_dir)
-        self.device = _resolve_device(cfg.run.device)
+        self.dp = distributed.init_from_env(cfg.run.device)       # None unless launched by torchrun
+        self.device = self.dp.device if self.dp else _resolve_device(cfg.run.device)
         on_cuda = self.device.type == "cuda"
         self.param_dtype = torch.bfloat16 if cfg.model.dtype == "bf16" else torch.float32
         wants_bf16 = cfg.model.autocast == "bf16" or (cfg.model.autocast == "auto" and on_cuda)
@@ -204,21 +210,30 @@ class Trainer:
                                   gradient_checkpointing=cfg.model.gradient_checkpointing)
         cfg.check_model_context(getattr(self.policy.config, "max_position_embeddings", None))
         self.reference = self._frozen_copy() if cfg.algorithm.kl_coef > 0 else None
+        rollout_model = self.policy
+        if self.dp is not None:            # the engine keeps whole weights; training shards them
+            rollout_model = copy.deepcopy(self.policy)
+            for model in filter(None, (self.policy, self.reference)):
+                self.dp.shard(model, self._hidden_and_head, compute_dtype=self.compute_dtype)
         self.optimizer = self._make_optimizer()
         self.loss_config = cfg.loss_config()
         self.state = TrainerState()
         self.rng = random.Random(cfg.run.seed)
         if resume_from:
-            saved = checkpoint.load_checkpoint(resume_from, optimizer=self.optimizer, reference=self.reference,
-                                               verify=False)   # verified above
+            saved = distributed.load_checkpoint(resume_from, policy=self.policy, optimizer=self.optimizer,
+                                                reference=self.reference, verify=False)   # verified above;
+            # either format (single-process or DCP), saved on any number of ranks
             self.state = TrainerState(**{k: v for k, v in saved.items() if k in TrainerState.__dataclass_fields__})
             self.rng.setstate(checkpoint._as_tuple(self.state.sampler))
-        self.engine = make_engine(cfg.rollout.engine, self.policy, self.tokenizer,
+        self.engine = make_engine(cfg.rollout.engine, rollout_model, self.tokenizer,
                                   max_model_len=cfg.rollout.max_model_len, seed=cfg.run.seed,
                                   **cfg.rollout.engine_options)
-        self.log = MetricsLogger(self.run_dir, total_steps=cfg.run.steps, start_step=self.state.step,
-                                 tensorboard=cfg.run.tensorboard, progress=cfg.run.progress)
+        logger = MetricsLogger if self.dp is None or self.dp.is_main else distributed.SilentLogger
+        self.log = logger(self.run_dir, total_steps=cfg.run.steps, start_step=self.state.step,
+                          tensorboard=cfg.run.tensorboard, progress=cfg.run.progress)
         self._peak = peak_flops(self.device)
+        if self._peak and self.dp is not None:
+            self._peak *= self.dp.world_size                     # MFU per GPU of the whole world
 
     # ------------------------------------------------------------------ setup helpers
 
@@ -249,6 +264,28 @@ class Trainer:
         weight = lm_head_weight(model)
         dtype = self.compute_dtype or weight.dtype
         return hidden.to(dtype), weight.to(dtype)
+
+    def _hidden_and_head(self, model, batch) -> tuple[torch.Tensor, torch.Tensor]:
+        with self._autocast():
+            hidden = forward_hidden(model, batch, attn_backend=self.cfg.model.attn_backend)
+        return self._head(model, hidden)
+
+    def _forward(self, model, batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """The fused kernel's inputs for a packed batch: hidden [N, H] and head weight [V, H].
+        A sharded model runs this as its root's FSDP forward, so the head weight is whole."""
+        sharded = getattr(model, distributed.FORWARD_METHOD, None)
+        return sharded(batch) if sharded is not None else self._hidden_and_head(model, batch)
+
+    def _plan(self, records: list[SequenceRecord]) -> list[list[int]]:
+        """Micro-batches (indices into records) that this process runs: all of them, or under
+        data parallelism its balanced share, padded with [] to the common count."""
+        lengths, budget = [r.length for r in records], self.cfg.optim.max_tokens_per_microbatch
+        return self.dp.plan(lengths, budget) if self.dp is not None else plan_microbatches(lengths, budget)
+
+    def _pack(self, records: list[SequenceRecord], idx: list[int]):
+        """The micro-batch `idx` on the device; [] is a zero-weight one (see `_plan`)."""
+        batch = pack([records[i] for i in idx]) if idx else self.dp.zero_weight_batch(records)
+        return batch.to(self.device)
 
     def prompt_ids(self, problem: Problem) -> list[int]:
         ids = format_prompt(self.tokenizer, problem.prompt, self.cfg.data.system_prompt)
@@ -304,7 +341,7 @@ class Trainer:
         stats = [self.update(mb, step) for mb in self.mini_batches(records, step)]   # pack, loss, step
         self._track_skips(step, stats)                                # raises after too many skipped steps
         with nvtx.range("weight_sync"):
-            self.engine.sync_weights(self.policy)                     # rollout engine ← new weights
+            self._sync_weights()                                      # rollout engine ← new weights
         t_train = time.perf_counter() - t1
         self.state.step = step
         metrics.update(self._reduce(stats))
@@ -327,10 +364,7 @@ class Trainer:
             problems = self.data.train.sample(want, self.rng)
             sampling = SamplingConfig(n=cfg.rollout.n, temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
                                       max_tokens=cfg.rollout.max_tokens, seed=self._seed(step, attempt))
-            with nvtx.range("rollout"):
-                outs = self.engine.generate([self.prompt_ids(p) for p in problems], sampling)
-            with nvtx.range("reward"):
-                rewards = torch.tensor([[score(p, c.text) for c in cs] for p, cs in zip(problems, outs)])  # [G, n]
+            outs, rewards = self._rollout(problems, sampling)                                        # [G, n]
             done = torch.tensor([[c.finished for c in cs] for cs in outs])                            # [G, n]
             shaped = shape_overlong(rewards, done, alg.overlong, alg.overlong_penalty)
             advantages = group_advantages(shaped, alg.advantage)
@@ -357,6 +391,25 @@ class Trainer:
             metrics[f"reward_errors/{name}"] = count
         return kept, metrics
 
+    def _rollout(self, problems: list[Problem], sampling: SamplingConfig) -> tuple[list[list[Completion]], Any]:
+        """n completions per problem and their rewards [P, n] fp32; data-parallel ranks each
+        sample and score a share of the prompts and all get the whole batch back."""
+        if self.dp is not None:
+            return self.dp.rollout(problems, sampling, self._generate_and_score)
+        return self._generate_and_score(problems, sampling)
+
+    def _generate_and_score(self, problems: list[Problem], sampling: SamplingConfig):
+        with nvtx.range("rollout"):
+            outs = self.engine.generate([self.prompt_ids(p) for p in problems], sampling)
+        with nvtx.range("reward"):
+            return outs, torch.tensor([[score(p, c.text) for c in cs] for p, cs in zip(problems, outs)])
+
+    def _sync_weights(self) -> None:
+        if self.dp is not None:
+            self.dp.sync_engine(self.engine, self.policy)            # gathered from the shards
+        else:
+            self.engine.sync_weights(self.policy)
+
     def make_records(self, groups: list[Group]) -> list[SequenceRecord]:
         """One SequenceRecord per completion: the advantage is broadcast over its response by
         `pack`; overlong="mask" leaves truncated responses out of the loss (DAPO)."""
@@ -375,9 +428,7 @@ class Trainer:
 
     def _logps(self, model, batch) -> torch.Tensor:
         """[N] fp32 log-probs of the packed targets under `model` at the rollout temperature."""
-        with self._autocast():
-            hidden = forward_hidden(model, batch, attn_backend=self.cfg.model.attn_backend)
-        hidden, weight = self._head(model, hidden)
+        hidden, weight = self._forward(model, batch)
         return linear_logprobs(hidden, weight, batch.targets, temperature=self.cfg.rollout.temperature,
                                ignore_index=batch.ignore_index, backend=self.cfg.model.kernel_backend)
 
@@ -391,14 +442,15 @@ class Trainer:
             return records
         old: list[Any] = [None] * len(records)
         ref: list[Any] = [None] * len(records)
-        plan = plan_microbatches([r.length for r in records], self.cfg.optim.max_tokens_per_microbatch)
         models = [(m, out) for m, out in ((self.policy if need_old else None, old), (self.reference, ref)) if m]
         with nvtx.range("logprobs"):
-            for idx in plan:
-                batch = pack([records[i] for i in idx]).to(self.device)
+            for idx in self._plan(records):
+                batch = self._pack(records, idx)
                 for model, out in models:
                     for i, values in zip(idx, batch.split_responses(self._logps(model, batch))):
                         out[i] = values.float().cpu()
+        if self.dp is not None:                                      # each rank filled its share
+            old, ref = self.dp.merge(old), self.dp.merge(ref)
         return [dataclasses.replace(r, old_logp=old[i], ref_logp=ref[i]) for i, r in enumerate(records)]
 
     def mini_batches(self, records: list[SequenceRecord], step: int) -> list[list[SequenceRecord]]:
@@ -430,9 +482,7 @@ class Trainer:
     def _loss(self, batch, normalizer: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The policy's GRPO loss on one packed micro-batch (decoder, then the fused LM head)."""
         cfg = self.cfg
-        with self._autocast():
-            hidden = forward_hidden(self.policy, batch, attn_backend=cfg.model.attn_backend)
-        hidden, weight = self._head(self.policy, hidden)
+        hidden, weight = self._forward(self.policy, batch)
         return fused_linear_grpo_loss(
             hidden, weight, batch.targets, batch.advantages, batch.loss_mask, old_logp=batch.old_logp,
             ref_logp=batch.ref_logp, rollout_logp=batch.rollout_logp, cu_seqlens=batch.cu_seqlens,
@@ -448,7 +498,7 @@ class Trainer:
         the step."""
         cfg = self.cfg
         self.policy.train()
-        plan = plan_microbatches([r.length for r in records], cfg.optim.max_tokens_per_microbatch)
+        plan = self._plan(records)
         if cfg.algorithm.loss_agg == "token-mean":
             normalizer = float(sum(r.num_response_tokens for r in records))   # response tokens
         else:
@@ -459,16 +509,19 @@ class Trainer:
         skip = None                                                  # why this update is not applied
         for idx in plan:
             with nvtx.range("pack"):
-                batch = pack([records[i] for i in idx]).to(self.device)
+                batch = self._pack(records, idx)
             with nvtx.range("forward"):
                 loss, m = self._loss(batch, normalizer)
             # The host reads the loss (as the metrics below do anyway) before the backward is
             # issued, so a NaN never propagates into the gradients; later micro-batches are moot.
+            # Under FSDP every rank must issue the same collectives: the backward runs anyway,
+            # the NaN reaches the global gradient norm, and every rank skips the step together.
             loss_value = loss.item()
             loss_total += loss_value
             if not math.isfinite(loss_value):
                 skip = f"non-finite loss ({loss_value})"
-                break
+                if self.dp is None:
+                    break
             with nvtx.range("backward"):
                 loss.backward()
             count = m["num_tokens"].item()
@@ -477,15 +530,17 @@ class Trainer:
             for key, value in m.items():
                 if key not in ("num_tokens", "ratio_max"):
                     sums[key] += value.item() * count
+        if self.dp is not None:                                      # this rank's share → the mini-batch
+            sums, tokens, loss_total, ratio_max = self.dp.reduce_update(sums, tokens, loss_total, ratio_max)
         clip = cfg.optim.grad_clip or float("inf")
         lr = self._lr(step)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         grad_norm = float("nan")
         with nvtx.range("optimizer"):
-            if skip is None:
+            if skip is None or self.dp is not None:                  # a collective under FSDP
                 grad_norm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), clip).item()
-                if not math.isfinite(grad_norm):
+                if not math.isfinite(grad_norm) and skip is None:
                     skip = f"non-finite gradient norm ({grad_norm})"
             if skip is None:
                 self.optimizer.step()
@@ -592,14 +647,15 @@ class Trainer:
         r = self.cfg.reference
         reasons = []
         watch = self.run_dir / r.watch_file
-        if watch.exists():
+        if (self.dp is None or self.dp.is_main) and watch.exists():
             watch.unlink(missing_ok=True)
             reasons.append("on_demand")
         if r.mode in ("every", "both") and step % r.every == 0:
             reasons.append("every")
         if r.mode in ("patience", "both") and evaluated and self.state.evals_since_best >= r.patience:
             reasons.append("patience")
-        return "+".join(reasons) or None
+        reason = "+".join(reasons) or None
+        return self.dp.broadcast(reason) if self.dp is not None else reason      # rank 0 saw the file
 
     def reset_reference(self, reason: str) -> None:
         """The ProRL reset: reference ← policy, and (ProRL v1) a fresh optimizer state."""
@@ -616,8 +672,9 @@ class Trainer:
 
     def save(self) -> Path:
         self.state.sampler = self.rng.getstate()
+        save = self.dp.save_checkpoint if self.dp is not None else checkpoint.save_checkpoint
         with nvtx.range("checkpoint"):
-            return checkpoint.save_checkpoint(
+            return save(
                 self.run_dir, self.state.step, policy=self.policy, tokenizer=self.tokenizer,
                 optimizer=self.optimizer, reference=self.reference, trainer_state=dataclasses.asdict(self.state),
                 keep_last=self.cfg.run.keep_last, tokenizer_source=self.cfg.model.path)

@@ -6,6 +6,8 @@
     prolix train --resume runs/prorl-1p5b-8k              # continue from its latest checkpoint
     prolix train --resume runs/prorl-1p5b-8k run.steps=3000    # ... and go further
     touch runs/prorl-1p5b-8k/RESET_REFERENCE              # reset the reference after this step
+    prolix train --nproc 8 --config cfg.yaml              # 8 GPUs of this node: FSDP2 data parallelism
+    torchrun --nproc-per-node=8 -m prolix.trainer.cli train --config cfg.yaml   # the same, or multi-node
 
 The algorithm (loop.py): each step samples `optim.prompts_per_step` prompts and `rollout.n`
 responses each, scores them with verifiable rewards, normalises rewards within each group
@@ -28,12 +30,17 @@ the newest one of RUN_DIR fails it, the run resumes from the newest one that pas
 Exit status: 0 on success; 2 on a configuration error or when no checkpoint to resume from
 verifies; 3 when training diverged (optim.max_consecutive_skips steps in a row without a finite
 update: the run stops without checkpointing, so `--resume` restarts from the last good state).
+
+Many GPUs: under torchrun every rank runs this entry point; rank 0 alone creates the run
+directory, builds the demo model and prints, and `distributed.py` does the rest. A checkpoint
+resumes on any number of ranks (or in a plain process).
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -47,9 +54,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", default=None, help="YAML config (default: the embedded demo)")
     p.add_argument("--resume", default=None, metavar="DIR",
                    help="a run directory (its latest checkpoint) or one checkpoint directory")
+    p.add_argument("--nproc", type=int, default=None, metavar="G",
+                   help="train on G processes of this machine (one per GPU) with FSDP2: relaunches itself "
+                        "under torchrun (torch.distributed.run --standalone); run torchrun yourself for several nodes")
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="dotted overrides, e.g. optim.lr=1e-6 rollout.n=8 data.sources.0.name=chain_sum")
     return p
+
+
+def launch_command(args: argparse.Namespace) -> list[str]:
+    """The torchrun command that runs these arguments on args.nproc local processes."""
+    from .distributed import torchrun_command
+
+    train_args = (["--config", args.config] if args.config else []) + \
+        (["--resume", args.resume] if args.resume else []) + list(args.overrides)
+    return torchrun_command(args.nproc, train_args)
 
 
 def _new_run_dir(cfg) -> Path:
@@ -65,12 +84,31 @@ def _new_run_dir(cfg) -> Path:
     return run_dir
 
 
+def _new_run(cfg, data):
+    """(run_dir, cfg) of a fresh run: its directory, and the demo's base model when model.path is empty."""
+    from . import demo
+
+    run_dir = _new_run_dir(cfg)
+    if not cfg.model.path:
+        path = demo.build_base_model(cfg, run_dir, data)
+        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, path=str(path)))
+    return run_dir, cfg
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
+    from .distributed import init_from_env, launched, run_on_main
+
+    if args.nproc is not None:
+        if launched():
+            print("prolix train: error: --nproc: this process is already one of a torchrun world; "
+                  "give the process count to torchrun only", file=sys.stderr)
+            return 2
+        if args.nproc > 1:
+            return subprocess.call(launch_command(args))
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()                     # per-checkpoint "Writing model shards" bars
-    from . import demo
     from .checkpoint import CheckpointError, resolve_checkpoint
     from .config import ConfigError, load_config, save_config
     from .loop import Trainer, TrainingDivergedError, prepare_data
@@ -84,23 +122,29 @@ def main(argv: list[str] | None = None) -> int:
         else:
             cfg = load_config(args.config, args.overrides)
         data = prepare_data(cfg)                          # unknown task, bad file: before anything heavy
+        dp = init_from_env(cfg.run.device)                # None in a plain process
         if ckpt is None:
-            run_dir = _new_run_dir(cfg)
-            if not cfg.model.path:
-                path = demo.build_base_model(cfg, run_dir, data)
-                cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, path=str(path)))
-        save_config(cfg, run_dir / "config.yaml")
+            run_dir, cfg = run_on_main(dp, lambda: _new_run(cfg, data))    # rank 0 decides, all follow
+        if dp is None or dp.is_main:
+            save_config(cfg, run_dir / "config.yaml")
         trainer = Trainer(cfg, run_dir, data=data, resume_from=ckpt)
     except (ConfigError, FileNotFoundError, CheckpointError) as e:
         print(f"prolix train: error: {e}", file=sys.stderr)
         return 2
-    if ckpt is not None:
+    quiet = dp is not None and not dp.is_main
+    if ckpt is not None and not quiet:
         print(f"resuming {run_dir} from {ckpt.name} (step {trainer.state.step})", flush=True)
     try:
         result = trainer.fit()
     except TrainingDivergedError as e:
-        print(f"prolix train: error: {e}", file=sys.stderr)
+        if not quiet:
+            print(f"prolix train: error: {e}", file=sys.stderr)
         return 3
+    finally:
+        if dp is not None:
+            dp.close()
+    if quiet:
+        return 0
     print(f"run directory: {result.run_dir}")
     first, last = result.first_eval, result.last_eval
     if first and last:
