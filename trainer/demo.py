@@ -18,7 +18,8 @@ What RL has to learn. The base model leaves the warm start with two habits and n
 which one pays; the reward alone tells it, and GRPO learns within a few dozen steps to always
 tag its answer — the format lesson RL teaches real base models (DeepSeek-R1-Zero's format
 reward), in miniature: over seeds 0-2, 80 steps raised held-out accuracy by 0.09 to 0.31
-(README). The arithmetic itself improves far more slowly at a learning rate the tiny model tolerates (1e-4; at 2e-4 accuracy fell).
+(README). The arithmetic itself improves far more slowly at a learning rate the tiny model
+tolerates (1e-4; at 2e-4 accuracy fell).
 
 The task is chain_sum with three one-digit terms ("4 - 1 + 7 ="): every held-out question is
 new, but the one-step facts it needs ("3 + 7") also occur in training questions, so what RL
