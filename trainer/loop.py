@@ -188,7 +188,9 @@ class Trainer:
     """Owns the policy, the reference, the optimizer, the engine and the loop state."""
 
     def __init__(self, cfg: TrainConfig, run_dir: str | Path, *, data: Data | None = None,
-                 resume_from: str | Path | None = None) -> None:
+                 resume_from: str | Path | None = None, resume_verified: bool = False) -> None:
+        """`resume_verified`: the caller has already checked `resume_from`'s manifest (as
+        `checkpoint.resolve_checkpoint` does), so its files are not hashed a second time."""
         self.cfg, self.run_dir = cfg, Path(run_dir)
         self.dp = distributed.init_from_env(cfg.run.device)       # None unless launched by torchrun
         self.device = self.dp.device if self.dp else _resolve_device(cfg.run.device)
@@ -199,7 +201,7 @@ class Trainer:
         source = Path(resume_from) if resume_from else Path(cfg.model.path)
         if not cfg.model.path and not resume_from:
             raise ConfigError("model.path: empty (the demo builds its model before the trainer starts)")
-        if resume_from:
+        if resume_from and not resume_verified:
             checkpoint.verify_checkpoint(resume_from)      # before any of its files is read
 
         self.tokenizer = load_tokenizer(source)

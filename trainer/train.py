@@ -127,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
             run_dir, cfg = run_on_main(dp, lambda: _new_run(cfg, data))    # rank 0 decides, all follow
         if dp is None or dp.is_main:
             save_config(cfg, run_dir / "config.yaml")
-        trainer = Trainer(cfg, run_dir, data=data, resume_from=ckpt)
+        trainer = Trainer(cfg, run_dir, data=data, resume_from=ckpt, resume_verified=True)   # resolve_checkpoint
     except (ConfigError, FileNotFoundError, CheckpointError) as e:
         print(f"prolix train: error: {e}", file=sys.stderr)
         return 2
