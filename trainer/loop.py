@@ -208,13 +208,17 @@ class Trainer:
         self.data = data or prepare_data(cfg)
         check_prompt_lengths(cfg, self.tokenizer, self.data)
         torch.manual_seed(cfg.run.seed)
-        self.policy = load_policy(source, dtype=self.param_dtype, device=self.device,
+        # Under FSDP the model is read into host memory and `fully_shard` moves it to the GPU one
+        # layer at a time, keeping only this rank's shard: a whole policy (plus its reference)
+        # never has to fit on one GPU before sharding.
+        self.policy = load_policy(source, dtype=self.param_dtype,
+                                  device=torch.device("cpu") if self.dp is not None else self.device,
                                   gradient_checkpointing=cfg.model.gradient_checkpointing)
         cfg.check_model_context(getattr(self.policy.config, "max_position_embeddings", None))
         self.reference = self._frozen_copy() if cfg.algorithm.kl_coef > 0 else None
         rollout_model = self.policy
         if self.dp is not None:            # the engine keeps whole weights; training shards them
-            rollout_model = copy.deepcopy(self.policy)
+            rollout_model = copy.deepcopy(self.policy).to(self.device)
             for model in filter(None, (self.policy, self.reference)):
                 self.dp.shard(model, self._hidden_and_head, compute_dtype=self.compute_dtype)
         self.optimizer = self._make_optimizer()
