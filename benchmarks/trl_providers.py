@@ -208,36 +208,35 @@ def trl_chunked_linear(inp: Inputs, ctx) -> Forward:
     return fwd
 
 
-def trl_loss(inp: Inputs, ctx) -> Forward:
-    """grpo-loss: GRPOTrainer._compute_loss on the case's log-probs [N] (zero entropies)."""
-    _trl()
+def _compute_loss_on(inp: Inputs, ctx, logps_and_entropies) -> Forward:
+    """GRPOTrainer._compute_loss with its per-token log-prob/entropy method replaced."""
     inputs = trl_inputs(inp)
-
-    def logps_and_entropies(*args, **kwargs):
-        logps = _seq(inp.logp, inp)
-        return logps, torch.zeros_like(logps), None
 
     def fwd():
         trainer = trl_trainer(ctx.config)
         trainer._get_per_token_logps_and_entropies = logps_and_entropies
         return _compute_loss(trainer, None, inputs)
     return fwd
+
+
+def trl_loss(inp: Inputs, ctx) -> Forward:
+    """grpo-loss: GRPOTrainer._compute_loss on the case's log-probs [N] (zero entropies)."""
+    _trl()
+
+    def logps_and_entropies(*args, **kwargs):
+        logps = _seq(inp.logp, inp)
+        return logps, torch.zeros_like(logps), None
+    return _compute_loss_on(inp, ctx, logps_and_entropies)
 
 
 def trl_fused(inp: Inputs, ctx) -> Forward:
     """fused-grpo: full logits → selective_log_softmax (+ entropy, no grad) → _compute_loss."""
     _trl()
-    inputs = trl_inputs(inp)
 
     def logps_and_entropies(*args, **kwargs):
         logps, entropies = _full_logits_logps(inp, entropy=True)
         return logps, entropies, None
-
-    def fwd():
-        trainer = trl_trainer(ctx.config)
-        trainer._get_per_token_logps_and_entropies = logps_and_entropies
-        return _compute_loss(trainer, None, inputs)
-    return fwd
+    return _compute_loss_on(inp, ctx, logps_and_entropies)
 
 
 def trl_chunked_fused(inp: Inputs, ctx) -> Forward:

@@ -38,3 +38,16 @@ def assert_rel_close(out: torch.Tensor, ref: torch.Tensor, tol: float, what: str
         worst = torch.topk(diff, min(5, diff.numel())).indices
         rows = [(int(i), out.flatten()[i].item(), ref.flatten()[i].item()) for i in worst]
         raise AssertionError(f"{what}: relative L2 error {err:.3e} > {tol:.1e}; worst (index, out, ref): {rows}")
+
+
+def run_without(module: str, code: str):
+    """Run `code` in a fresh interpreter in which `import <module>` fails (sys.modules[module] =
+    None); returns the CompletedProcess. For checking that prolix.kernels.integrations.* import
+    without their host library and fail clearly only when used."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "TRITON_INTERPRET": os.environ.get("TRITON_INTERPRET", "0")}
+    return subprocess.run([sys.executable, "-c", f"import sys; sys.modules[{module!r}] = None\n{code}"],
+                          capture_output=True, text=True, env=env, timeout=120)

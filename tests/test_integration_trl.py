@@ -14,14 +14,10 @@ run their GEMMs in bf16), so the project's fp32 tolerances apply.
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 
-from kernel_testing import TOLERANCES, assert_rel_close
+from kernel_testing import TOLERANCES, assert_rel_close, run_without
 
 TOL = TOLERANCES[torch.float32]
 CHARS = "abcdefghijklmnopqrstuvwxyz0123456789 +=?"
@@ -265,10 +261,7 @@ def test_prolix_trainer_trains_like_trl(model_dir, tmp_path):
 
 def test_module_imports_without_trl_and_fails_clearly_when_used():
     """`prolix.kernels` must not need trl: import works, use raises an ImportError that says what to do."""
-    code = ("import sys; sys.modules['trl'] = None\n"
-            "import prolix.kernels.integrations.trl as m\n"
-            "try:\n    m.ProlixGRPOTrainer\nexcept ImportError as e:\n    print('ERR', e)\n")
-    env = {**os.environ, "TRITON_INTERPRET": os.environ.get("TRITON_INTERPRET", "0")}
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    out = run_without("trl", "import prolix.kernels.integrations.trl as m\n"
+                               "try:\n    m.ProlixGRPOTrainer\nexcept ImportError as e:\n    print('ERR', e)\n")
     assert out.returncode == 0, out.stderr
     assert "ERR" in out.stdout and "pip install trl" in out.stdout, out.stdout

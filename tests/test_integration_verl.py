@@ -12,14 +12,10 @@ fp32, so the project's fp32 tolerances apply.
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 
-from kernel_testing import TOLERANCES, assert_rel_close
+from kernel_testing import TOLERANCES, assert_rel_close, run_without
 
 TOL = TOLERANCES[torch.float32]
 MODES = ("token-mean", "token-sum", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
@@ -166,10 +162,7 @@ def test_prolix_backend_forward_on_packed_sequences(verl_modules):
 
 
 def test_module_imports_without_verl_and_fails_clearly_when_used():
-    code = ("import sys; sys.modules['verl'] = None\n"
-            "import prolix.kernels.integrations.verl as m\n"
-            "try:\n    m.register()\nexcept ImportError as e:\n    print('ERR', e)\n")
-    env = {**os.environ, "TRITON_INTERPRET": os.environ.get("TRITON_INTERPRET", "0")}
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    out = run_without("verl", "import prolix.kernels.integrations.verl as m\n"
+                               "try:\n    m.register()\nexcept ImportError as e:\n    print('ERR', e)\n")
     assert out.returncode == 0, out.stderr
     assert "ERR" in out.stdout and "pip install" in out.stdout, out.stdout

@@ -232,9 +232,17 @@ def save_checkpoint(run_dir: str | Path, step: int, *, policy, tokenizer, optimi
     if reference is not None:
         save_model(reference, str(tmp / "reference.safetensors"))   # handles tied embeddings
     torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    _publish(tmp, final, step=step, trainer_state=trainer_state, keep_last=keep_last)
+    return final
+
+
+def _publish(tmp: Path, final: Path, *, step: int, trainer_state: dict[str, Any], keep_last: int) -> None:
+    """Finish a checkpoint written into `tmp` and make it `final`: RNG states, the trainer state,
+    the manifest (last: it describes every other file), fsync, rename, `latest`, rotation."""
+    root = final.parent
     torch.save(capture_rng(), tmp / "rng.pt")
     (tmp / "trainer_state.json").write_text(json.dumps({**trainer_state, "step": step}, indent=1))
-    _write_manifest(tmp, step)                               # last: it describes every other file
+    _write_manifest(tmp, step)
     _fsync_tree(tmp)
     if final.exists():                                       # re-saving a step (e.g. after a resume)
         trash = root / f".tmp-old-{final.name}-{os.getpid()}"
@@ -248,7 +256,6 @@ def save_checkpoint(run_dir: str | Path, step: int, *, policy, tokenizer, optimi
     for old in _complete_checkpoints(root)[:-keep_last]:
         if old != final:
             shutil.rmtree(old, ignore_errors=True)
-    return final
 
 
 # ----------------------------------------------------------------------------- load

@@ -405,22 +405,8 @@ def save_checkpoint(dp: DataParallel, run_dir: str | Path, step: int, *, policy,
     if dp.is_main:
         _export_hf(policy, full, tmp)
         checkpoint._save_tokenizer(tokenizer, tokenizer_source, tmp)
-        torch.save(checkpoint.capture_rng(), tmp / "rng.pt")
-        (tmp / "trainer_state.json").write_text(json.dumps({**trainer_state, "step": step}, indent=1))
-        checkpoint._write_manifest(tmp, step)        # last: every rank's DCP files are complete by now
-        checkpoint._fsync_tree(tmp)
-        if final.exists():                           # re-saving a step (e.g. after a resume)
-            trash = root / f".tmp-old-{final.name}-{os.getpid()}"
-            os.rename(final, trash)
-            os.rename(tmp, final)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            os.rename(tmp, final)
-        checkpoint._fsync_path(root)
-        checkpoint._write_atomic(root / checkpoint.LATEST, final.name + "\n")
-        for old in checkpoint._complete_checkpoints(root)[:-keep_last]:
-            if old != final:
-                shutil.rmtree(old, ignore_errors=True)
+        # every rank's DCP files are complete by now: the manifest covers them too
+        checkpoint._publish(tmp, final, step=step, trainer_state=trainer_state, keep_last=keep_last)
     del full
     dp.barrier()                                     # nobody resumes training before `latest` moved
     return final
