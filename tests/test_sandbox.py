@@ -1,12 +1,16 @@
 """The sandbox: hostile programs end with a reason, change nothing outside, and leave nothing behind.
 
-Most claims are checked in two modes when running as root: "namespaces" (the full sandbox) and
-"uid-only" (namespaces off, as under Docker's default seccomp), because the second is what many
-hosts get. The fork-bomb test first checks, with harmless sleepers, that the process cap holds;
+Most claims are checked with both launchers (the native `prolix-sandbox` where it is built, and
+the Python one) and, as root, in two modes: "namespaces" (the full sandbox) and "uid-only"
+(namespaces off, as under Docker's default seccomp), because the second is what many hosts get.
+The attacks only the native launcher's seccomp filter and cgroup stop are in
+test_sandbox_native.py. The fork-bomb test first checks, with harmless sleepers, that the process cap holds;
 it never runs an unbounded bomb. An autouse fixture asserts after every test that no process of a
 sandbox uid is left on the machine.
 """
 
+import errno
+import glob
 import json
 import os
 import resource
@@ -20,11 +24,11 @@ import time
 from pathlib import Path
 
 import pytest
-
 from prolix.trainer import sandbox
 from prolix.trainer.sandbox import MAX_PROCESSES, SandboxError, run_python
 
 ROOT = os.geteuid() == 0
+NATIVE_BUILT = os.access(sandbox.NATIVE_LAUNCHER, os.X_OK)
 needs_root = pytest.mark.skipif(not ROOT, reason="privilege drop and namespaces need root")
 
 SPAWN_SLEEPERS = """
@@ -82,6 +86,19 @@ def _sandbox_pids() -> list[int]:
     return found
 
 
+def _own_cgroup_dirs() -> list[str]:
+    """Run cgroups left under this process's own cgroups (where the launcher makes them)."""
+    found = []
+    with open("/proc/self/cgroup") as f:
+        for line in f:
+            _, ctrls, path = line.rstrip("\n").split(":", 2)
+            for mount in ({"memory": ["/sys/fs/cgroup/memory"], "pids": ["/sys/fs/cgroup/pids"]}.get(ctrls, [])
+                          if ctrls else ["/sys/fs/cgroup", "/sys/fs/cgroup/unified"]):
+                found += glob.glob(os.path.join(mount + path, "prolix-sandbox-*"))
+    return found
+
+
+
 @pytest.fixture(autouse=True)
 def no_leftovers():
     yield
@@ -91,8 +108,17 @@ def no_leftovers():
     assert _sandbox_pids() == [], "a sandboxed process outlived its run"
 
 
+@pytest.fixture(params=["native", "python"])
+def launcher(request, monkeypatch):
+    """Pick the launcher for the test through the environment variable run_python reads."""
+    if request.param == "native" and not NATIVE_BUILT:
+        pytest.skip(f"the native launcher is not built ({sandbox.NATIVE_LAUNCHER}; `make native`)")
+    monkeypatch.setenv(sandbox.LAUNCHER_ENV, request.param)
+    return request.param
+
+
 @pytest.fixture(params=["default", "uid-only"])
-def mode(request, monkeypatch):
+def mode(request, monkeypatch, launcher):
     """Run the test in the full sandbox and in the no-namespace fallback (root only for the latter)."""
     if request.param == "default":  # as root: the full sandbox
         if ROOT and not _host_has_namespaces():
@@ -237,7 +263,10 @@ def test_connecting_to_the_hosts_loopback_fails(mode):
         port = server.getsockname()[1]
         r = run_python(f"import socket\nsocket.create_connection(('127.0.0.1', {port}), timeout=2)\nprint('connected')")
         assert not r.ok and "connected" not in r.stdout
-        assert "Network is unreachable" in r.stderr or "is not allowed" in r.stderr
+        if "seccomp" in r.isolation:  # the filter refuses AF_INET sockets before any routing
+            assert "PermissionError: [Errno 1] Operation not permitted" in r.stderr
+        else:
+            assert "Network is unreachable" in r.stderr or "is not allowed" in r.stderr
         with pytest.raises(socket.timeout):
             server.accept()  # nothing ever reached the listener
 
@@ -248,6 +277,8 @@ def test_full_isolation_is_applied_where_the_host_allows_it():
         pytest.skip("this host does not allow namespaces")
     r = run_python("import os\nprint(os.getuid(), os.getpid(), sorted(os.listdir('/sys/class/net')))")
     assert {"pidns", "netns", "ipcns", "mountns", "uid", "rlimits"} <= set(r.isolation)
+    if NATIVE_BUILT:  # the default launcher then is the native one, which adds its own layers
+        assert "seccomp" in r.isolation and "userns" not in r.isolation
     uid, pid, nets = r.stdout.split(maxsplit=2)
     assert int(uid) >= sandbox.UID_BASE and pid == "1"
 
@@ -268,15 +299,18 @@ def test_concurrent_runs_get_distinct_uids(mode):
     assert len({r.stdout for r in results}) == 4  # overlapping runs never share a uid (or its NPROC)
 
 
-def test_a_hung_launcher_is_killed_by_the_backstop_with_its_program(monkeypatch):
+def test_a_hung_launcher_is_killed_by_the_backstop_with_its_program(monkeypatch, launcher):
     # A launcher that never reports (simulated: the trainer's backstop fires before the program
     # ends) is killed with its process group; the program dies with it (PDEATHSIG, pid namespace).
     monkeypatch.setattr(sandbox, "BACKSTOP_S", -9.5)
     r = run_python("import time\ntime.sleep(60)", timeout=10)
     assert (r.ok, r.reason, r.returncode) == (False, "timeout", None)
+    if launcher == "native":  # the killed launcher could not remove its cgroup: the next one does
+        monkeypatch.setattr(sandbox, "BACKSTOP_S", 10.0)
+        assert run_python("pass").ok and _own_cgroup_dirs() == []
 
 
-def test_a_sandbox_that_cannot_start_raises(monkeypatch):
+def test_a_sandbox_that_cannot_start_raises(monkeypatch, launcher):
     monkeypatch.setattr(sandbox, "PYTHON", "/nonexistent/python3")
     with pytest.raises(SandboxError, match="nonexistent"):
         run_python("print(1)")
@@ -295,41 +329,82 @@ def test_bad_arguments_raise_naming_the_argument(kwargs, match):
 
 
 UNPRIVILEGED_CHECK = """
-import importlib.util, json, sys
+import importlib.util, json, os, sys
 spec = importlib.util.spec_from_file_location("prolix_sandbox", sys.argv[1])
 sb = importlib.util.module_from_spec(spec)
 sys.modules["prolix_sandbox"] = sb
 spec.loader.exec_module(sb)
+me = os.getpid()  # the "trainer" the program must not reach
 out = {}
 r = sb.run_python("print(input())", stdin="hi")
 out["hello"] = [r.reason, r.stdout, list(r.isolation)]
 r = sb.run_python("import socket\\nsocket.socket()")
-out["socket"] = [r.reason, "socket.__new__ is not allowed" in r.stderr]
+out["socket"] = [r.reason, r.stderr.strip().splitlines()[-1]]
 out["loop"] = sb.run_python("while True: pass", timeout=1).reason
 out["memory"] = sb.run_python("x = bytearray(1 << 30)", memory_mb=128).reason
 r = sb.run_python(sys.argv[2], timeout=5)
 out["spawned"] = int(r.stdout) if r.ok else r.stderr
+r = sb.run_python(f"import os\\ntry:\\n    os.kill({me}, 0)\\n    print('signalled')\\nexcept OSError as e:\\n    print(e.errno)")
+out["signal_trainer"] = r.stdout.strip()
+r = sb.run_python(f"try:\\n    print(len(open('/proc/{me}/environ', 'rb').read()))\\nexcept OSError as e:\\n    print(type(e).__name__)")
+out["read_trainer"] = r.stdout.strip()
+r = sb.run_python(sys.argv[3].format(pid=me))
+out["ptrace"] = [r.reason, r.stderr.strip().splitlines()[-1] if r.stderr.strip() else r.stdout]
 print(json.dumps(out))
+"""
+# ptrace(PTRACE_ATTACH, pid): raises with the errno the kernel (or the filter) gave.
+PTRACE_ATTACH = """
+import ctypes, os
+libc = ctypes.CDLL(None, use_errno=True)
+if libc.ptrace(16, {pid}, 0, 0) == 0:
+    print("attached")
+else:
+    err = ctypes.get_errno()
+    raise OSError(err, os.strerror(err))
 """
 
 
-def test_unprivileged_caller_still_gets_limits_hook_and_cleanup():
-    """Not root: no uid change, no namespaces; limits, the socket hook and the sweep still hold.
+def test_unprivileged_caller_is_confined(launcher):
+    """Not root: the Python launcher gives limits, the audit hook and the sweep; the native one adds
+    a user namespace (pid, net, mount inside) and seccomp, so the program cannot reach the trainer.
 
     As root this runs the real non-root code path by starting the check as an unused uid.
     """
-    uid = sandbox.UID_BASE + sandbox.MAX_SLOTS + 7  # outside the slot range, so no_leftovers covers it
+    uid = sandbox.UID_BASE + sandbox.MAX_SLOTS + 7  # outside the slot range: checked with ps below
     python = _world_python() if ROOT else sys.executable
     if python is None:
         pytest.skip("no interpreter that an unprivileged uid can run")
     drop = {"user": uid, "group": uid, "extra_groups": []} if ROOT else {}
-    proc = subprocess.run([python, "-I", "-c", UNPRIVILEGED_CHECK, sandbox.__file__, SPAWN_SLEEPERS],
-                          capture_output=True, text=True, timeout=30, cwd="/", **drop)
+    proc = subprocess.run([python, "-I", "-c", UNPRIVILEGED_CHECK, sandbox.__file__, SPAWN_SLEEPERS, PTRACE_ATTACH],
+                          capture_output=True, text=True, timeout=60, cwd="/", **drop)
     assert proc.returncode == 0, proc.stderr
     out = json.loads(proc.stdout)
-    assert out["hello"] == ["ok", "hi\n", ["rlimits"]]
-    assert out["socket"] == ["error", True]
     assert out["loop"] == "timeout" and out["memory"] == "memory"
     assert isinstance(out["spawned"], int) and 0 < out["spawned"] <= MAX_PROCESSES
-    if ROOT:  # the subreaper sweep killed the setsid'd sleepers
+    if launcher == "python":
+        assert out["hello"] == ["ok", "hi\n", ["rlimits"]]
+        assert out["socket"] == ["error", "PermissionError: socket.__new__ is not allowed"]
+        assert out["ptrace"][0] == "error" and "is not allowed" in out["ptrace"][1]  # ctypes refused by the hook
+    elif _userns_allowed():
+        assert out["hello"] == ["ok", "hi\n", ["userns", "pidns", "netns", "ipcns", "utsns", "mountns", "seccomp",
+                                               "rlimits"]]
+        assert out["socket"] == ["error", "PermissionError: [Errno 1] Operation not permitted"]
+        assert out["ptrace"] == ["error", "PermissionError: [Errno 1] Operation not permitted"]
+        assert out["signal_trainer"] == str(errno.ESRCH)  # the trainer is outside the pid namespace
+        assert out["read_trainer"] == "FileNotFoundError"  # and outside its /proc
+        assert out["spawned"] == MAX_PROCESSES - 1  # the per-namespace count: the program and its children
+    else:
+        assert out["hello"] == ["ok", "hi\n", ["seccomp", "rlimits"]]
+        assert out["ptrace"] == ["error", "PermissionError: [Errno 1] Operation not permitted"]
+    if ROOT:  # the subreaper sweep (or the pid namespace) killed the setsid'd sleepers
         assert subprocess.run(["ps", "-o", "pid=", "-u", str(uid)], capture_output=True, text=True).stdout == ""
+
+
+def _userns_allowed() -> bool:
+    """Whether an unprivileged uid may make a user namespace here (`unshare -U -r` as nobody)."""
+    cmd = ["unshare", "-U", "-r", "-p", "-n", "-m", "--fork", "true"]
+    drop = {"user": 65534, "group": 65534, "extra_groups": []} if ROOT else {}
+    try:
+        return subprocess.run(cmd, capture_output=True, timeout=10, **drop).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False

@@ -12,6 +12,7 @@
  */
 #include "sandbox.h"
 
+#include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <signal.h>
@@ -78,9 +79,31 @@ static int own_path(const char *controller, char *out, size_t len) {
     return found;
 }
 
+static int kill_listed(const char *dir);
+
+/* Removes run cgroups whose launcher is gone: one SIGKILLed (the trainer's backstop) cannot clean
+ * up after itself, and its program died with it (PDEATHSIG), so the cgroup is empty or nearly. */
+static void remove_stale(const char *parent) {
+    DIR *d = opendir(parent);
+    if (!d) return;
+    struct dirent *e;
+    char path[2 * PATH_MAX];
+    while ((e = readdir(d)) != NULL) {
+        if (strncmp(e->d_name, "prolix-sandbox-", 15) != 0) continue;
+        pid_t owner = (pid_t)atol(e->d_name + 15);
+        if (owner <= 0 || kill(owner, 0) == 0 || errno != ESRCH) continue;
+        snprintf(path, sizeof(path), "%s/%s", parent, e->d_name);
+        kill_listed(path);
+        rmdir(path);  /* EBUSY while a task is still exiting: the next launcher retries */
+    }
+    closedir(d);
+}
+
 static int make_child(const char *mount, const char *own, char *out) {
-    snprintf(out, PATH_MAX, "%s%s%sprolix-sandbox-%d", mount, own, own[strlen(own) - 1] == '/' ? "" : "/",
-             (int)getpid());
+    char parent[PATH_MAX];
+    snprintf(parent, sizeof(parent), "%s%s", mount, strcmp(own, "/") == 0 ? "" : own);
+    remove_stale(parent);
+    snprintf(out, PATH_MAX, "%s/prolix-sandbox-%d", parent, (int)getpid());
     return mkdir(out, 0755);
 }
 
@@ -176,13 +199,14 @@ void cgroup_stats(const struct cgroup *cg, long *oom_kills, long *pids_refused) 
     }
 }
 
-/* Removes the cgroup once its last (already killed) task has gone: exiting tasks hold it briefly. */
+/* Removes the cgroup once its last (already killed) task has gone: exiting tasks hold it briefly
+ * (seconds for one that is freeing gigabytes under memory pressure on a loaded machine). */
 void cgroup_destroy(struct cgroup *cg) {
     struct timespec ms = {0, 1000000};
     const char *dirs[2] = {cg->mem, cg->version == 1 ? cg->pids : ""};
     for (int d = 0; d < 2 && cg->version; d++) {
         if (!dirs[d][0]) continue;
-        for (int i = 0; i < 2000 && rmdir(dirs[d]) != 0 && errno == EBUSY; i++) {
+        for (int i = 0; i < 5000 && rmdir(dirs[d]) != 0 && errno == EBUSY; i++) {
             kill_listed(dirs[d]);
             nanosleep(&ms, NULL);
         }
