@@ -50,13 +50,16 @@ def _c_compiler() -> str | None:
 class cmake_build_ext(build_ext):
     """Configure CMakeLists.txt once per build folder and build each CMakeExtension's target.
 
-    Optional: without CMake or a C compiler (or on a platform CMakeLists.txt skips), one line
-    says so and the pure-Python package installs as before. `CMAKE_ARGS` is passed to the
+    Optional: without CMake or a C compiler (or on a platform CMakeLists.txt skips, or with
+    PROLIX_NO_NATIVE=1), one line says so and the pure-Python package installs as before. `CMAKE_ARGS` is passed to the
     configure step (e.g. CMAKE_ARGS="-DCMAKE_C_COMPILER=clang"). An editable install (`pip install
     -e .`) or `--inplace` puts the program in the source folder, where the package imports it from.
     """
 
     def run(self) -> None:
+        if os.environ.get("PROLIX_NO_NATIVE", "") not in ("", "0"):
+            print("prolix: not building the native sandbox launcher: PROLIX_NO_NATIVE is set")
+            return
         cmake, cc = _cmake(), _c_compiler()
         if cmake is None or cc is None:
             print(f"prolix: not building the native sandbox launcher: no {'CMake' if cmake is None else 'C compiler'}"

@@ -6,6 +6,7 @@
     prolix bench train --shape qwen-0.5b,qwen-1.5b  # the trainer's packed forward+backward step
     prolix bench all --quick --out /tmp/bench      # every kernel and the step, CPU-sized, any device
     prolix bench render RESULTS.json [--out DIR]    # re-draw the table and plot from a JSON
+    prolix bench sandbox [--runs 50] [--out DIR]    # ms per run_python and runs/s, each sandbox launcher
     prolix train [--config X.yaml] [--resume DIR] [--nproc G] [key=value ...]   # see prolix.trainer.train
     torchrun --nproc-per-node=G -m prolix.trainer.cli train ...     # data parallel (trainer/distributed.py)
 
@@ -83,6 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
         what.add_parser(name, parents=[sweep], help=text, description=text)
     commands.add_parser("train", help="GRPO for prolonged RL (the ProRL recipe); no arguments: the demo",
                         add_help=False)   # its own parser (prolix.trainer.train) handles the rest
+    box = what.add_parser("sandbox", help="the code reward's sandbox: ms per run_python and runs/s, each launcher")
+    box.add_argument("--runs", type=int, default=50, help="runs per launcher and per concurrency (default 50)")
+    box.add_argument("--out", default=None, help="results folder (default benchmarks/results/)")
     render = what.add_parser("render", help="re-render the .md and .png of a results JSON")
     render.add_argument("results", help="a results .json written by prolix bench")
     render.add_argument("--out", default=None, help="folder for the .md/.png (default: beside the JSON)")
@@ -98,6 +102,10 @@ def _bench(args: argparse.Namespace, argv: list[str]) -> int:
         md, png = render_file(Path(args.results), Path(args.out) if args.out else None)
         print(f"wrote {md} and {png}")
         return 0
+    if args.what == "sandbox":
+        from prolix.benchmarks.sandbox import main_run
+
+        return main_run(args.runs, Path(args.out) if args.out else None)
     from prolix.benchmarks import cases, runner
 
     spec = runner.Spec(
