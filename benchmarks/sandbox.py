@@ -4,11 +4,11 @@
     prolix bench sandbox --runs 200 --out /tmp/bench
 
 For each launcher (native `prolix-sandbox` where built, also without its cgroup, then the Python
-one) it times `run_python` of a trivial program (`pass`) one after another: median and p95 ms per
-call, as the trainer sees it (set-up, the program's interpreter start, the sweep), and the CPU
-time the launcher and the program used. Then runs/s with 1 and 2 sandboxes at once
-(threads, as a code reward scoring a batch does). A bare `python -I -S -B -c pass` start is timed
-in the same run: it is the floor no launcher can beat, and says how loaded the machine was.
+one) it times `run_python` of a trivial program (`pass`), the launchers taking turns run by run:
+median and p95 ms per call, as the trainer sees it (set-up, the program's interpreter start, the
+sweep), and the CPU time the launcher and the program used. Then runs/s with 1 and 2 sandboxes at once
+(threads, as a code reward scoring a batch does). A bare `python -I -S -B -c pass` start takes its
+turn too: it is the floor no launcher can beat, and says how loaded the machine was.
 The load average and core count are written beside the numbers; this is a CPU-side benchmark,
 nothing here is a GPU number. Writes `<out>/<date>-sandbox-<commit>.json` and a markdown table.
 """
@@ -25,6 +25,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 from prolix.trainer import sandbox
 
@@ -42,40 +43,43 @@ def _summary(ms: list[float]) -> dict:
             "min_ms": round(min(ms), 2)}
 
 
-def time_bare_python(runs: int) -> dict:
-    """The interpreter's own start-up, the floor under every launcher."""
-    exe, _ = sandbox._interpreter()
-    ms = []
-    cpu_before = _children_cpu_s()
-    for _ in range(runs):
-        start = time.perf_counter()
-        subprocess.run([exe, "-I", "-S", "-B", "-c", PROGRAM], check=True)
-        ms.append((time.perf_counter() - start) * 1e3)
-    return {**_summary(ms), "cpu_ms": round((_children_cpu_s() - cpu_before) / runs * 1e3, 2)}
-
-
 def _children_cpu_s() -> float:
     usage = resource.getrusage(resource.RUSAGE_CHILDREN)  # reaped launchers and what they waited for
     return usage.ru_utime + usage.ru_stime
 
 
-def time_launcher(runs: int) -> tuple[dict, list[str]]:
-    """ms per sequential run_python of a trivial program, with the launcher LAUNCHER_ENV picks.
+def _use(launcher: str, cgroup: bool) -> None:
+    os.environ[sandbox.LAUNCHER_ENV], sandbox.CGROUPS = launcher, cgroup
 
-    Also the CPU time per run of the launcher and the program (user + system, from the reaped
-    children): on a shared, loaded machine it moves far less than the wall clock does.
-    """
-    first = sandbox.run_python(PROGRAM)  # warm-up: page cache, slot files
-    if not first.ok:
-        raise RuntimeError(f"run_python({PROGRAM!r}) failed: {first.reason}: {first.stderr[-500:]}")
-    ms = []
-    cpu_before = _children_cpu_s()
+
+def _sandboxed(launcher: str, cgroup: bool) -> Callable[[], None]:
+    def run() -> None:
+        _use(launcher, cgroup)
+        r = sandbox.run_python(PROGRAM)
+        if not r.ok:
+            raise RuntimeError(f"run_python({PROGRAM!r}) with {launcher}: {r.reason}: {r.stderr[-500:]}")
+    return run
+
+
+def _bare() -> None:
+    subprocess.run([sandbox._interpreter()[0], "-I", "-S", "-B", "-c", PROGRAM], check=True)
+
+
+def time_interleaved(variants: dict[str, Callable[[], None]], runs: int) -> dict[str, dict]:
+    """ms per call of each variant, taking turns (one call of each per round) so that the load of
+    a shared machine, which drifts over seconds, weighs on every variant alike. Also the CPU time
+    (user + system of the reaped children): it moves far less with the load than the wall clock."""
+    ms = {name: [] for name in variants}
+    cpu = dict.fromkeys(variants, 0.0)
+    for fn in variants.values():
+        fn()  # warm-up: page cache, slot files
     for _ in range(runs):
-        start = time.perf_counter()
-        sandbox.run_python(PROGRAM)
-        ms.append((time.perf_counter() - start) * 1e3)
-    cpu_ms = (_children_cpu_s() - cpu_before) / runs * 1e3
-    return {**_summary(ms), "cpu_ms": round(cpu_ms, 2)}, list(first.isolation)
+        for name, fn in variants.items():
+            cpu_before, start = _children_cpu_s(), time.perf_counter()
+            fn()
+            ms[name].append((time.perf_counter() - start) * 1e3)
+            cpu[name] += _children_cpu_s() - cpu_before
+    return {name: {**_summary(ms[name]), "cpu_ms": round(cpu[name] / runs * 1e3, 2)} for name in variants}
 
 
 def runs_per_second(runs: int, concurrency: int) -> float:
@@ -105,18 +109,20 @@ def _commit() -> str:
 
 def measure(runs: int) -> dict:
     """Every number of the benchmark, with the conditions before and after."""
-    # (row name, launcher, cgroup): "native, no cgroup" shows what joining the run's cgroup costs.
+    # (row, launcher, cgroup): "native, no cgroup" shows what joining the run's cgroup costs.
     variants = [("native", "native", True), ("native, no cgroup", "native", False), ("python", "python", True)]
     if not os.access(sandbox.NATIVE_LAUNCHER, os.X_OK):
         variants = variants[2:]
     before = _conditions()
-    rows = []
     saved = os.environ.get(sandbox.LAUNCHER_ENV), sandbox.CGROUPS
     try:
-        for name, launcher, cgroup in variants:
-            os.environ[sandbox.LAUNCHER_ENV], sandbox.CGROUPS = launcher, cgroup
-            latency, isolation = time_launcher(runs)
-            rows.append({"launcher": name, **latency, "isolation": isolation,
+        latency = time_interleaved({**{row: _sandboxed(launcher, cgroup) for row, launcher, cgroup in variants},
+                                    "bare": _bare}, runs)
+        rows = []
+        for row, launcher, cgroup in variants:
+            _use(launcher, cgroup)
+            isolation = list(sandbox.run_python(PROGRAM).isolation)
+            rows.append({"launcher": row, **latency[row], "isolation": isolation,
                          "runs_per_s_1": runs_per_second(runs, 1), "runs_per_s_2": runs_per_second(runs, 2)})
     finally:
         sandbox.CGROUPS = saved[1]
@@ -124,9 +130,8 @@ def measure(runs: int) -> dict:
             os.environ.pop(sandbox.LAUNCHER_ENV, None)
         else:
             os.environ[sandbox.LAUNCHER_ENV] = saved[0]
-    bare = time_bare_python(runs)
     return {"schema": "prolix-bench-sandbox/1", "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "commit": _commit(), "program": PROGRAM, "runs": runs, "bare_python": bare, "launchers": rows,
+            "commit": _commit(), "program": PROGRAM, "runs": runs, "bare_python": latency["bare"], "launchers": rows,
             "conditions": {"before": before, "after": _conditions()}}
 
 
