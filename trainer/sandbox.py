@@ -159,15 +159,19 @@ def run_python(code: str, stdin: str = "", timeout: float = 5.0, memory_mb: int 
         raise ValueError(f"max_output_bytes must be an int >= 1, got {max_output_bytes!r}")
     exe, prefix = _interpreter()
     native = _native_launcher()
-    with _uid_slot() as uid:
+    with _uid_slot() as (uid, swept, slot_fd):
         workdir = tempfile.mkdtemp(prefix="prolix-sandbox-")  # 0700, the trainer's user
         try:
             with open(os.path.join(workdir, "main.py"), "w", encoding="utf-8") as f:
                 f.write(code)
             cfg = {"workdir": workdir, "uid": uid, "python": exe, "prefix": prefix, "timeout": float(timeout),
-                   "memory_mb": memory_mb, "isolate": NAMESPACES and (uid is not None or native is not None)}
+                   "memory_mb": memory_mb, "isolate": NAMESPACES and (uid is not None or native is not None),
+                   "sweep_first": not swept}
             argv = _native_argv(native, cfg) if native else _python_argv(cfg)
-            return _launch(argv, cfg, stdin.encode("utf-8", "surrogateescape"), max_output_bytes)
+            result, clean = _launch(argv, cfg, stdin.encode("utf-8", "surrogateescape"), max_output_bytes)
+            if clean and slot_fd is not None:
+                os.pwrite(slot_fd, b"clean", 0)  # the next holder of this uid may skip its first sweep
+            return result
         finally:
             _rmtree(workdir)
 
@@ -195,7 +199,8 @@ def _native_argv(launcher: str, cfg: dict) -> list[str]:
     nproc = MAX_PROCESSES if cfg["uid"] is not None else _count_tasks(os.getuid()) + MAX_PROCESSES
     options = {"workdir": cfg["workdir"], "uid": -1 if cfg["uid"] is None else cfg["uid"],
                "python": cfg["python"], "prefix": cfg["prefix"] or "", "timeout": repr(cfg["timeout"]),
-               "memory-mb": cfg["memory_mb"], "isolate": int(cfg["isolate"]), "cgroup": int(CGROUPS), "max-processes": MAX_PROCESSES,
+               "memory-mb": cfg["memory_mb"], "isolate": int(cfg["isolate"]), "cgroup": int(CGROUPS),
+               "sweep-first": int(cfg["sweep_first"]), "max-processes": MAX_PROCESSES,
                "nproc-fallback": nproc, "file-mb": MAX_FILE_MB, "open-files": MAX_OPEN_FILES,
                "tmpfs-mb": TMPFS_MB, "boot": _BOOT.format(hook=""), "boot-hooked": _BOOT.format(hook=_DENY_HOOK)}
     argv = [launcher]
@@ -217,9 +222,13 @@ def _interpreter() -> tuple[str, str | None]:
 
 @contextlib.contextmanager
 def _uid_slot():
-    """A uid no other live sandbox uses (root), held via an flock; None when not root."""
+    """(uid, swept, fd): a uid no other live sandbox uses (root), held via an flock on `fd`, and
+    whether the uid's last run ended with its launcher's own sweep, so that none of its processes
+    can be left (the file says "clean" from such an end to the next start; a launcher killed by
+    the backstop leaves "dirty" and the next one sweeps first). (None, True, None) when not root.
+    """
     if os.geteuid() != 0:
-        yield None
+        yield None, True, None
         return
     os.makedirs(SLOT_DIR, mode=0o700, exist_ok=True)
     while True:
@@ -231,7 +240,9 @@ def _uid_slot():
                 os.close(fd)
                 continue
             try:
-                yield UID_BASE + slot
+                swept = os.pread(fd, 5, 0) == b"clean"
+                os.pwrite(fd, b"dirty", 0)
+                yield UID_BASE + slot, swept, fd
             finally:
                 os.close(fd)  # releases the lock
             return
@@ -252,7 +263,8 @@ def _rmtree(path: str) -> None:
         shutil.rmtree(path, ignore_errors=True)
 
 
-def _launch(argv: list[str], cfg: dict, stdin: bytes, cap: int) -> SandboxResult:
+def _launch(argv: list[str], cfg: dict, stdin: bytes, cap: int) -> tuple[SandboxResult, bool]:
+    """Run the launcher; (result, whether it reported normally: its own end-of-run sweep ran)."""
     status_r, status_w = os.pipe()
     try:
         proc = subprocess.Popen(
@@ -273,14 +285,14 @@ def _launch(argv: list[str], cfg: dict, stdin: bytes, cap: int) -> SandboxResult
         status = json.loads(raw)
     except ValueError:
         if backstop:
-            return SandboxResult(False, "timeout", _text(out), _text(err), None, cfg["timeout"], ())
+            return SandboxResult(False, "timeout", _text(out), _text(err), None, cfg["timeout"], ()), False
         raise SandboxError(f"sandbox launcher died (exit {proc.returncode}) without a status: "
                            f"{_text(err)[-2000:] or 'no stderr'}") from None
     if status.get("error"):
         raise SandboxError(f"sandbox setup failed: {status['error']}")
     reason = _classify(status, _text(err), overflow)
     return SandboxResult(reason == "ok", reason, _text(out), _text(err), status["returncode"],
-                         status["wall_s"], tuple(status["isolation"]))
+                         status["wall_s"], tuple(status["isolation"])), True
 
 
 def _pump(proc: subprocess.Popen, stdin: bytes, cap: int, budget_s: float):
@@ -619,7 +631,8 @@ def _launcher_main(cfg: dict) -> dict:
     with open(os.path.join(cfg["workdir"], "main.py"), "rb") as f:
         code = f.read()
     if uid is not None:
-        _sweep(uid)  # a previous holder of this uid crashed without cleaning up
+        if cfg.get("sweep_first", True):
+            _sweep(uid)  # a previous holder of this uid crashed without cleaning up
         for path in (cfg["workdir"], os.path.join(cfg["workdir"], "main.py")):
             os.chown(path, uid, uid)  # used when there is no mount namespace
     if cfg["isolate"]:

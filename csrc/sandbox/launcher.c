@@ -54,7 +54,7 @@ static double now(void) {
 /* ------------------------------------------------------------------ arguments and the status */
 
 static int parse_args(int argc, char **argv, struct config *c, char *err, size_t err_len) {
-    *c = (struct config){.uid = -1, .cgroup = 1, .prefix = "", .timeout = -1, .memory_mb = -1, .max_processes = 16,
+    *c = (struct config){.uid = -1, .cgroup = 1, .sweep_first = 1, .prefix = "", .timeout = -1, .memory_mb = -1, .max_processes = 16,
                          .nproc_fallback = -1, .file_mb = 16, .open_files = 64, .tmpfs_mb = 64};
     for (int i = 1; i + 1 < argc; i += 2) {
         const char *k = argv[i], *v = argv[i + 1];
@@ -66,6 +66,7 @@ static int parse_args(int argc, char **argv, struct config *c, char *err, size_t
         else if (!strcmp(k, "--memory-mb")) c->memory_mb = atol(v);
         else if (!strcmp(k, "--isolate")) c->isolate = atoi(v);
         else if (!strcmp(k, "--cgroup")) c->cgroup = atoi(v);
+        else if (!strcmp(k, "--sweep-first")) c->sweep_first = atoi(v);
         else if (!strcmp(k, "--max-processes")) c->max_processes = atol(v);
         else if (!strcmp(k, "--nproc-fallback")) c->nproc_fallback = atol(v);
         else if (!strcmp(k, "--file-mb")) c->file_mb = atol(v);
@@ -463,7 +464,7 @@ int main(int argc, char **argv) {
         st.error = err;
     } else {
         if (c.uid >= 0) {
-            kill_uid(c.uid);  /* a previous holder of this uid crashed without cleaning up */
+            if (c.sweep_first) kill_uid(c.uid);  /* a previous holder of this uid died without cleaning up */
             char path[PATH_MAX + 16];
             snprintf(path, sizeof(path), "%s/main.py", c.workdir);
             /* Used where there is no mount namespace (the program then runs in workdir itself). */

@@ -19,6 +19,7 @@ struct config {
     long memory_mb;            /* RLIMIT_AS per process and the cgroup cap of the whole sandbox */
     int isolate;               /* try namespaces (and a user namespace when not root) */
     int cgroup;                /* try a per-run cgroup */
+    int sweep_first;           /* kill the uid's processes first: its last run did not end cleanly */
     long max_processes;        /* RLIMIT_NPROC under a private uid, and the cgroup's pids.max */
     long nproc_fallback;       /* RLIMIT_NPROC when the caller's uid is shared (no user namespace) */
     long file_mb, open_files, tmpfs_mb;
