@@ -18,6 +18,7 @@ import threading
 
 import pytest
 from prolix.trainer import sandbox
+from prolix.trainer.cli import main as cli_main
 from prolix.trainer.sandbox import MAX_PROCESSES, run_python
 from test_sandbox import _own_cgroup_dirs, _world_python, no_leftovers  # noqa: F401 — the autouse leftover check
 
@@ -252,3 +253,19 @@ def test_native_launcher_was_built_where_required():
     if sys.platform != "linux" or platform.machine() not in ("x86_64", "aarch64"):
         pytest.skip(f"the native launcher is not built on {sys.platform}/{platform.machine()}")
     assert NATIVE_BUILT, f"{sandbox.NATIVE_LAUNCHER} missing: see `make native`'s output"
+
+
+def test_bench_sandbox_writes_a_row_per_launcher(tmp_path, capsys):
+    """`prolix bench sandbox` end to end at 2 runs: the contract of its JSON, not its numbers."""
+    assert cli_main(["bench", "sandbox", "--runs", "2", "--out", str(tmp_path)]) == 0
+    (path,) = tmp_path.glob("*-sandbox-*.json")
+    results = json.loads(path.read_text())
+    expected = ["native", "native, no cgroup", "python"] if NATIVE_BUILT else ["python"]
+    assert [r["launcher"] for r in results["launchers"]] == expected
+    for row in [*results["launchers"], results["bare_python"]]:
+        assert row["n"] == 2 and 0 < row["min_ms"] <= row["median_ms"] <= row["p95_ms"] and row["cpu_ms"] > 0
+    assert all(r["runs_per_s_1"] > 0 and r["runs_per_s_2"] > 0 for r in results["launchers"])
+    assert {"cpus", "loadavg_1m", "root"} <= set(results["conditions"]["before"])
+    assert path.with_suffix(".md").read_text() in capsys.readouterr().out
+    assert cli_main(["bench", "sandbox", "--runs", "1", "--out", str(tmp_path)]) == 2
+    assert "--runs must be >= 2, got 1" in capsys.readouterr().err

@@ -105,7 +105,11 @@ def _bench(args: argparse.Namespace, argv: list[str]) -> int:
     if args.what == "sandbox":
         from prolix.benchmarks.sandbox import main_run
 
-        return main_run(args.runs, Path(args.out) if args.out else None)
+        try:
+            return main_run(args.runs, Path(args.out) if args.out else None)
+        except ValueError as e:
+            print(f"prolix bench sandbox: {e}", file=sys.stderr)
+            return 2
     from prolix.benchmarks import cases, runner
 
     spec = runner.Spec(
