@@ -12,7 +12,7 @@ fresh process tree set up by a small launcher. Two launchers speak the same prot
 `PROLIX_SANDBOX_LAUNCHER` picks one: "native" (raise `SandboxError` if it is not built), "python",
 or unset / "auto" (native when built). The process tree is the same:
 
-    trainer ──Popen(new session)──► launcher (root, subreaper) ──fork──► program (pid 1 of a pid ns)
+    trainer ──Popen(new session)──► launcher (subreaper) ──fork──► program (pid 1 of a pid ns)
             ◄── stdout/stderr pipes (read incrementally, capped) ─────────┘
             ◄── status pipe (JSON: exit status, timeout, isolation actually applied)
 
