@@ -6,8 +6,8 @@ None of that may end the run or change anything outside the sandbox, so every pr
 fresh process tree set up by a small launcher. Two launchers speak the same protocol:
 - the native one, `prolix-sandbox` (C, csrc/sandbox/, built by CMake through setup.py and placed
   next to this file): everything below plus a seccomp filter, a per-run cgroup and, without root,
-  an unprivileged user namespace; it adds ~5 ms of CPU per run to the interpreter's own start
-  where the Python launcher adds ~80 ms (`prolix bench sandbox`);
+  an unprivileged user namespace; it adds ~6 ms of CPU per run to the interpreter's own start
+  where the Python launcher adds ~88 ms (`prolix bench sandbox`, README);
 - the Python one (this file run as a script, stdlib only), used when the native one is not built.
 `PROLIX_SANDBOX_LAUNCHER` picks one: "native" (raise `SandboxError` if it is not built), "python",
 or unset / "auto" (native when built). The process tree is the same:
