@@ -3,7 +3,8 @@ must still run (benign programs) or stop (a thread bomb).
 
 Every refused call class is attempted through ctypes or the stdlib, as root and as an unprivileged
 uid; the program must see EPERM (what the filter returns), so its result is reason "error" with a
-PermissionError, and nothing of the attempt may have happened. The whole-sandbox memory cap is
+PermissionError, and nothing of the attempt may have happened; a call through another ABI
+(i386's int 0x80, x32) kills the program with SIGSYS. The whole-sandbox memory cap is
 first checked with two allocations before sixteen are run, so a broken cap costs the machine at
 most 800 MB, never 6.4 GB.
 """
@@ -12,6 +13,7 @@ import json
 import os
 import platform
 import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -269,3 +271,29 @@ def test_bench_sandbox_writes_a_row_per_launcher(tmp_path, capsys):
     assert path.with_suffix(".md").read_text() in capsys.readouterr().out
     assert cli_main(["bench", "sandbox", "--runs", "1", "--out", str(tmp_path)]) == 2
     assert "--runs must be >= 2, got 1" in capsys.readouterr().err
+
+
+# getpid through the i386 ABI (int 0x80, eax = 20), from an executable page: x86-64 only.
+INT80_GETPID = """
+import ctypes, mmap
+page = mmap.mmap(-1, 4096, prot=mmap.PROT_READ | mmap.PROT_WRITE | mmap.PROT_EXEC)
+page.write(bytes([0xB8, 20, 0, 0, 0, 0xCD, 0x80, 0xC3]))  # mov eax, 20; int 0x80; ret
+fn = ctypes.CFUNCTYPE(ctypes.c_int)(ctypes.addressof(ctypes.c_char.from_buffer(page)))
+print("pid", fn())
+"""
+X32_GETPID = "import ctypes\nprint('rc', ctypes.CDLL(None).syscall(0x40000000 + 39))"  # __X32_SYSCALL_BIT | getpid
+
+
+@needs_native
+@pytest.mark.skipif(platform.machine() != "x86_64", reason="the i386 and x32 ABIs exist on x86-64 only")
+@pytest.mark.parametrize("abi", ["i386", "x32"])
+def test_system_calls_of_another_abi_kill_the_program(monkeypatch, abi):
+    """Their numbers mean other calls (i386's 20 is getpid, x86-64's is writev), so the filter kills."""
+    code = INT80_GETPID if abi == "i386" else X32_GETPID
+    if abi == "i386":  # the kernel may lack IA32 emulation; then int 0x80 faults before any filter
+        outside = subprocess.run([sys.executable, "-I", "-c", code], capture_output=True, text=True, timeout=30)
+        if outside.returncode != 0:
+            pytest.skip(f"no i386 system calls on this kernel ({outside.returncode})")
+    monkeypatch.setenv(sandbox.LAUNCHER_ENV, "native")
+    r = run_python(code)
+    assert (r.reason, r.returncode, r.stdout) == ("signal", -signal.SIGSYS, "")
