@@ -7,11 +7,19 @@ W the [V, H] LM-head weight, y[n] the next token, τ the temperature:
     logp[n] = z[n, y[n]] − lse[n]    H[n]   = lse[n] − Σ_v p[n, v] z[n, v]
 
 Forward (one pass over the vocabulary, online). A program owns a tile of BLOCK_N rows and one
-slice of the vocabulary; for each [BLOCK_N, BLOCK_V] logit tile (a K-loop of tensor-core dots,
-fp32 accumulation) it updates the running max m, s = Σ exp(z − m), t = Σ z·exp(z − m) and
-picks z[n, y[n]] out of the tile where the column matches. The slices' (m, s, t, z_y) are
-merged afterwards: lse = M + log Σ s·e^{m−M}, H = lse − Σ t·e^{m−M} / Σ s·e^{m−M}. Splitting
-the vocabulary keeps every SM busy when N is small (N = 1 is a legal input).
+slice of the vocabulary; for each [BLOCK_N, BLOCK_V] logit tile (tensor-core dots, fp32
+accumulation) it updates the running max m, s = Σ exp(z − m), t = Σ z·exp(z − m) and picks
+z[n, y[n]] out of the tile where the column matches. The slices' (m, s, t, z_y) are merged
+afterwards: lse = M + log Σ s·e^{m−M}, H = lse − Σ t·e^{m−M} / Σ s·e^{m−M}. How the grid is laid
+out (v2, issue 13): programs come in groups of GROUP_N = 8 row tiles × all S slices, slices
+fastest, with S ≈ SMs / GROUP_N (17 at the reference shapes), so the programs resident at once
+share 8 hidden tiles (re-read for every vocabulary tile: they stay in L2) and read each weight
+slice once for all 8 row tiles; the loop runs over (vocabulary tile, K step) flat, so the next
+tile's loads are in flight during a tile's epilogue; the softmax runs in base 2 (exp2, with
+log2(e)/τ folded into one scale); a 128×256 tile is multiplied and reduced as four 128×64 column
+slices, which keeps it out of local memory. Splitting the vocabulary also keeps every SM busy
+when N is small (N = 1 is a legal input). `PROLIX_LLP_CONFIG=v1` selects the tiles and split
+policy measured before (see `config_variant`).
 
 Backward. With g = ∂L/∂logp and g_H = ∂L/∂H per row, p = exp(z − lse) and E[z] = lse − H:
 
@@ -24,16 +32,25 @@ N·V·H·(1/BLOCK_N + 1/BLOCK_V)·4 bytes — 50× the GEMM's own traffic at the
 So the backward walks the vocabulary in chunks: a Triton kernel recomputes the logits of one
 chunk tile by tile and writes dz/τ (input dtype) into an [N, V_chunk] buffer, then two
 cuBLAS GEMMs consume it: dW[chunk] = dzᵀ·h (written once, no accumulation) and
-dh += dz·W[chunk] (fp32 accumulator). V_chunk keeps the buffer ≤ 3% of the fp32 logits.
+dh += dz·W[chunk] (fp32 accumulator). V_chunk fills a fixed 1 GiB buffer (v2; v1: 3% of the
+fp32 logits, which grows with N).
 
 Cost at N = 16384, H = 1536, V = 151936 (bf16):
     naive:  logits N·V·4 B = 10 GB written and read twice, log_softmax, gather, same in backward.
     here:   FLOP = 4 GEMMs of 2·N·H·V (forward, recompute, dh, dW) = 30.6 TFLOP;
-            bytes beyond inputs/grads = O(N) vectors + the 3% dz buffer (~290 MB) + fp32 dh (N·H·4).
-    measured (H100, `python -m prolix.benchmarks.breakdown`): one GEMM 10.7 ms; forward 23 ms,
-    backward ~40 ms — about 6 GEMM-times against the 4 the FLOPs need. The forward's gap is
-    the online-softmax epilogue between GEMM tiles, the backward's the dz round trip through
-    memory and the fp32 dh re-reads per chunk.
+            bytes beyond inputs/grads = O(N) vectors + the dz buffer + fp32 dh (N·H·4 = 0.1 GB).
+    DRAM traffic of the v2 forward: h once (50 MB) + W once per group of 8 row tiles
+            (16 × 467 MB = 7.5 GB, ~2.3 ms at 3.3 TB/s, under the GEMM's ~11 ms of math).
+            h is re-read for every vocabulary tile: 128 row tiles × 594 tiles × 393 KB = 30 GB,
+            served by L2 (a group's 8 hidden tiles are 3 MB); v1's 64×128 tiles, rows fastest,
+            re-read 256 × 1187 × 197 KB = 60 GB, 132 different tiles resident at once.
+    measured, v1 only (H100, commit 13b9302, `python -m prolix.benchmarks.breakdown`,
+            `benchmarks/results/20261125-H100-breakdown-13b9302.txt`): one GEMM 10.7 ms; forward
+            23 ms, backward ~40 ms, about 6 GEMM-times against the 4 the FLOPs need.
+    expected of v2, not yet measured: forward ≈ 1.1–1.3 GEMM-times (the no-grad target is
+            ≤ 1.3), backward ≈ 3 (recompute + two cuBLAS GEMMs + ~5 dh re-reads instead of ~17),
+            fwd+bwd ≤ 4.6. `python -m prolix.benchmarks.device_check` measures v1, v2 and
+            v2-narrow side by side on the first GPU run (benchmarks/README.md).
 """
 
 from __future__ import annotations
