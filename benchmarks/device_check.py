@@ -118,8 +118,10 @@ class Check:
 
     def save(self) -> Path:
         """Write the JSON (atomically: a run cut short leaves the last complete one) and the .md."""
-        from .device_report import write_markdown
+        from .device_report import evaluate_targets, write_markdown
 
+        # Evaluated at every save, so a run cut short still reads off what it measured.
+        self.results["targets"] = evaluate_targets(self.results)
         self.results["elapsed_s"] = round(time.monotonic() - self.t0, 1)
         self.out.mkdir(parents=True, exist_ok=True)
         path = self.stem.with_suffix(".json")
@@ -297,8 +299,13 @@ def run_configs(ck: Check, budget: float) -> dict:
                 ck.results["configs"].append({"variant": variant, "shape": shape_name, "N": N, "status": "skipped",
                                               "reason": f"the configs section's {budget:.0f} s budget ran out"})
                 continue
-            with config_variant(variant):
-                logp[variant], rows = _time_variant(ck, h, w, y, inp, variant, shape_name, N)
+            try:
+                with config_variant(variant):
+                    logp[variant], rows = _time_variant(ck, h, w, y, inp, variant, shape_name, N)
+            except Exception as e:  # noqa: BLE001 - a variant that fails to compile or run is a result
+                rows = [{"variant": variant, "shape": shape_name, "N": N, "status": "OOM" if harness.is_oom(e)
+                         else "error", "reason": f"{type(e).__name__}: {e}"[:300]}]
+                harness.free_memory(ck.device)
             ck.results["configs"] += rows
         for r in ck.results["configs"]:  # same inputs: the variants must agree to fp32 rounding
             if r["shape"] == shape_name and r["variant"] != "v2" and {"v2", r["variant"]} <= logp.keys():
@@ -394,7 +401,7 @@ RUNNERS = {
 
 def run_section(ck: Check, section: Section) -> None:
     """Run one section within its budget (and the run's); record status, reason and seconds."""
-    budget = min(QUICK_BUDGET_S if ck.quick else section.budget_s, ck.left())
+    budget = max(0.0, min(QUICK_BUDGET_S if ck.quick else section.budget_s, ck.left()))
     t0 = time.monotonic()
     if section.cuda_only and ck.device.type != "cuda":
         rec = {"status": "skipped", "reason": f"needs CUDA: {section.cuda_only}"}
@@ -414,7 +421,7 @@ def run_section(ck: Check, section: Section) -> None:
 
 def run(out: Path, *, quick: bool, budget_s: float | None = None, command: str = "") -> Path:
     """Every section in order; then the targets; returns the JSON's path (.md and .png beside it)."""
-    from .device_report import evaluate_targets, write_png
+    from .device_report import write_png
 
     budget = budget_s if budget_s is not None else (len(SECTIONS) * QUICK_BUDGET_S if quick else FULL_BUDGET_S)
     ck = Check(out, quick, budget, command)
@@ -423,7 +430,6 @@ def run(out: Path, *, quick: bool, budget_s: float | None = None, command: str =
     ck.save()
     for section in SECTIONS:
         run_section(ck, section)
-    ck.results["targets"] = evaluate_targets(ck.results)
     path = ck.save()
     png = ck.stem.with_suffix(".png")
     ck.results["png"] = write_png(ck.results, png)
@@ -442,7 +448,9 @@ def main(argv: list[str] | None = None) -> int:
     command = "python -m prolix.benchmarks.device_check " + " ".join(argv if argv is not None else sys.argv[1:])
     path = run(Path(args.out), quick=args.quick, budget_s=args.budget_s, command=command)
     print(f"wrote {path} (+ .md{', .png' if path.with_suffix('.png').exists() else ''})")
-    print(path.with_suffix(".md").read_text().split("\n## ")[1] if "\n## " in path.with_suffix(".md").read_text() else "")
+    # The targets and the sections last: what a lease's output tail shows.
+    parts = path.with_suffix(".md").read_text().split("\n## ")
+    print("\n".join("## " + part for part in parts[1:3]))
     return 0
 
 

@@ -59,7 +59,7 @@ def _value(results: dict, source: str, shape: str) -> tuple[float | None, str]:
 
 def evaluate_targets(results: dict) -> list[dict]:
     """One entry per (target, shape): value, limit, verdict PASS / FAIL / n/a (with why)."""
-    shapes = list(dict.fromkeys(g["shape"] for g in results["gemm"])) or ["-"]
+    shapes = results["plan"]["shapes"]
     on_cuda = results["device"]["type"] == "cuda"
     out = []
     for name, source, limit, unit in TARGETS:
@@ -211,13 +211,17 @@ def _plot_configs(ax, results: dict) -> None:
     use_ratio = all(r.get("gemm_ratio") for r in ok) and bool(ok)
     keys = list(dict.fromkeys((r["shape"], r["stage"]) for r in ok))
     variants = list(dict.fromkeys(r["variant"] for r in ok))
+    width = 0.8 / max(1, len(variants))
     for j, v in enumerate(variants):
         vals = {(r["shape"], r["stage"]): r["gemm_ratio"] if use_ratio else r["ms"] for r in ok if r["variant"] == v}
-        ax.bar([i + 0.4 * j for i in range(len(keys))], [vals.get(k, 0) for k in keys], 0.4, label=v)
-    ax.set_xticks([i + 0.2 for i in range(len(keys))])
+        ax.bar([i + width * j for i in range(len(keys))], [vals.get(k, 0) for k in keys], width, label=v)
+    if use_ratio:
+        ax.axhline(1.3, ls="--", lw=1, color="k")
+        ax.text(-0.4, 1.3, "no-grad forward target 1.3", va="bottom", fontsize=7)
+    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(keys))])
     ax.set_xticklabels([f"{s}\n{st}" for s, st in keys], fontsize=6, rotation=20)
     ax.set_ylabel("time / cuBLAS GEMM time" if use_ratio else "ms")
-    ax.set_title("linear_logprobs: PROLIX_LLP_CONFIG v1 (before) vs v2")
+    ax.set_title("linear_logprobs by PROLIX_LLP_CONFIG (v1: before issue 13)")
     if variants:
         ax.legend(fontsize=7)
 
