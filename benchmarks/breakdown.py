@@ -23,11 +23,13 @@ import torch
 from prolix.kernels import linear_logprob as llp
 
 SHAPES = {"qwen-1.5b": (1536, 151936), "qwen-7b": (3584, 152064), "llama-8b": (4096, 128256)}
-FWD_CANDIDATES = [(128, 64, 64, 8, 3), (128, 128, 64, 8, 3), (128, 128, 64, 8, 4), (64, 128, 64, 4, 3),
-                  (64, 128, 64, 4, 4), (128, 128, 32, 8, 4), (128, 256, 64, 8, 3), (64, 256, 64, 4, 3)]
+# KernelConfig fields: (block_n, block_v, block_k, num_warps, num_stages[, group_n, sub_tiles]).
+FWD_CANDIDATES = [(64, 128, 64, 4, 4), (128, 128, 64, 8, 3, 8), (128, 128, 64, 8, 4, 8),
+                  (128, 256, 64, 8, 3, 8, 4), (128, 256, 64, 8, 4, 8, 4), (128, 256, 64, 8, 3, 16, 4),
+                  (128, 256, 64, 8, 3, 4, 4), (128, 256, 32, 8, 4, 8, 4)]
 BWD_CANDIDATES = [(128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (128, 256, 64, 8, 4), (128, 128, 64, 8, 4),
                   (256, 128, 64, 8, 3), (128, 256, 32, 8, 4)]
-BUFFER_FRACTIONS = [0.01, 0.03, 0.1]
+BUFFER_BYTES = [256 << 20, 1 << 30, 2 << 30]
 
 
 def _bench(fn) -> float:
@@ -80,29 +82,29 @@ def sweep(N, H, V, dtype):
     _, lse, _ = llp.triton_forward(h, w, y, 1.0, False)
     g = torch.randn(N, device="cuda")
     rows = []
-    fwd0, bwd0, frac0 = llp.forward_config, llp.backward_config, llp._BWD_BUFFER_FRACTION
+    fwd0, bwd0, buf0 = llp.forward_config, llp.backward_config, llp._BWD_BUFFER_BYTES
     try:
         for cand in FWD_CANDIDATES:
-            llp.forward_config = lambda dt, sm=90, c=cand: llp.KernelConfig(*c)
+            llp.forward_config = lambda dt, sm=90, variant=None, c=cand: llp.KernelConfig(*c)
             try:
                 rows.append((f"fwd {cand}", _bench(lambda: llp.triton_forward(h, w, y, 1.0, True))))
             except Exception as e:  # noqa: BLE001 - an invalid config is a result, not a crash
                 rows.append((f"fwd {cand}: {type(e).__name__}", float("nan")))
         llp.forward_config = fwd0
         for cand in BWD_CANDIDATES:
-            llp.backward_config = lambda dt, sm=90, c=cand: llp.KernelConfig(*c)
+            llp.backward_config = lambda dt, sm=90, variant=None, c=cand: llp.KernelConfig(*c)
             try:
                 rows.append((f"bwd {cand}", _bench(
                     lambda: llp.triton_backward(h, w, y, lse, g, None, None, 1.0, True, True))))
             except Exception as e:  # noqa: BLE001
                 rows.append((f"bwd {cand}: {type(e).__name__}", float("nan")))
         llp.backward_config = bwd0
-        for frac in BUFFER_FRACTIONS:
-            llp._BWD_BUFFER_FRACTION = frac
-            rows.append((f"bwd buffer {frac:.0%} of fp32 logits", _bench(
+        for n_bytes in BUFFER_BYTES:
+            llp._BWD_BUFFER_BYTES = n_bytes
+            rows.append((f"bwd buffer {n_bytes / 2**30:.2g} GiB", _bench(
                 lambda: llp.triton_backward(h, w, y, lse, g, None, None, 1.0, True, True))))
     finally:
-        llp.forward_config, llp.backward_config, llp._BWD_BUFFER_FRACTION = fwd0, bwd0, frac0
+        llp.forward_config, llp.backward_config, llp._BWD_BUFFER_BYTES = fwd0, bwd0, buf0
     return rows
 
 

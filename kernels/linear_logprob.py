@@ -7,11 +7,19 @@ W the [V, H] LM-head weight, y[n] the next token, τ the temperature:
     logp[n] = z[n, y[n]] − lse[n]    H[n]   = lse[n] − Σ_v p[n, v] z[n, v]
 
 Forward (one pass over the vocabulary, online). A program owns a tile of BLOCK_N rows and one
-slice of the vocabulary; for each [BLOCK_N, BLOCK_V] logit tile (a K-loop of tensor-core dots,
-fp32 accumulation) it updates the running max m, s = Σ exp(z − m), t = Σ z·exp(z − m) and
-picks z[n, y[n]] out of the tile where the column matches. The slices' (m, s, t, z_y) are
-merged afterwards: lse = M + log Σ s·e^{m−M}, H = lse − Σ t·e^{m−M} / Σ s·e^{m−M}. Splitting
-the vocabulary keeps every SM busy when N is small (N = 1 is a legal input).
+slice of the vocabulary; for each [BLOCK_N, BLOCK_V] logit tile (tensor-core dots, fp32
+accumulation) it updates the running max m, s = Σ exp(z − m), t = Σ z·exp(z − m) and picks
+z[n, y[n]] out of the tile where the column matches. The slices' (m, s, t, z_y) are merged
+afterwards: lse = M + log Σ s·e^{m−M}, H = lse − Σ t·e^{m−M} / Σ s·e^{m−M}. How the grid is laid
+out (v2, issue 13): programs come in groups of GROUP_N = 8 row tiles × all S slices, slices
+fastest, with S ≈ SMs / GROUP_N (17 at the reference shapes), so the programs resident at once
+share 8 hidden tiles (re-read for every vocabulary tile: they stay in L2) and read each weight
+slice once for all 8 row tiles; the loop runs over (vocabulary tile, K step) flat, so the next
+tile's loads are in flight during a tile's epilogue; the softmax runs in base 2 (exp2, with
+log2(e)/τ folded into one scale); a 128×256 tile is multiplied and reduced as four 128×64 column
+slices, which keeps it out of local memory. Splitting the vocabulary also keeps every SM busy
+when N is small (N = 1 is a legal input). `PROLIX_LLP_CONFIG=v1` selects the tiles and split
+policy measured before (see `config_variant`).
 
 Backward. With g = ∂L/∂logp and g_H = ∂L/∂H per row, p = exp(z − lse) and E[z] = lse − H:
 
@@ -24,16 +32,25 @@ N·V·H·(1/BLOCK_N + 1/BLOCK_V)·4 bytes — 50× the GEMM's own traffic at the
 So the backward walks the vocabulary in chunks: a Triton kernel recomputes the logits of one
 chunk tile by tile and writes dz/τ (input dtype) into an [N, V_chunk] buffer, then two
 cuBLAS GEMMs consume it: dW[chunk] = dzᵀ·h (written once, no accumulation) and
-dh += dz·W[chunk] (fp32 accumulator). V_chunk keeps the buffer ≤ 3% of the fp32 logits.
+dh += dz·W[chunk] (fp32 accumulator). V_chunk fills a fixed 1 GiB buffer (v2; v1: 3% of the
+fp32 logits, which grows with N).
 
 Cost at N = 16384, H = 1536, V = 151936 (bf16):
     naive:  logits N·V·4 B = 10 GB written and read twice, log_softmax, gather, same in backward.
     here:   FLOP = 4 GEMMs of 2·N·H·V (forward, recompute, dh, dW) = 30.6 TFLOP;
-            bytes beyond inputs/grads = O(N) vectors + the 3% dz buffer (~290 MB) + fp32 dh (N·H·4).
-    measured (H100, `python -m prolix.benchmarks.breakdown`): one GEMM 10.7 ms; forward 23 ms,
-    backward ~40 ms — about 6 GEMM-times against the 4 the FLOPs need. The forward's gap is
-    the online-softmax epilogue between GEMM tiles, the backward's the dz round trip through
-    memory and the fp32 dh re-reads per chunk.
+            bytes beyond inputs/grads = O(N) vectors + the dz buffer + fp32 dh (N·H·4 = 0.1 GB).
+    DRAM traffic of the v2 forward: h once (50 MB) + W once per group of 8 row tiles
+            (16 × 467 MB = 7.5 GB, ~2.3 ms at 3.3 TB/s, under the GEMM's ~11 ms of math).
+            h is re-read for every vocabulary tile: 128 row tiles × 594 tiles × 393 KB = 30 GB,
+            served by L2 (a group's 8 hidden tiles are 3 MB); v1's 64×128 tiles, rows fastest,
+            re-read 256 × 1187 × 197 KB = 60 GB, 132 different tiles resident at once.
+    measured, v1 only (H100, commit 13b9302, `python -m prolix.benchmarks.breakdown`,
+            `benchmarks/results/20261125-H100-breakdown-13b9302.txt`): one GEMM 10.7 ms; forward
+            23 ms, backward ~40 ms, about 6 GEMM-times against the 4 the FLOPs need.
+    expected of v2, not yet measured: forward ≈ 1.1–1.3 GEMM-times (the no-grad target is
+            ≤ 1.3), backward ≈ 3 (recompute + two cuBLAS GEMMs + ~5 dh re-reads instead of ~17),
+            fwd+bwd ≤ 4.6. `python -m prolix.benchmarks.device_check` measures v1, v2 and
+            v2-narrow side by side on the first GPU run (benchmarks/README.md).
 """
 
 from __future__ import annotations
@@ -48,16 +65,21 @@ import triton.language as tl
 
 from .streaming import torch_backward, torch_forward
 
-__all__ = ["linear_logprobs", "KernelConfig", "forward_config", "backward_config"]
+__all__ = ["linear_logprobs", "KernelConfig", "config_variant", "forward_config", "backward_config",
+           "forward_splits"]
 
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+CONFIG_ENV = "PROLIX_LLP_CONFIG"   # "v2" (default), "v2-narrow" or "v1": see config_variant()
+CONFIG_VARIANTS = ("v2", "v2-narrow", "v1")
 _BACKENDS = ("auto", "torch", "triton")
-# The dz buffer of the backward: at most this fraction of the [N, V] fp32 logits, and never a
-# chunk so thin that the GEMMs per chunk become launch-bound. Each chunk re-reads and re-writes
-# the fp32 dh accumulator, so wider chunks are faster: on an H100 at the qwen-1.5b head and
-# N = 16384 the backward took 44.1 / 39.7 / 38.4 ms with 1% / 3% / 10% (97 / 290 / 970 MB).
-_BWD_BUFFER_FRACTION = 0.03
-_BWD_BUFFER_MIN_BYTES = 64 << 20
+_LOG2E = 1.4426950408889634
+# The dz buffer of the backward. Each chunk re-reads and re-writes the fp32 dh accumulator, so
+# wider chunks are faster: on an H100 at the qwen-1.5b head and N = 16384 the backward took
+# 44.1 / 39.7 / 38.4 ms with 1% / 3% / 10% of the fp32 logits (97 / 290 / 970 MB; v1 used 3%).
+# v2 takes a fixed 1 GiB, flat in N (the extra-memory target: ≤ 2.5 GB at 16k, flat to 64k).
+_BWD_BUFFER_BYTES = 1 << 30
+_V1_BUFFER_FRACTION = 0.03
+_V1_BUFFER_MIN_BYTES = 64 << 20
 
 
 # ----------------------------------------------------------------------------- kernels
@@ -90,51 +112,118 @@ def _logit_tile(
 
 
 @triton.jit
+def _dot_sub(h, w_ptr, cols, v_hi, ks, k_ok, stride_wv, stride_wk, acc, DOT_PRECISION: tl.constexpr):
+    """acc + h · W[cols, ks]ᵀ: one K step of one sub-tile (weight rows past v_hi load as 0)."""
+    w = tl.load(w_ptr + cols.to(tl.int64)[:, None] * stride_wv + ks[None, :] * stride_wk,
+                mask=(cols < v_hi)[:, None] & k_ok[None, :], other=0.0)
+    return tl.dot(h, tl.trans(w), acc, input_precision=DOT_PRECISION)
+
+
+@triton.jit
+def _online_update(acc, cols, v_hi, y, m2, s, t2, zy2, scale2, HAS_ENTROPY: tl.constexpr):
+    """Fold one [BLOCK_N, width] fp32 logit tile (the raw dot products) into the running base-2
+    online-softmax state (m2, s, t2, zy2) of its rows; returns the new state."""
+    # Padded columns hold z = 0 (their weight rows load as 0): excluded from the max, and their
+    # e is set to 0, so no −inf ever enters the tile (−inf·0 would be NaN in z·e).
+    col_ok = cols < v_hi
+    z2 = acc * scale2
+    # Every tile has at least one valid column, so m_new is finite.
+    m_new = tl.maximum(m2, tl.max(tl.where(col_ok[None, :], z2, float("-inf")), axis=1))
+    alpha = tl.exp2(m2 - m_new)
+    e = tl.where(col_ok[None, :], tl.exp2(z2 - m_new[:, None]), 0.0)
+    s = s * alpha + tl.sum(e, axis=1)
+    if HAS_ENTROPY:
+        t2 = t2 * alpha + tl.sum(z2 * e, axis=1)
+    zy2 += tl.sum(tl.where(cols[None, :] == y[:, None], z2, 0.0), axis=1)
+    return m_new, s, t2, zy2
+
+
+@triton.jit
 def _logprob_fwd_kernel(
     h_ptr, w_ptr, y_ptr,                # data ptrs: hidden [N, H], weight [V, H], targets [N] int64
     m_ptr, s_ptr, t_ptr, zy_ptr,        # out ptrs: per-slice partials [SPLITS, N] fp32
-    N, V, H, v_per_split,               # shapes
+    N, V, H, v_per_split, n_splits,     # shapes
     stride_hn, stride_hk, stride_wv, stride_wk,  # strides
-    inv_temp,
+    scale2,                             # log2(e)/τ: the accumulator times this is z in base-2 units
     HAS_ENTROPY: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_N: tl.constexpr,
+    SUB_TILES: tl.constexpr,            # 1, 2 or 4: the vocabulary tile as that many column slices
 ):
-    pid_n = tl.program_id(0)
-    pid_s = tl.program_id(1)
+    # Raster: groups of GROUP_N row tiles × all vocabulary slices, slices fastest within a group.
+    # The programs resident at once then share GROUP_N hidden tiles (re-read for every vocabulary
+    # tile, so they must stay in L2) and read each weight slice once for all GROUP_N row tiles.
+    pid = tl.program_id(0)
+    per_group = GROUP_N * n_splits
+    pid_n = (pid // per_group) * GROUP_N + (pid % per_group) // n_splits
+    pid_s = pid % n_splits
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < N
     y = tl.load(y_ptr + rows, mask=row_ok, other=-1).to(tl.int32)  # ids < V < 2^31
     v_lo = pid_s * v_per_split
     v_hi = tl.minimum(v_lo + v_per_split, V)
+    k_tiles = tl.cdiv(H, BLOCK_K)
+    # int64 offsets: N·H and V·H pass 2^31 at 128k tokens or 256k vocabularies.
+    h_rows = h_ptr + rows.to(tl.int64)[:, None] * stride_hn
+    SUB: tl.constexpr = BLOCK_V // SUB_TILES
 
-    m = tl.full((BLOCK_N,), float("-inf"), dtype=tl.float32)
+    # Online softmax in base 2 (exp2 is the hardware's instruction; log2(e)/τ is folded into one
+    # scale): m2 = max z·log2(e), s = Σ 2^(z2 − m2) = Σ e^(z − m), t2 = Σ z2·2^(z2 − m2).
+    m2 = tl.full((BLOCK_N,), float("-inf"), dtype=tl.float32)
     s = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    t = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    zy = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    for v0 in range(v_lo, v_hi, BLOCK_V):
-        cols = v0 + tl.arange(0, BLOCK_V)
-        col_ok = cols < v_hi
-        # Padded columns hold z = 0 (their weight rows load as 0): excluded from the max, and
-        # their e is set to 0, so no −inf ever enters the tile (−inf·0 would be NaN in z·e).
-        z = _logit_tile(h_ptr, w_ptr, rows, cols, row_ok, col_ok, H,
-                        stride_hn, stride_hk, stride_wv, stride_wk,
-                        BLOCK_N, BLOCK_V, BLOCK_K, DOT_PRECISION) * inv_temp
-        # Every tile has at least one valid column (v0 < v_hi), so m_new is finite.
-        m_new = tl.maximum(m, tl.max(tl.where(col_ok[None, :], z, float("-inf")), axis=1))
-        alpha = tl.exp(m - m_new)
-        e = tl.where(col_ok[None, :], tl.exp(z - m_new[:, None]), 0.0)
-        s = s * alpha + tl.sum(e, axis=1)
-        if HAS_ENTROPY:
-            t = t * alpha + tl.sum(z * e, axis=1)
-        zy += tl.sum(tl.where(cols[None, :] == y[:, None], z, 0.0), axis=1)
-        m = m_new
+    t2 = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    zy2 = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    # SUB_TILES accumulators of [BLOCK_N, SUB] instead of one [BLOCK_N, BLOCK_V]: each K step of
+    # h is loaded once for all of them (the full tile's operand reuse), but each sub-tile's
+    # epilogue needs only [BLOCK_N, SUB] temporaries, which keeps a 128×256 tile (128 accumulator
+    # registers per thread at 8 warps) within the register file.
+    acc0 = tl.zeros((BLOCK_N, SUB), dtype=tl.float32)
+    if SUB_TILES >= 2:
+        acc1 = tl.zeros((BLOCK_N, SUB), dtype=tl.float32)
+    if SUB_TILES == 4:
+        acc2 = tl.zeros((BLOCK_N, SUB), dtype=tl.float32)
+        acc3 = tl.zeros((BLOCK_N, SUB), dtype=tl.float32)
+    # One flat loop over (vocabulary tile, K step) rather than two nested ones, so the software
+    # pipeline keeps loading the next tile's operands while this tile's epilogue runs.
+    n_iter = tl.cdiv(v_hi - v_lo, BLOCK_V) * k_tiles
+    for it in range(0, n_iter):
+        ki = it % k_tiles
+        v0 = v_lo + (it // k_tiles) * BLOCK_V
+        c0 = v0 + tl.arange(0, SUB)
+        ks = ki * BLOCK_K + tl.arange(0, BLOCK_K)
+        k_ok = ks < H
+        h = tl.load(h_rows + ks[None, :] * stride_hk, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        acc0 = _dot_sub(h, w_ptr, c0, v_hi, ks, k_ok, stride_wv, stride_wk, acc0, DOT_PRECISION)
+        if SUB_TILES >= 2:
+            acc1 = _dot_sub(h, w_ptr, c0 + SUB, v_hi, ks, k_ok, stride_wv, stride_wk, acc1, DOT_PRECISION)
+        if SUB_TILES == 4:
+            acc2 = _dot_sub(h, w_ptr, c0 + 2 * SUB, v_hi, ks, k_ok, stride_wv, stride_wk, acc2, DOT_PRECISION)
+            acc3 = _dot_sub(h, w_ptr, c0 + 3 * SUB, v_hi, ks, k_ok, stride_wv, stride_wk, acc3, DOT_PRECISION)
+        if ki == k_tiles - 1:
+            # A sub-tile wholly past v_hi (in a ragged last tile) is skipped: the update needs at
+            # least one valid column (its max would be −inf).
+            m2, s, t2, zy2 = _online_update(acc0, c0, v_hi, y, m2, s, t2, zy2, scale2, HAS_ENTROPY)
+            acc0 = tl.zeros((BLOCK_N, SUB), dtype=tl.float32)
+            if SUB_TILES >= 2:
+                if v0 + SUB < v_hi:
+                    m2, s, t2, zy2 = _online_update(acc1, c0 + SUB, v_hi, y, m2, s, t2, zy2, scale2, HAS_ENTROPY)
+                acc1 = tl.zeros((BLOCK_N, SUB), dtype=tl.float32)
+            if SUB_TILES == 4:
+                if v0 + 2 * SUB < v_hi:
+                    m2, s, t2, zy2 = _online_update(acc2, c0 + 2 * SUB, v_hi, y, m2, s, t2, zy2, scale2,
+                                                    HAS_ENTROPY)
+                if v0 + 3 * SUB < v_hi:
+                    m2, s, t2, zy2 = _online_update(acc3, c0 + 3 * SUB, v_hi, y, m2, s, t2, zy2, scale2,
+                                                    HAS_ENTROPY)
+                acc2 = tl.zeros((BLOCK_N, SUB), dtype=tl.float32)
+                acc3 = tl.zeros((BLOCK_N, SUB), dtype=tl.float32)
 
+    LN2: tl.constexpr = 0.6931471805599453
     out = pid_s.to(tl.int64) * N + rows  # SPLITS·N may pass 2^31
-    tl.store(m_ptr + out, m, mask=row_ok)
+    tl.store(m_ptr + out, m2 * LN2, mask=row_ok)   # partials leave in natural-log units
     tl.store(s_ptr + out, s, mask=row_ok)
-    tl.store(zy_ptr + out, zy, mask=row_ok)
+    tl.store(zy_ptr + out, zy2 * LN2, mask=row_ok)
     if HAS_ENTROPY:
-        tl.store(t_ptr + out, t, mask=row_ok)
+        tl.store(t_ptr + out, t2 * LN2, mask=row_ok)
 
 
 @triton.jit
@@ -169,6 +258,8 @@ def _dlogits_kernel(
     y = tl.load(y_ptr + rows, mask=row_ok, other=-1).to(tl.int32)
     lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
     g = tl.load(g_ptr + rows, mask=row_ok, other=0.0)   # 0 on ignored rows (set by the launcher)
+    # Natural exp here, not exp2 as in the forward: with the base-2 form the entropy variant
+    # spilled 8–48 B per thread on sm_90 (offline compile), the natural one none.
     p = tl.exp(z - lse[:, None])
     coef = g[:, None]
     if HAS_ENTROPY:
@@ -192,30 +283,87 @@ class KernelConfig(NamedTuple):
     block_k: int      # hidden-size step of the K loop
     num_warps: int
     num_stages: int   # software-pipelining depth of the K loop
+    group_n: int = 1  # row tiles per raster group (programs of a group share weight tiles in L2)
+    sub_tiles: int = 1  # forward only: the vocabulary tile as 1, 2 or 4 column slices (registers)
 
 
-def forward_config(dtype: torch.dtype, sm: int = 90) -> KernelConfig:
-    """Tiles of the forward kernel, measured with `python -m prolix.benchmarks.breakdown --sweep`
-    (H100, qwen-1.5b head, N = 16384, bf16; one cuBLAS GEMM of the same shape = 10.7 ms):
+def config_variant() -> str:
+    """The configuration set in use: `PROLIX_LLP_CONFIG` = "v2" (default), "v2-narrow" or "v1".
+
+    "v1" is the configuration measured on an H100 before issue 13 (forward 64×128 tiles whose
+    vocabulary is split only to fill two waves, dz buffer 3% of the fp32 logits); "v2" the
+    grouped-raster forward at 128×256 and a fixed 1 GiB dz buffer; "v2-narrow" the same with
+    128×128 forward tiles. All run the same kernel code. The variable exists so that
+    `python -m prolix.benchmarks.device_check` can time them on the first GPU run; the fastest
+    becomes the default then."""
+    variant = os.environ.get(CONFIG_ENV, "v2")
+    if variant not in CONFIG_VARIANTS:
+        raise ValueError(f"{CONFIG_ENV} must be one of {CONFIG_VARIANTS}, got {variant!r}")
+    return variant
+
+
+def forward_config(dtype: torch.dtype, sm: int = 90, variant: str | None = None) -> KernelConfig:
+    """Tiles of the forward kernel.
+
+    History (v1), measured with `python -m prolix.benchmarks.breakdown --sweep` on an H100
+    (qwen-1.5b head, N = 16384, bf16; one cuBLAS GEMM of the same shape = 10.7 ms), with the
+    nested-loop kernel and row tiles fastest:
 
         64×128 tiles, K step 64, 4 warps, 4 stages    23.2 ms   (8 B of stack: one spilled scalar)
         128×128, 8 warps, 4 stages                     24.1 ms
         128×64,  8 warps, 3 stages (no spill at all)   43.5 ms   (the narrow tile starves wgmma)
         128×256, 8 warps, 3 stages                     21.1 ms   (but ~800 B of stack per thread)
 
+    v2 (not yet timed on a GPU): 128×256 tiles, 8 warps, 3 stages, groups of 8 row tiles, the
+    tile multiplied and reduced as four 128×64 column slices. One [128, 256] accumulator plus
+    its epilogue temporaries spilled 440–952 B per thread on sm_90 (offline compile), two
+    halves 96–192 B, four quarters none (HGMMA in the SASS, 144 KB of shared memory: one
+    program per SM). Each K step of h is loaded once for the four dots, so the h traffic is
+    that of a 256-wide tile; the price is wgmma at n = 64, which reads its A operand from
+    shared memory once per quarter. v2-narrow: 128×128 as one slice (n = 128 wgmma, h traffic
+    of a 128-wide tile), also spill-free. Expected of either: about 1.1–1.3 GEMM-times at the
+    reference shapes, against v1's 2.2; which is faster is for the first GPU run to say.
+    Before Hopper (sm < 90: mma.sync, no wgmma) v2 is 128×128 in two halves at 8 warps.
     fp32 inputs (no 16-bit tensor-core path) use 64×64 tiles that fit without spilling."""
+    variant = variant or config_variant()
     if dtype == torch.float32:
-        return KernelConfig(64, 64, 32, 4, 2)
-    return KernelConfig(64, 128, 64, 4, 4)
+        return KernelConfig(64, 64, 32, 4, 2, group_n=1 if variant == "v1" else 8)
+    if variant == "v1":
+        return KernelConfig(64, 128, 64, 4, 4)
+    if sm < 90:
+        return KernelConfig(128, 128, 64, 8, 3, group_n=8, sub_tiles=2)
+    if variant == "v2-narrow":
+        return KernelConfig(128, 128, 64, 8, 3, group_n=8)
+    return KernelConfig(128, 256, 64, 8, 3, group_n=8, sub_tiles=4)
 
 
-def backward_config(dtype: torch.dtype, sm: int = 90) -> KernelConfig:
-    """Tiles of the dz kernel, a GEMM tile with an elementwise epilogue; same measurement:
+def backward_config(dtype: torch.dtype, sm: int = 90, variant: str | None = None) -> KernelConfig:
+    """Tiles of the dz kernel, a GEMM tile with an elementwise epilogue; same measurement (v1):
     128×256 (8 warps, 3 stages) 40.9 ms for the whole backward vs 46.0 ms with 128×128. Before
-    Hopper (no wgmma, accumulators in more registers) 128×256 spills, so sm < 90 keeps 128×128."""
+    Hopper (no wgmma, accumulators in more registers) 128×256 spills, so sm < 90 keeps 128×128.
+    The tile is already the largest that fits the register file (a 256×256 fp32 accumulator is
+    128 registers per thread at 16 warps, the whole budget), so v2 keeps it and widens the
+    vocabulary chunks instead (`_chunk_width`)."""
     if dtype == torch.float32:
-        return KernelConfig(64, 128, 32, 8, 2)
-    return KernelConfig(128, 256, 64, 8, 3) if sm >= 90 else KernelConfig(128, 128, 64, 8, 3)
+        return KernelConfig(64, 128, 32, 8, 2, group_n=8)
+    return KernelConfig(128, 256, 64, 8, 3, group_n=8) if sm >= 90 else KernelConfig(128, 128, 64, 8, 3, group_n=8)
+
+
+def forward_splits(N: int, V: int, cfg: KernelConfig, target: int, variant: str | None = None) -> tuple[int, int]:
+    """(vocabulary slices, columns per slice, a multiple of block_v) of the forward grid.
+
+    v2: one wave of `target` programs spans `group_n` row tiles × all slices, so the slices
+    number target / group_n (at N = 16384, qwen-1.5b, 132 SMs: 17 slices of 35 tiles of 256);
+    fewer row tiles than a group (small N) get more slices, up to one tile per slice.
+    v1: split only as far as needed to fill `target` programs (measured on an H100: splitting
+    further with row tiles fastest was slower, 28.8 vs 23.5 ms at qwen-1.5b, 90 vs 52 ms at
+    llama-8b, N = 16384)."""
+    n_tiles = triton.cdiv(N, cfg.block_n)
+    max_splits = triton.cdiv(V, cfg.block_v)
+    rows_per_wave = n_tiles if (variant or config_variant()) == "v1" else min(n_tiles, cfg.group_n)
+    splits = max(1, min(max_splits, triton.cdiv(target, rows_per_wave)))
+    v_per_split = triton.cdiv(triton.cdiv(V, splits), cfg.block_v) * cfg.block_v
+    return triton.cdiv(V, v_per_split), v_per_split
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
@@ -238,10 +386,13 @@ def _num_sms(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-def _target_programs(device: torch.device) -> int:
-    # Two waves of programs; the interpreter (CPU tensors) gets a small number so that tests
-    # exercise the vocabulary split and merge at small shapes.
-    return 2 * _num_sms(device.index or 0) if device.type == "cuda" else 4
+def _target_programs(device: torch.device, variant: str) -> int:
+    """Programs per wave: v2's 128×256 tiles fill an SM each (~150 KB of shared memory), v1 asked
+    for two waves. The interpreter (CPU tensors) gets a small number so that tests exercise the
+    vocabulary split and merge at small shapes."""
+    if device.type != "cuda":
+        return 4
+    return (2 if variant == "v1" else 1) * _num_sms(device.index or 0)
 
 
 # ----------------------------------------------------------------------------- triton backend
@@ -251,27 +402,20 @@ def triton_forward(h, w, y, inv_temp, with_entropy):
     """h: [N, H], w: [V, H], y: [N] int64 → (z_y, lse, E_p[z] or None), each [N] fp32."""
     N, H = h.shape
     V = w.shape[0]
-    cfg = forward_config(h.dtype, _sm(h.device))
-    n_tiles = triton.cdiv(N, cfg.block_n)
-    # Split the vocabulary only as far as needed to fill the GPU (small N). Measured on an H100
-    # (qwen-1.5b head, N = 16384): splitting further so that fewer row tiles are resident and
-    # their hidden tiles stay in L2 (S ≈ √(resident·BN/BV) = 12 slices) was slower, 28.8 ms vs
-    # 23.5 ms, and 90 vs 52 ms at the llama-8b head.
-    max_splits = triton.cdiv(V, cfg.block_v)
-    splits = max(1, min(max_splits, triton.cdiv(_target_programs(h.device), n_tiles)))
-    v_per_split = triton.cdiv(triton.cdiv(V, splits), cfg.block_v) * cfg.block_v
-    splits = triton.cdiv(V, v_per_split)
+    variant = config_variant()
+    cfg = forward_config(h.dtype, _sm(h.device), variant)
+    splits, v_per_split = forward_splits(N, V, cfg, _target_programs(h.device, variant), variant)
     part = torch.empty((4 if with_entropy else 3, splits, N), device=h.device, dtype=torch.float32)
     m, s, zy = part[0], part[1], part[2]
     t = part[3] if with_entropy else s  # unused pointer when HAS_ENTROPY is False
-    _logprob_fwd_kernel[(n_tiles, splits)](
+    _logprob_fwd_kernel[(triton.cdiv(N, cfg.block_n) * splits,)](
         h, w, y, m, s, t, zy,
-        N, V, H, v_per_split,
+        N, V, H, v_per_split, splits,
         h.stride(0), h.stride(1), w.stride(0), w.stride(1),
-        inv_temp,
+        inv_temp * _LOG2E,
         HAS_ENTROPY=with_entropy, DOT_PRECISION=_dot_precision(h.dtype),
-        BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_K=cfg.block_k,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_K=cfg.block_k, GROUP_N=cfg.group_n,
+        SUB_TILES=cfg.sub_tiles, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return _merge_partials(m, s, t if with_entropy else None, zy)
 
@@ -286,8 +430,16 @@ def _merge_partials(m, s, t, zy):
     return zy.sum(dim=0), lse, mean_z
 
 
-def _chunk_width(N: int, V: int, elt: int, block_v: int) -> int:
-    budget = max(_BWD_BUFFER_FRACTION * N * V * 4, _BWD_BUFFER_MIN_BYTES)
+def _chunk_width(N: int, V: int, elt: int, block_v: int, variant: str | None = None) -> int:
+    """Vocabulary columns per backward chunk: the [N, width] dz buffer fills the byte budget.
+
+    v2: a fixed `_BWD_BUFFER_BYTES` (1 GiB: ~5 chunks at N = 16384, V = 151936, bf16), so the
+    buffer is flat in N and the fp32 dh accumulator is re-read ~5 times instead of ~17.
+    v1: `_V1_BUFFER_FRACTION` of the fp32 logits, at least `_V1_BUFFER_MIN_BYTES` (grows with N)."""
+    if (variant or config_variant()) == "v1":
+        budget = max(_V1_BUFFER_FRACTION * N * V * 4, _V1_BUFFER_MIN_BYTES)
+    else:
+        budget = _BWD_BUFFER_BYTES
     width = int(budget // (N * elt)) // block_v * block_v
     return max(block_v, min(width, triton.cdiv(V, block_v) * block_v))
 
@@ -296,9 +448,10 @@ def triton_backward(h, w, y, lse, g, gh, ez, inv_temp, need_dh, need_dw):
     """dz by vocabulary chunk (Triton), then dW[chunk] = dzᵀh and dh += dz·W[chunk] (cuBLAS)."""
     N, H = h.shape
     V = w.shape[0]
-    cfg = backward_config(h.dtype, _sm(h.device))
+    variant = config_variant()
+    cfg = backward_config(h.dtype, _sm(h.device), variant)
     with_entropy = gh is not None
-    width = _chunk_width(N, V, h.element_size(), cfg.block_v)
+    width = _chunk_width(N, V, h.element_size(), cfg.block_v, variant)
     dz_buf = torch.empty((N, min(width, V)), device=h.device, dtype=h.dtype)
     dh = torch.zeros((N, H), device=h.device, dtype=torch.float32) if need_dh else None
     dw = torch.empty_like(w) if need_dw else None
@@ -312,7 +465,7 @@ def triton_backward(h, w, y, lse, g, gh, ez, inv_temp, need_dh, need_dw):
             h.stride(0), h.stride(1), w.stride(0), w.stride(1), dz.stride(0),
             inv_temp,
             HAS_ENTROPY=with_entropy, DOT_PRECISION=_dot_precision(h.dtype),
-            BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_K=cfg.block_k, GROUP_N=8,
+            BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_K=cfg.block_k, GROUP_N=cfg.group_n,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
         if need_dw:

@@ -68,59 +68,75 @@ class Resources:
 
 
 def production_launches(sm: int = 90) -> list[Launch]:
-    """Every (kernel, dtype, flag) specialisation the launchers produce on sm_<sm>."""
-    launches = []
+    """Every (kernel, dtype, flag, configuration set) specialisation the launchers produce on
+    sm_<sm>: both `PROLIX_LLP_CONFIG` variants, since either may be selected on a GPU."""
+    launches, seen = [], set()
     for dtype in (torch.bfloat16, torch.float16, torch.float32):
-        t = _PTR[dtype]
-        precision = "ieee" if dtype == torch.float32 else "tf32"
         for entropy in (False, True):
-            cfg = llp.forward_config(dtype, sm)
-            launches.append(Launch(
-                name=f"logprob_fwd[{t[1:]},entropy={int(entropy)}]",
-                fn=llp._logprob_fwd_kernel,
-                signature={
-                    "h_ptr": t, "w_ptr": t, "y_ptr": "*i64",
-                    "m_ptr": "*fp32", "s_ptr": "*fp32", "t_ptr": "*fp32", "zy_ptr": "*fp32",
-                    "N": "i32", "V": "i32", "H": "i32", "v_per_split": "i32",
-                    "stride_hn": "i32", "stride_hk": "constexpr",
-                    "stride_wv": "i32", "stride_wk": "constexpr", "inv_temp": "fp32",
-                    "HAS_ENTROPY": "constexpr", "DOT_PRECISION": "constexpr",
-                    "BLOCK_N": "constexpr", "BLOCK_V": "constexpr", "BLOCK_K": "constexpr",
-                },
-                constexprs={
-                    "stride_hk": 1, "stride_wk": 1, "HAS_ENTROPY": entropy,
-                    "DOT_PRECISION": precision,
-                    "BLOCK_N": cfg.block_n, "BLOCK_V": cfg.block_v, "BLOCK_K": cfg.block_k,
-                },
-                divisible=("h_ptr", "w_ptr", "y_ptr", "m_ptr", "s_ptr", "t_ptr", "zy_ptr",
-                           "V", "H", "v_per_split", "stride_hn", "stride_wv"),
-                num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-            ))
-            cfg = llp.backward_config(dtype, sm)
-            launches.append(Launch(
-                name=f"dlogits[{t[1:]},entropy={int(entropy)}]",
-                fn=llp._dlogits_kernel,
-                signature={
-                    "h_ptr": t, "w_ptr": t, "y_ptr": "*i64",
-                    "lse_ptr": "*fp32", "g_ptr": "*fp32", "gh_ptr": "*fp32", "ez_ptr": "*fp32",
-                    "dz_ptr": t, "N": "i32", "H": "i32", "v_lo": "i32", "v_hi": "i32",
-                    "stride_hn": "i32", "stride_hk": "constexpr", "stride_wv": "i32",
-                    "stride_wk": "constexpr", "stride_dzn": "i32", "inv_temp": "fp32",
-                    "HAS_ENTROPY": "constexpr", "DOT_PRECISION": "constexpr",
-                    "BLOCK_N": "constexpr", "BLOCK_V": "constexpr", "BLOCK_K": "constexpr",
-                    "GROUP_N": "constexpr",
-                },
-                constexprs={
-                    "stride_hk": 1, "stride_wk": 1, "HAS_ENTROPY": entropy,
-                    "DOT_PRECISION": precision,
-                    "BLOCK_N": cfg.block_n, "BLOCK_V": cfg.block_v, "BLOCK_K": cfg.block_k,
-                    "GROUP_N": 8,
-                },
-                divisible=("h_ptr", "w_ptr", "y_ptr", "lse_ptr", "g_ptr", "gh_ptr", "ez_ptr",
-                           "dz_ptr", "H", "v_lo", "stride_hn", "stride_wv", "stride_dzn"),
-                num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-            ))
+            for variant in llp.CONFIG_VARIANTS:
+                launch = _forward_launch(dtype, entropy, sm, variant)
+                # Variants that share a config on this target compile to the same kernel: once.
+                key = (tuple(sorted(launch.constexprs.items())), launch.num_warps, launch.num_stages, str(launch.signature))
+                if key not in seen:
+                    seen.add(key)
+                    launches.append(launch)
+            launches.append(_dlogits_launch(dtype, entropy, sm))
     return launches
+
+
+def _precision(dtype: torch.dtype) -> str:
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _forward_launch(dtype: torch.dtype, entropy: bool, sm: int, variant: str) -> Launch:
+    t, cfg = _PTR[dtype], llp.forward_config(dtype, sm, variant)
+    return Launch(
+        name=f"logprob_fwd[{t[1:]},entropy={int(entropy)},{variant}]",
+        fn=llp._logprob_fwd_kernel,
+        signature={
+            "h_ptr": t, "w_ptr": t, "y_ptr": "*i64",
+            "m_ptr": "*fp32", "s_ptr": "*fp32", "t_ptr": "*fp32", "zy_ptr": "*fp32",
+            "N": "i32", "V": "i32", "H": "i32", "v_per_split": "i32", "n_splits": "i32",
+            "stride_hn": "i32", "stride_hk": "constexpr",
+            "stride_wv": "i32", "stride_wk": "constexpr", "scale2": "fp32",
+            "HAS_ENTROPY": "constexpr", "DOT_PRECISION": "constexpr",
+            "BLOCK_N": "constexpr", "BLOCK_V": "constexpr", "BLOCK_K": "constexpr",
+            "GROUP_N": "constexpr", "SUB_TILES": "constexpr",
+        },
+        constexprs={
+            "stride_hk": 1, "stride_wk": 1, "HAS_ENTROPY": entropy, "DOT_PRECISION": _precision(dtype),
+            "BLOCK_N": cfg.block_n, "BLOCK_V": cfg.block_v, "BLOCK_K": cfg.block_k, "GROUP_N": cfg.group_n,
+            "SUB_TILES": cfg.sub_tiles,
+        },
+        divisible=("h_ptr", "w_ptr", "y_ptr", "m_ptr", "s_ptr", "t_ptr", "zy_ptr",
+                   "V", "H", "v_per_split", "stride_hn", "stride_wv"),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+
+
+def _dlogits_launch(dtype: torch.dtype, entropy: bool, sm: int) -> Launch:
+    t, cfg = _PTR[dtype], llp.backward_config(dtype, sm)
+    return Launch(
+        name=f"dlogits[{t[1:]},entropy={int(entropy)}]",
+        fn=llp._dlogits_kernel,
+        signature={
+            "h_ptr": t, "w_ptr": t, "y_ptr": "*i64",
+            "lse_ptr": "*fp32", "g_ptr": "*fp32", "gh_ptr": "*fp32", "ez_ptr": "*fp32",
+            "dz_ptr": t, "N": "i32", "H": "i32", "v_lo": "i32", "v_hi": "i32",
+            "stride_hn": "i32", "stride_hk": "constexpr", "stride_wv": "i32",
+            "stride_wk": "constexpr", "stride_dzn": "i32", "inv_temp": "fp32",
+            "HAS_ENTROPY": "constexpr", "DOT_PRECISION": "constexpr",
+            "BLOCK_N": "constexpr", "BLOCK_V": "constexpr", "BLOCK_K": "constexpr",
+            "GROUP_N": "constexpr",
+        },
+        constexprs={
+            "stride_hk": 1, "stride_wk": 1, "HAS_ENTROPY": entropy, "DOT_PRECISION": _precision(dtype),
+            "BLOCK_N": cfg.block_n, "BLOCK_V": cfg.block_v, "BLOCK_K": cfg.block_k, "GROUP_N": cfg.group_n,
+        },
+        divisible=("h_ptr", "w_ptr", "y_ptr", "lse_ptr", "g_ptr", "gh_ptr", "ez_ptr",
+                   "dz_ptr", "H", "v_lo", "stride_hn", "stride_wv", "stride_dzn"),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
 
 
 def _nvidia_tool(name: str) -> str:

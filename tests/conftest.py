@@ -48,3 +48,5 @@ if os.environ.get("TRITON_INTERPRET") == "1":
 def pytest_configure(config):
     # Long-running checks that still fit the default run; `-m "not soak"` deselects them.
     config.addinivalue_line("markers", "soak: a long run checking memory and live objects stay flat (< 60 s)")
+    # `python -m prolix.benchmarks.device_check` runs `pytest -m gpu` on a GPU machine.
+    config.addinivalue_line("markers", "gpu: needs CUDA (skipped without it); selected by `pytest -m gpu`")

@@ -11,7 +11,12 @@ import pytest
 import torch
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+def requires_cuda(test):
+    """Skip `test` without CUDA and mark it `gpu`, so `pytest -m gpu` (the device check) selects it."""
+    return pytest.mark.gpu(pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")(test))
+
 
 # Values (logp, entropy) accumulate in fp32 whatever the input dtype, so they are tight in every
 # dtype. Gradients pass through the input dtype once (dz is stored in it and the dh/dW GEMMs

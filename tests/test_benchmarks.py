@@ -275,3 +275,85 @@ def test_padded_baselines_compute_prolix_loss_on_a_ragged_trainer_batch(provider
     providers = {p.name: p for p in PROVIDERS["train"]}
     want = _answer("fused-grpo", providers["prolix"], inp, ctx)
     _assert_same("fused-grpo", _answer("fused-grpo", providers[provider], inp, ctx), want, provider)
+
+
+# ----------------------------------------------------------------------------- the device check
+
+
+@pytest.fixture(scope="module")
+def device_check_run(tmp_path_factory) -> tuple[Path, dict]:
+    from prolix.benchmarks import device_check
+
+    out = tmp_path_factory.mktemp("device_check")
+    path = device_check.run(out, quick=True, command="python -m prolix.benchmarks.device_check --quick")
+    return path, json.loads(path.read_text())
+
+
+def test_device_check_writes_json_markdown_and_png(device_check_run):
+    from prolix.benchmarks.device_check import SCHEMA as DC_SCHEMA
+    from prolix.benchmarks.device_check import SECTIONS
+
+    path, r = device_check_run
+    assert r["schema"] == DC_SCHEMA and r["quick"] is True
+    assert {"created", "command", "commit", "device", "versions", "plan", "ceilings", "sections", "tests",
+            "gemm", "cases", "configs", "breakdown", "targets", "elapsed_s"} <= r.keys()
+    assert list(r["sections"]) == [s.name for s in SECTIONS]
+    for name, sec in r["sections"].items():
+        assert sec["status"] in ("ok", "skipped"), (name, sec)
+        assert sec["seconds"] >= 0 and (sec["status"] == "ok" or sec["reason"]), (name, sec)
+    if not torch.cuda.is_available():
+        assert "needs CUDA" in r["sections"]["breakdown"]["reason"]
+    assert path.with_suffix(".png").read_bytes().startswith(PNG_MAGIC)
+    text = path.with_suffix(".md").read_text()
+    assert "## Targets" in text and "| verdict |" in text
+    if r["device"]["type"] == "cpu":
+        assert "not performance" in text
+
+
+def test_device_check_measures_against_the_gemm_of_the_same_shape(device_check_run):
+    from prolix.kernels.linear_logprob import CONFIG_VARIANTS
+
+    _, r = device_check_run
+    assert r["gemm"] and all(g["status"] == "ok" and g["ms"] > 0 for g in r["gemm"])
+    kernels = [c for c in r["cases"] if c["kernel"] in ("linear-logprobs", "fused-grpo")]
+    assert {c["kernel"] for c in kernels} == {"linear-logprobs", "fused-grpo"}
+    for c in kernels:
+        assert set(CASE_KEYS) <= c.keys()
+        if c["status"] == "ok":
+            assert c["check_ok"] and c["gemm_ratio"] == pytest.approx(c["ms"] / c["gemm_ms"])
+        else:
+            assert c["status"] == "skipped" and c["reason"], c
+    assert {c["provider"] for c in kernels if c["status"] == "ok"} >= {"prolix", "eager"}
+    assert {c["kernel"] for c in r["cases"]} >= {"train"}
+    # Every configuration set ran the same inputs; they agree to fp32 rounding.
+    assert {x["variant"] for x in r["configs"] if x["status"] == "ok"} == set(CONFIG_VARIANTS)
+    assert all(x["max_abs_diff_vs_v2"] < 1e-4 for x in r["configs"] if x["variant"] != "v2")
+    assert r["tests"] and r["tests"][0]["summary"]
+
+
+def test_device_check_targets_pass_or_fail_only_on_cuda(device_check_run):
+    from prolix.benchmarks.device_report import TARGETS, evaluate_targets
+
+    _, r = device_check_run
+    assert len(r["targets"]) == len(TARGETS) * len({g["shape"] for g in r["gemm"]})
+    assert {t["verdict"] for t in r["targets"]} == {"n/a"}  # CPU: never PASS or FAIL
+    synthetic = json.loads(json.dumps(r))
+    synthetic["device"]["type"] = "cuda"
+    for c in synthetic["cases"]:
+        if c["status"] == "ok" and c["provider"] == "prolix" and c["mode"] == "fwdbwd":
+            c["gemm_ratio"] = 3.0 if c["kernel"] == "fused-grpo" else 5.0  # fused passes, generic fails
+            c["peak_gb"], c["grads_gb"], c["extra_gb"] = 3.0, 1.0, 2.0
+    verdicts = {t["target"]: t["verdict"] for t in evaluate_targets(synthetic)}
+    assert verdicts["fused GRPO fwd+bwd"] == "PASS"
+    assert verdicts["generic linear_logprobs fwd+bwd"] == "FAIL"
+    assert verdicts["extra memory at 16k"] == verdicts["extra memory flat to 64k"] == "PASS"
+
+
+def test_device_check_out_of_budget_records_every_section_as_skipped(tmp_path):
+    from prolix.benchmarks import device_check
+
+    path = device_check.run(tmp_path, quick=True, budget_s=1e-3)
+    r = json.loads(path.read_text())
+    assert r["sections"] and all(s["status"] == "skipped" and "budget" in s["reason"] or "CUDA" in s["reason"]
+                                 for s in r["sections"].values())
+    assert path.with_suffix(".md").exists()

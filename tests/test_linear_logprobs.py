@@ -97,20 +97,72 @@ def test_logits_of_magnitude_1e3_do_not_overflow(backend, dtype):
     check_against_reference(backend, dtype, (9,), 32, 200, 1.0, scale=400.0, entropy_atol=2e-4)
 
 
+@pytest.mark.parametrize("sub_tiles", [2, 4])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_triton_small_tiles_cover_every_tile_edge(monkeypatch, dtype):
+def test_triton_small_tiles_cover_every_tile_edge(monkeypatch, dtype, sub_tiles):
     # Tiles much smaller than the shape: several row tiles (the last partial), a K loop whose
     # last step is partial (H = 40 over 16), vocabulary split across programs, and a backward
-    # that walks the vocabulary in several chunks, the last one partial.
-    monkeypatch.setattr(llp, "forward_config", lambda dt, sm=90: llp.KernelConfig(16, 32, 16, 4, 1))
-    monkeypatch.setattr(llp, "backward_config", lambda dt, sm=90: llp.KernelConfig(16, 32, 16, 4, 1))
-    monkeypatch.setattr(llp, "_BWD_BUFFER_MIN_BYTES", 0)
-    monkeypatch.setattr(llp, "_BWD_BUFFER_FRACTION", 0.25)
+    # that walks the vocabulary in several chunks, the last one partial; the forward's raster
+    # groups 3 row tiles (70 rows / 16 = 5 tiles: the second group is partial) and reduces each
+    # 64-wide tile as 2 or 4 column slices, the last tile (333 = 5·64 + 13) leaving slices with
+    # no valid column.
+    cfg = llp.KernelConfig(16, 64, 16, 4, 1, group_n=3, sub_tiles=sub_tiles)
+    monkeypatch.setattr(llp, "forward_config", lambda dt, sm=90, variant=None: cfg)
+    monkeypatch.setattr(llp, "backward_config", lambda dt, sm=90, variant=None: llp.KernelConfig(16, 32, 16, 4, 1))
+    monkeypatch.setattr(llp, "_BWD_BUFFER_BYTES", 70 * 100 * 4)  # 100 fp32 columns of 70 rows
     widths = []
     real_chunk_width = llp._chunk_width
     monkeypatch.setattr(llp, "_chunk_width", lambda *a: widths.append(real_chunk_width(*a)) or widths[-1])
     check_against_reference("triton", dtype, (70,), 40, 333, 0.9)
     assert widths and widths[0] < 333, "the backward did not split the vocabulary into chunks"
+
+
+@pytest.mark.parametrize("variant", llp.CONFIG_VARIANTS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_production_grid_with_ragged_tiles_matches_reference(monkeypatch, dtype, variant):
+    # The production tiles (v2: 128×256, K step 64) at N = 200 (two row tiles, the second
+    # partial: N not a multiple of 128) and V = 1500: the interpreter's 4-program wave splits the
+    # vocabulary into slices of 768 = 3 tiles, the last slice ending in a ragged 220-column tile;
+    # H = 72 leaves a partial K step. Both configuration sets (PROLIX_LLP_CONFIG) must be exact.
+    monkeypatch.setenv(llp.CONFIG_ENV, variant)
+    cfg = llp.forward_config(dtype, 90)
+    splits, per_split = llp.forward_splits(200, 1500, cfg, 4)
+    assert 1500 % cfg.block_v and 200 % cfg.block_n, "the shape no longer leaves ragged tiles"
+    if variant == "v2" and dtype != torch.float32:
+        assert (cfg.block_n, cfg.block_v) == (128, 256) and (splits, per_split) == (2, 3 * cfg.block_v)
+    check_against_reference("triton", dtype, (200,), 72, 1500, 0.8)
+
+
+def test_v2_grid_at_the_reference_shape_is_one_wave_of_grouped_slices():
+    # qwen-1.5b head, N = 16384, an H100/H200's 132 SMs: 8 row tiles × 17 slices per wave, each
+    # slice 35 tiles of 256 (the numbers the module docstring's cost section counts with).
+    cfg = llp.forward_config(torch.bfloat16, 90, "v2")
+    splits, per_split = llp.forward_splits(16384, 151936, cfg, 132, "v2")
+    assert (cfg.block_n, cfg.block_v, cfg.group_n, cfg.sub_tiles) == (128, 256, 8, 4)
+    assert (splits, per_split) == (17, 35 * 256)
+    # N = 1: one row tile, so the whole wave goes to vocabulary slices (whole 256-wide tiles
+    # each: 119 slices of 5 tiles, rounding up from 132).
+    assert 100 < llp.forward_splits(1, 151936, cfg, 132, "v2")[0] <= 132
+    # v1 splits only to fill two waves: 256 row tiles of 64 < 264 programs, so 2 slices.
+    v1 = llp.forward_config(torch.bfloat16, 90, "v1")
+    assert llp.forward_splits(16384, 151936, v1, 264, "v1")[0] == 2
+
+
+def test_backward_buffer_is_flat_in_n_under_v2():
+    # v2's dz buffer is a fixed budget (extra memory flat from 16k to 64k tokens); v1's grew with N.
+    for N in (16384, 65536):
+        width = llp._chunk_width(N, 151936, 2, 256, "v2")
+        assert N * width * 2 <= llp._BWD_BUFFER_BYTES
+        assert N * (width + 256) * 2 > llp._BWD_BUFFER_BYTES
+    v1 = {N: N * llp._chunk_width(N, 151936, 2, 256, "v1") * 2 for N in (16384, 65536)}
+    assert v1[65536] > 3.9 * v1[16384]
+
+
+def test_unknown_config_variant_is_refused_by_name(monkeypatch):
+    monkeypatch.setenv(llp.CONFIG_ENV, "fast")
+    hidden, weight, targets = make_inputs((4,), 16, 50, torch.float32)
+    with pytest.raises(ValueError, match=f"{llp.CONFIG_ENV} must be one of"):
+        linear_logprobs(hidden, weight, targets, backend="triton")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

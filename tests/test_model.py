@@ -346,6 +346,7 @@ def test_load_policy_errors_name_the_path(tmp_path):
 CUDA_BACKENDS = ("flash_attn", "torch_varlen", "sdpa_block_mask", "sdpa_per_sequence")
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA attention backends need a GPU")
 @pytest.mark.parametrize("backend", CUDA_BACKENDS)
 @pytest.mark.parametrize("family", FAMILIES)
@@ -369,6 +370,7 @@ def test_cuda_backends_match_per_sequence_reference_in_bf16(family, backend):
     torch.testing.assert_close(hidden.float(), expected.float(), **TOL[torch.bfloat16])
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 def test_load_policy_defaults_to_bf16_on_cuda(tmp_path):
     path = save_policy(tiny_model("llama"), tmp_path / "ckpt")
@@ -378,6 +380,7 @@ def test_load_policy_defaults_to_bf16_on_cuda(tmp_path):
     assert logprobs(model, batch).isfinite().all()
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="Liger's kernels are Triton-on-CUDA only")
 def test_liger_kernels_keep_hidden_states_on_cuda(monkeypatch):
     pytest.importorskip("liger_kernel")
