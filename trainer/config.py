@@ -277,7 +277,7 @@ class OptimConfig:
 class ReferenceConfig:
     """The ProRL reference reset: reference ← policy (and, in v1, a fresh optimizer)."""
 
-    mode: str = "patience"
+    mode: Literal["off", "patience", "every", "both"] = "patience"
     """When to reset: "off", "patience" (validation stopped improving — ProRL), "every"
     (a fixed period — ProRL v2) or "both". A file `watch_file` in the run dir always triggers one."""
     patience: int = 3
@@ -292,7 +292,7 @@ class ReferenceConfig:
     """Create this file in the run dir to reset at the end of the current step; the loop deletes it."""
 
     def __post_init__(self) -> None:
-        _choice(self.mode, "reference.mode", ("off", "patience", "every", "both"))
+        check_literal_fields(self, "reference")
         _check(self.patience >= 1, "reference.patience", f"expected >= 1, got {self.patience}")
         _check(self.every >= 0, "reference.every", f"expected >= 0, got {self.every}")
         _check(self.mode not in ("every", "both") or self.every >= 1, "reference.every",
