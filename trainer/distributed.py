@@ -70,7 +70,6 @@ __all__ = [
     "init_from_env",
     "launched",
     "torchrun_command",
-    "run_on_main",
     "decoder_layers",
     "full_parameters",
     "save_checkpoint",
@@ -132,27 +131,6 @@ def init_from_env(device: str = "auto") -> DataParallel | None:
                         owns_group=owns)
 
 
-def run_on_main(dp: DataParallel | None, fn: Callable[[], Any]) -> Any:
-    """fn() on rank 0 only (creating the run directory, building the demo model), its result —
-    or the exception it raised — broadcast to every rank; fn() itself without a `dp`."""
-    if dp is None:
-        return fn()
-    return dp.run_on_main(fn)
-
-
-def _run_on_main(dp: DataParallel, fn: Callable[[], Any]) -> Any:
-    outcome: Any = None
-    if dp.is_main:
-        try:
-            outcome = ("ok", fn())
-        except Exception as e:                   # re-raised on every rank, so all exit alike
-            outcome = ("error", e)
-    status, value = dp.broadcast(outcome)
-    if status == "error":
-        raise value
-    return value
-
-
 # ----------------------------------------------------------------------------- models
 
 
@@ -210,8 +188,18 @@ class DataParallel:
         return torch.device("cpu")
 
     def run_on_main(self, fn: Callable[[], Any]) -> Any:
-        """fn() on rank 0, its result (or the exception it raised) broadcast to every rank."""
-        return _run_on_main(self, fn)
+        """fn() on rank 0 only (creating the run directory, building the demo model), its result —
+        or the exception it raised — broadcast to every rank."""
+        outcome: Any = None
+        if self.is_main:
+            try:
+                outcome = ("ok", fn())
+            except Exception as e:                   # re-raised on every rank, so all exit alike
+                outcome = ("error", e)
+        status, value = self.broadcast(outcome)
+        if status == "error":
+            raise value
+        return value
 
     # ------------------------------------------------------------------ collectives
 
