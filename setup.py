@@ -139,6 +139,8 @@ DEV_REQUIRES = TRAINER_REQUIRES + BENCH_REQUIRES + TRL_REQUIRES + [
     "pytest>=8.0",
     "pytest-benchmark>=5.0",
     "hypothesis>=6.100",
+    "ruff>=0.6",               # `make lint`: ruff.toml
+    "import-linter>=2.17",     # `make lint`: .importlinter (tested with 2.17)
 ]
 
 setup(

@@ -127,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     flop = 2 * N * H * V
     print(f"{torch.cuda.get_device_name()} · {args.shape} (H={H}, V={V}) · N={N} · {args.dtype}")
     print(f"one GEMM = {flop / 1e12:.2f} TFLOP: {gemm:.2f} ms = {flop / gemm / 1e9:.0f} TFLOP/s\n")
-    print(f"| stage | ms | × one GEMM |\n|---|---:|---:|")
+    print("| stage | ms | × one GEMM |\n|---|---:|---:|")
     for name, ms in rows:
         print(f"| {name} | {ms:.2f} | {ms / gemm:.2f} |")
     if args.json:

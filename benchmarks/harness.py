@@ -110,6 +110,20 @@ def peak_memory_gb(
     return peak / 1e9, None
 
 
+def _time_matmul(size: int, device: torch.device, dtype: torch.dtype, *, quick: bool) -> float:
+    """Median ms of a [size, size] × [size, size] matmul in `dtype`."""
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    return time_fn(lambda: torch.matmul(a, b), device, quick=quick)[0]
+
+
+def _time_copy(n_bytes: int, device: torch.device, *, quick: bool) -> float:
+    """Median ms of a device-to-device copy of `n_bytes` (fp32)."""
+    src = torch.empty(n_bytes // 4, device=device, dtype=torch.float32).normal_()
+    dst = torch.empty_like(src)
+    return time_fn(lambda: dst.copy_(src), device, quick=quick)[0]
+
+
 def measure_ceilings(device: torch.device, dtype: torch.dtype, *, quick: bool) -> dict:
     """The device's measured peaks, once per run: matmul TFLOP/s in `dtype`, copy GB/s.
 
@@ -118,15 +132,10 @@ def measure_ceilings(device: torch.device, dtype: torch.dtype, *, quick: bool) -
     """
     on_cuda = device.type == "cuda"
     size = 8192 if on_cuda else 512
-    a = torch.randn(size, size, device=device, dtype=dtype)
-    b = torch.randn(size, size, device=device, dtype=dtype)
-    mm_ms, _, _ = time_fn(lambda: torch.matmul(a, b), device, quick=quick)
     n_bytes = (1 << 30) if on_cuda else (1 << 24)
-    src = torch.empty(n_bytes // 4, device=device, dtype=torch.float32).normal_()
-    dst = torch.empty_like(src)
-    cp_ms, _, _ = time_fn(lambda: dst.copy_(src), device, quick=quick)
-    del a, b, src, dst
-    free_memory(device)
+    mm_ms = _time_matmul(size, device, dtype, quick=quick)
+    cp_ms = _time_copy(n_bytes, device, quick=quick)
+    free_memory(device)              # the operands died with the helpers' frames
     return {
         "matmul_tflops": 2 * size**3 / (mm_ms * 1e-3) / 1e12,
         "matmul_shape": [size, size, size],

@@ -23,38 +23,16 @@ All run at temperature 1 (CCE and Liger's FLCE have no temperature argument).
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Callable
 
 import torch
 
 from . import trl_providers as T
 from .cases import IGNORE_INDEX, Inputs
+from .provider_types import Context, Forward, Provider, Skip, padded_sequences
 
-Forward = Callable[[], torch.Tensor]
 BASELINES = ("eager", "compile", "liger", "cce", "trl")
 COMPILE_CHUNK = {"cuda": 4096, "cpu": 256}  # tokens per compiled chunk
-
-
-class Skip(Exception):
-    """This provider cannot run here; the message is the reason recorded in the results."""
-
-
-@dataclasses.dataclass(frozen=True)
-class Context:
-    """What a provider needs besides the inputs: the device, the loss config, the run's speed."""
-
-    device: torch.device
-    config: object  # prolix.kernels.GRPOLossConfig
-    quick: bool
-
-
-@dataclasses.dataclass(frozen=True)
-class Provider:
-    name: str
-    baseline: str | None  # the --baselines entry that enables it; None: always run (prolix)
-    build: Callable[[Inputs, Context], Forward]
-    note: str = ""  # said in the results: how to read this provider's numbers
 
 
 def bench_config():
@@ -179,18 +157,6 @@ def liger_flce(inp: Inputs, ctx: Context) -> Forward:
     return fwd
 
 
-def _seq(t: torch.Tensor, inp: Inputs) -> torch.Tensor:
-    """[N, ...] → [S, L, ...]: the padded batch layout of the Liger and TRL losses.
-
-    A view when all S sequences have L tokens (every kernel case: no padding); zero-padded to
-    the longest sequence for a ragged batch (`inp.pad_index`, the trainer step), the padding
-    being part of what those baselines cost. Differentiable in `t` either way."""
-    if inp.pad_index is None:
-        return t.view(inp.S, inp.L, *t.shape[1:])
-    padded = t.new_zeros(inp.S * inp.L, *t.shape[1:])
-    return padded.index_copy(0, inp.pad_index, t).view(inp.S, inp.L, *t.shape[1:])
-
-
 def liger_grpo(inp: Inputs, ctx: Context) -> Forward:
     _liger()
     from liger_kernel.chunked_loss import LigerFusedLinearGRPOLoss
@@ -202,9 +168,9 @@ def liger_grpo(inp: Inputs, ctx: Context) -> Forward:
         compiled=ctx.device.type == "cuda",  # its torch.compile of the loss math: GPU only
     )
     return lambda: loss_fn(
-        _seq(inp.hidden, inp), inp.weight, _seq(inp.safe_targets, inp), _seq(inp.mask, inp),
-        inp.adv_seq, ref_per_token_logps=_seq(inp.ref_logp, inp),
-        old_per_token_logps=_seq(inp.old_logp, inp),
+        padded_sequences(inp.hidden, inp), inp.weight, padded_sequences(inp.safe_targets, inp), padded_sequences(inp.mask, inp),
+        inp.adv_seq, ref_per_token_logps=padded_sequences(inp.ref_logp, inp),
+        old_per_token_logps=padded_sequences(inp.old_logp, inp),
     )[0]
 
 
@@ -213,15 +179,15 @@ def liger_triton_grpo(inp: Inputs, ctx: Context) -> Forward:
     _need_cuda(ctx, "Liger's triton_grpo_loss")
     from liger_kernel.transformers.grpo_loss import triton_grpo_loss
 
-    cfg, (S, L, H) = ctx.config, (inp.S, inp.L, inp.shape.H)
+    cfg, (S, H) = ctx.config, (inp.S, inp.shape.H)
 
     def fwd():
         # Its logits are [S, L+1, V] (the last position has no target): one dummy row per sequence.
-        h = torch.cat([_seq(inp.hidden, inp), inp.hidden.new_zeros(S, 1, H)], dim=1)
+        h = torch.cat([padded_sequences(inp.hidden, inp), inp.hidden.new_zeros(S, 1, H)], dim=1)
         logits = h @ inp.weight.T                                   # [S, L+1, V], bench dtype
         loss, _ = triton_grpo_loss(
-            logits, _seq(inp.old_logp, inp), _seq(inp.ref_logp, inp), _seq(inp.safe_targets, inp),
-            inp.adv_seq, _seq(inp.mask, inp), temperature=1.0, beta=cfg.kl_coef,
+            logits, padded_sequences(inp.old_logp, inp), padded_sequences(inp.ref_logp, inp), padded_sequences(inp.safe_targets, inp),
+            inp.adv_seq, padded_sequences(inp.mask, inp), temperature=1.0, beta=cfg.kl_coef,
             eps_low=cfg.clip_low, eps_high=cfg.clip_high, loss_type="dapo", reduce=True,
         )
         return loss

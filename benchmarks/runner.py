@@ -26,17 +26,12 @@ from typing import Callable
 import torch
 
 from . import cases as C
-from . import check, harness
-from .providers import (BASELINES, PROVIDERS, Context, Provider, Skip, bench_config, grad_output,
-                        leaves, no_donated_buffers)
+from . import harness
+from .provider_types import Context, Provider, Skip
+from .providers import BASELINES, PROVIDERS, bench_config, grad_output, leaves, no_donated_buffers
+from .sweep import Point, add_ratios, check_provider, print_row, profile
 
 SCHEMA = "prolix-bench/2"  # /2: + tokens_per_s, mfu, model; the train kernel; trl providers
-CASE_KEYS = (
-    "kernel", "provider", "note", "shape", "N", "H", "V", "S", "L", "dtype", "mode", "status",
-    "reason", "ms", "ms_p20", "ms_p80", "tflops", "gbps", "flop", "bytes", "floor_ms",
-    "floor_frac", "peak_gb", "peak_reason", "grads_gb", "errors", "max_err", "err_vs",
-    "check_ok", "vs", "profile", "tokens_per_s", "mfu", "model",
-)
 TRAIN = "train"
 ALL_KERNELS = (*C.KERNELS, TRAIN)
 DEFAULT_OUT = Path(__file__).resolve().parent / "results"
@@ -59,29 +54,6 @@ class Spec:
     seq_len: int | None = None
     seed: int = 0
     command: str = ""
-
-
-@dataclasses.dataclass
-class Point:
-    """One (kernel, shape, N) of the sweep, with what its providers share."""
-
-    kernel: str
-    shape: C.Shape
-    N: int
-    dtype: torch.dtype
-    device: torch.device
-    ctx: Context
-    inp: C.Inputs | None = None
-    ref: dict | None = None
-
-    def row(self, provider: Provider, mode: str, status: str, reason: str | None = None) -> dict:
-        r = dict.fromkeys(CASE_KEYS)
-        inp = self.inp
-        r.update(kernel=self.kernel, provider=provider.name, note=provider.note or None,
-                 shape=self.shape.name, N=self.N, H=self.shape.H or None, V=self.shape.V or None,
-                 S=inp.S if inp else None, L=inp.L if inp else None,
-                 dtype=harness.dtype_name(self.dtype), mode=mode, status=status, reason=reason, vs={})
-        return r
 
 
 class SpecError(ValueError):
@@ -222,45 +194,6 @@ def bench_point(point: Point, spec: Spec, ceilings: dict, stem: Path) -> list[di
     return rows
 
 
-def _reference(point: Point, spec: Spec, with_grads: bool) -> tuple[dict | None, str]:
-    """The answer providers are checked against (computed once per point) and its name.
-
-    A reference that fails (out of memory, or prolix itself failing under --check prolix)
-    leaves the providers unchecked, with the reason, rather than blaming the provider."""
-    name = "fp64" if spec.check == "fp64" else f"prolix-{spec.dtype}"
-    if spec.check == "none":
-        return None, "none"
-    if point.ref is None:
-        g = grad_output(point.kernel, point.inp) if with_grads else None
-        try:
-            if spec.check == "fp64":
-                point.ref = check.reference_fp64(point.kernel, point.inp, g, point.ctx.config,
-                                                 with_grads=with_grads)
-            else:
-                fwd = PROVIDERS[point.kernel][0].build(point.inp, point.ctx)
-                point.ref = check.run_once(fwd, leaves(point.kernel, point.inp), g, with_grads)
-        except Exception as e:  # noqa: BLE001
-            point.ref = {"failed": f"unchecked: the {name} reference failed ({type(e).__name__}: {e})"[:300]}
-            harness.free_memory(point.device)
-    if "failed" in point.ref:
-        return None, point.ref["failed"]
-    return point.ref, name
-
-
-def check_provider(point: Point, fwd, spec: Spec) -> dict:
-    """Run the provider once (with gradients if any timed mode needs them), compare, report."""
-    with_grads = any(m != "fwd" for m in spec.modes)
-    ref, ref_name = _reference(point, spec, with_grads)
-    if ref is None:
-        return {"errors": None, "max_err": None, "err_vs": ref_name, "check_ok": None}
-    g = grad_output(point.kernel, point.inp) if with_grads else None
-    got = check.run_once(fwd, leaves(point.kernel, point.inp), g, with_grads)
-    errors = check.compare(point.kernel, got, ref)
-    max_err = max(errors.values())
-    return {"errors": errors, "max_err": max_err, "err_vs": ref_name,
-            "check_ok": bool(max_err <= check.TOLERANCE[point.dtype])}
-
-
 def bench_provider(point: Point, provider: Provider, spec: Spec, ceilings: dict, stem: Path) -> list[dict]:
     """Build, check, then time each mode; every failure becomes rows with a status and a reason."""
     if provider.baseline is not None and provider.baseline not in spec.baselines:
@@ -284,7 +217,7 @@ def bench_provider(point: Point, provider: Provider, spec: Spec, ceilings: dict,
             row.update(status="OOM" if harness.is_oom(e) else "error",
                        reason=f"{type(e).__name__}: {e}"[:500], ms=None)
         harness.free_memory(point.device)
-        _print_row(row)
+        print_row(row)
         rows.append(row)
     return rows
 
@@ -308,7 +241,7 @@ def measure_mode(point: Point, fwd, mode: str, row: dict, ceilings: dict, spec: 
     row["ms"], row["ms_p20"], row["ms_p80"] = harness.time_fn(fn, dev, grad_to_none=lv, quick=spec.quick)
     if spec.profile:
         trace = Path(f"{stem}-trace-{point.kernel}-{row['provider']}-{point.shape.name}-{point.N}-{mode}.json")
-        row["profile"] = _profile(fn, dev, trace, lv)
+        row["profile"] = profile(fn, dev, trace, lv)
     del fn
     peak_fn = fwd if mode == "fwd" else mode_fn(fwd, "fwdbwd", g)
     row["peak_gb"], row["peak_reason"] = harness.peak_memory_gb(peak_fn, dev, grad_to_none=lv)
@@ -320,34 +253,6 @@ def measure_mode(point: Point, fwd, mode: str, row: dict, ceilings: dict, spec: 
                gbps=n_bytes / sec / 1e9, floor_ms=floor, floor_frac=floor / row["ms"],
                grads_gb=C.grads_gb(point.kernel, mode, point.shape, point.N, elem),
                tokens_per_s=point.N / sec)
-
-
-def _profile(fn, device, trace: Path, lv) -> dict:
-    from .profiling import profile_case
-
-    return profile_case(fn, device, trace, grad_to_none=lv)
-
-
-def add_ratios(rows: list[dict]) -> None:
-    """For each measured row, `vs[other] = {"speedup": other_ms / ms, "memory": peak / other_peak}`
-    against every other provider measured at the same kernel, shape, N, dtype and mode."""
-    ok = [r for r in rows if r["status"] == "ok" and r["ms"]]
-    for r in ok:
-        for o in ok:
-            if o is r or o["mode"] != r["mode"]:
-                continue
-            mem = r["peak_gb"] / o["peak_gb"] if r["peak_gb"] and o["peak_gb"] else None
-            r["vs"][o["provider"]] = {"speedup": o["ms"] / r["ms"], "memory": mem}
-
-
-def _print_row(r: dict) -> None:
-    head = f"  {r['kernel']:<15} {r['shape']:<9} N={r['N']:<6} {r['mode']:<6} {r['provider']:<12}"
-    mfu = f"  MFU {100 * r['mfu']:4.1f}%" if r.get("mfu") is not None else ""
-    if r["status"] != "ok":
-        print(f"{head} {r['status']}: {r['reason']}", flush=True)
-        return
-    err = f"err {r['max_err']:.1e}" if r["max_err"] is not None else "unchecked"
-    print(f"{head} {r['ms']:9.3f} ms  {100 * r['floor_frac']:5.1f}% of floor  {err}{mfu}", flush=True)
 
 
 def run_packing_efficiency(spec: Spec) -> dict:

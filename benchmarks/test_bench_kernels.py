@@ -25,7 +25,13 @@ from prolix.benchmarks import cases as C  # noqa: E402
 from prolix.benchmarks import check  # noqa: E402
 from prolix.benchmarks import train_step as TS  # noqa: E402
 from prolix.benchmarks.providers import (  # noqa: E402
-    PROVIDERS, Context, Skip, bench_config, grad_output, leaves, no_donated_buffers,
+    PROVIDERS,
+    Context,
+    Skip,
+    bench_config,
+    grad_output,
+    leaves,
+    no_donated_buffers,
 )
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -48,7 +48,9 @@ import torch
 
 from . import cases as C
 from . import harness
-from .providers import PROVIDERS, Context, Provider, Skip
+from .provider_types import Context, Provider, Skip
+from .providers import PROVIDERS
+from .sweep import Point, add_ratios, check_provider, print_row, profile
 
 KERNEL = "train"
 MODE = "fwdbwd"  # a training step is a forward and a backward; nothing else is timed here
@@ -290,8 +292,6 @@ def bench_train(spec, ceilings: dict, ctx: Context, stem) -> list[dict]:
 def bench_model_point(shape: ModelShape, N: int, spec, ceilings: dict, ctx: Context, stem) -> list[dict]:
     """All providers at one (model shape, N): build the model and batch, check every head, then
     time every step; a failure anywhere is a row with its status and reason."""
-    from .runner import Point, add_ratios
-
     dtype = step_dtype(harness.DTYPES[spec.dtype], ctx.device)
     point = Point(KERNEL, C.Shape(shape.name, shape.hidden, shape.vocab, shape.why), N, dtype, ctx.device, ctx)
     providers = PROVIDERS[KERNEL]
@@ -317,7 +317,7 @@ def bench_model_point(shape: ModelShape, N: int, spec, ceilings: dict, ctx: Cont
         if row["status"] == "ok":
             row["model"] = setup.describe()
             measure_step(point, setup, p, row, spec, ceilings, stem)
-        _print_row(row)
+        print_row(row)
         rows.append(row)
     add_ratios(rows)
     del setup
@@ -329,8 +329,6 @@ def bench_model_point(shape: ModelShape, N: int, spec, ceilings: dict, ctx: Cont
 def check_head(point, head, provider: Provider, spec) -> dict:
     """A row for `provider`: "ok" with its head's errors on the model's hidden states (`head`, a
     fused-grpo point), or skipped / OOM / error with the reason."""
-    from .runner import check_provider
-
     if provider.baseline is not None and provider.baseline not in spec.baselines:
         return point.row(provider, MODE, "skipped", f"not requested (--baselines {','.join(spec.baselines)})")
     try:
@@ -349,15 +347,13 @@ def check_head(point, head, provider: Provider, spec) -> dict:
 
 def measure_step(point, setup: TrainSetup, provider: Provider, row: dict, spec, ceilings: dict, stem) -> None:
     """Time the whole step, measure its peak memory, fill in the derived numbers of the row."""
-    from .runner import _profile
-
     device, params = point.device, setup.params()
     fn = lambda: setup.step(provider, point.ctx)().backward()  # noqa: E731
     try:
         row["ms"], row["ms_p20"], row["ms_p80"] = harness.time_fn(fn, device, grad_to_none=params, quick=spec.quick)
         if spec.profile:
             trace = Path(f"{stem}-trace-{KERNEL}-{provider.name}-{point.shape.name}-{point.N}-{MODE}.json")
-            row["profile"] = _profile(fn, device, trace, params)
+            row["profile"] = profile(fn, device, trace, params)
         row["peak_gb"], row["peak_reason"] = harness.peak_memory_gb(fn, device, grad_to_none=params)
     except Exception as e:  # noqa: BLE001 - out of memory in the step is a result
         row.update(status="OOM" if harness.is_oom(e) else "error", reason=f"{type(e).__name__}: {e}"[:500],
@@ -375,7 +371,4 @@ def measure_step(point, setup: TrainSetup, provider: Provider, row: dict, spec, 
                mfu=flop / sec / (ceilings["matmul_tflops"] * 1e12) if device.type == "cuda" else None)
 
 
-def _print_row(row: dict) -> None:
-    from .runner import _print_row as print_row
 
-    print_row(row)

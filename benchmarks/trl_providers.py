@@ -36,20 +36,13 @@ from __future__ import annotations
 import contextlib
 import types
 from collections import defaultdict
-from typing import Callable
 
 import torch
 
 from .cases import IGNORE_INDEX, Inputs
+from .provider_types import Forward, Skip, padded_sequences
 
 TRL_TESTED = "1.16.0"
-Forward = Callable[[], torch.Tensor]
-
-
-def _skip(reason: str) -> Exception:
-    from .providers import Skip  # late: providers imports this module for its registry
-
-    return Skip(reason)
 
 
 def _trl():
@@ -57,14 +50,8 @@ def _trl():
         import trl
         from trl.trainer.grpo_trainer import GRPOTrainer  # noqa: F401 - the class whose code runs
     except ImportError as e:
-        raise _skip(f"trl is not installed ({e}); pip install 'prolix[trl]' (tested with trl=={TRL_TESTED})") from e
+        raise Skip(f"trl is not installed ({e}); pip install 'prolix[trl]' (tested with trl=={TRL_TESTED})") from e
     return trl
-
-
-def _seq(t: torch.Tensor, inp: Inputs) -> torch.Tensor:
-    from .providers import _seq as seq
-
-    return seq(t, inp)
 
 
 # ----------------------------------------------------------------------------- TRL's batch and trainer
@@ -76,11 +63,11 @@ def trl_inputs(inp: Inputs) -> dict:
     return {
         "prompt_ids": torch.zeros(S, 1, dtype=torch.long, device=dev),           # [B, 1]
         "prompt_mask": torch.ones(S, 1, dtype=torch.int, device=dev),
-        "completion_ids": _seq(inp.safe_targets, inp),                           # [B, C]
-        "completion_mask": _seq(inp.mask, inp).int(),                            # [B, C] the loss mask
+        "completion_ids": padded_sequences(inp.safe_targets, inp),                           # [B, C]
+        "completion_mask": padded_sequences(inp.mask, inp).int(),                            # [B, C] the loss mask
         "advantages": inp.adv_seq,                                               # [B]
-        "old_per_token_logps": _seq(inp.old_logp, inp),                          # [B, C] fp32
-        "ref_per_token_logps": _seq(inp.ref_logp, inp),
+        "old_per_token_logps": padded_sequences(inp.old_logp, inp),                          # [B, C] fp32
+        "ref_per_token_logps": padded_sequences(inp.ref_logp, inp),
         "num_items_in_batch": inp.mask.sum(),                                    # dapo's denominator
     }
 
@@ -124,7 +111,7 @@ class _Backbone(torch.nn.Module):
         self.inp = inp
 
     def forward(self, input_ids=None, attention_mask=None, **kwargs):
-        h = _seq(self.inp.hidden, self.inp)                                      # [B, C, H]
+        h = padded_sequences(self.inp.hidden, self.inp)                                      # [B, C, H]
         h = torch.cat([h, h.new_zeros(h.shape[0], 1, h.shape[2])], dim=1)       # [B, C + 1, H]
         return types.SimpleNamespace(last_hidden_state=h)
 
@@ -172,9 +159,9 @@ def _full_logits_logps(inp: Inputs, *, entropy: bool):
     """GRPOTrainer's per-token log-probs from materialised logits (before its fused head)."""
     from trl.trainer.utils import entropy_from_logits, selective_log_softmax
 
-    logits = _seq(inp.hidden, inp) @ inp.weight.T                                # [B, C, V] bench dtype
+    logits = padded_sequences(inp.hidden, inp) @ inp.weight.T                                # [B, C, V] bench dtype
     logits = logits / 1.0                                                        # / temperature: a copy, as TRL makes
-    logps = selective_log_softmax(logits, _seq(inp.safe_targets, inp))           # [B, C]
+    logps = selective_log_softmax(logits, padded_sequences(inp.safe_targets, inp))           # [B, C]
     if not entropy:
         return logps, None
     with torch.no_grad():
@@ -224,7 +211,7 @@ def trl_loss(inp: Inputs, ctx) -> Forward:
     _trl()
 
     def logps_and_entropies(*args, **kwargs):
-        logps = _seq(inp.logp, inp)
+        logps = padded_sequences(inp.logp, inp)
         return logps, torch.zeros_like(logps), None
     return _compute_loss_on(inp, ctx, logps_and_entropies)
 

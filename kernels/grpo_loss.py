@@ -63,7 +63,14 @@ LOSS_AGGREGATIONS = (
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class GRPOLossConfig:
-    """Everything that shapes the GRPO objective; the kernels take tensors, this takes choices."""
+    """Everything that shapes the GRPO objective; the kernels take tensors, this takes choices.
+
+    Porting a verl config: verl clamps the log-ratio logp − old_logp to [−20, 20] before its
+    ratio (every policy loss in `verl.trainer.ppo.core_algos`), and its `low_var_kl` (k3) clamps
+    the log-ratio to [−20, 20] and the estimate to [−10, 10]. prolix clamps neither: the ratio is
+    clipped by `clip_low` / `clip_high` (and `dual_clip`) only, and k3 = exp(δ) − δ − 1 is
+    unclamped, so a token whose reference log-prob is far above the policy's contributes its
+    whole k3 (and gradient) where verl's would saturate at 10."""
 
     clip_low: float = 0.2
     """ε_low: the ratio is clipped below at 1 − ε_low (for negative advantages)."""

@@ -57,7 +57,7 @@ from __future__ import annotations
 
 import functools
 import os
-from typing import NamedTuple
+from typing import Literal, NamedTuple, get_args
 
 import torch
 import triton
@@ -65,13 +65,14 @@ import triton.language as tl
 
 from .streaming import torch_backward, torch_forward
 
-__all__ = ["linear_logprobs", "KernelConfig", "config_variant", "forward_config", "backward_config",
-           "forward_splits"]
+__all__ = ["linear_logprobs", "KernelConfig", "KernelBackend", "BACKENDS", "config_variant", "forward_config",
+           "backward_config", "forward_splits"]
 
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 CONFIG_ENV = "PROLIX_LLP_CONFIG"   # "v2" (default), "v2-narrow" or "v1": see config_variant()
 CONFIG_VARIANTS = ("v2", "v2-narrow", "v1")
-_BACKENDS = ("auto", "torch", "triton")
+KernelBackend = Literal["auto", "torch", "triton"]
+BACKENDS = get_args(KernelBackend)          # "auto": Triton on CUDA tensors, streaming torch on CPU
 _LOG2E = 1.4426950408889634
 # The dz buffer of the backward. Each chunk re-reads and re-writes the fp32 dh accumulator, so
 # wider chunks are faster: on an H100 at the qwen-1.5b head and N = 16384 the backward took
@@ -572,8 +573,8 @@ def _check_inputs(hidden, weight, targets, temperature, ignore_index, backend) -
                          f"{weight.device}, {targets.device}")
     if not (isinstance(temperature, (int, float)) and 0 < temperature < float("inf")):
         raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
-    if backend not in _BACKENDS:
-        raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     on_cuda = hidden.device.type == "cuda"
     if backend == "auto":
         backend = "triton" if on_cuda else "torch"

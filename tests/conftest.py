@@ -1,5 +1,9 @@
 """Session-wide test setup; runs before any test module imports prolix.kernels.
 
+It also holds the fixtures several modules share (the tiny trainer run's model and prompts, one
+thread for tiny models); helpers that are plain functions live in `trainer_testing.py` and
+`kernel_testing.py`.
+
 1. Without CUDA, Triton kernels run on CPU tensors under the Triton interpreter. Triton reads
    TRITON_INTERPRET when a @triton.jit function is *decorated*, i.e. when prolix.kernels is
    first imported, so it is set here, before that. Tests of the torch backend never call a
@@ -11,8 +15,11 @@
    that has nothing to do with our kernels.
 """
 
+import json
 import os
+from pathlib import Path
 
+import pytest
 import torch
 
 if not torch.cuda.is_available():
@@ -50,3 +57,45 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "soak: a long run checking memory and live objects stay flat (< 60 s)")
     # `python -m prolix.benchmarks.device_check` runs `pytest -m gpu` on a GPU machine.
     config.addinivalue_line("markers", "gpu: needs CUDA (skipped without it); selected by `pytest -m gpu`")
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models gain nothing from threads, and oversubscribed OpenMP threads (the machine
+    busy with other work) make each small GEMM 100x slower; restored afterwards. Modules of
+    tiny-model tests use it with `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def base_model(tmp_path_factory) -> Path:
+    """A random tiny Qwen2 + the char tokenizer, saved like the demo saves its base model
+    (see trainer_testing.py for why it is this size)."""
+    from transformers import AutoModelForCausalLM, Qwen2Config
+
+    from prolix.trainer.model import save_policy
+    from prolix.trainer.tokenizer import build_char_tokenizer, save_tokenizer
+
+    out = tmp_path_factory.mktemp("tiny") / "base_model"
+    tokenizer = build_char_tokenizer()
+    config = Qwen2Config(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=128,
+                         tie_word_embeddings=True, eos_token_id=tokenizer.eos_token_id,
+                         bos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    save_policy(model, out)
+    save_tokenizer(tokenizer, str(out))
+    return out
+
+
+@pytest.fixture(scope="session")
+def problems(tmp_path_factory) -> Path:
+    """40 JSONL prompts; every other one is marked "same" (constant reward, no signal)."""
+    path = tmp_path_factory.mktemp("data") / "problems.jsonl"
+    rows = [{"prompt": f"{'same' if i % 2 else 'add'} {i} {i + 1}", "answer": str(2 * i + 1)} for i in range(40)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+from trainer_testing import tiny_overrides
 
 from prolix.trainer import loop
 from prolix.trainer.config import load_config
@@ -27,7 +28,6 @@ from prolix.trainer.distributed import full_parameters
 from prolix.trainer.loop import Trainer
 from prolix.trainer.packing import SequenceRecord
 from prolix.trainer.train import main as train_main
-from test_loop import tiny_overrides
 
 # One RL step of 4 prompts in 2 mini-batches, with old_logp (2 updates) and a KL term. The
 # lengths make the ranks' shares uneven in micro-batches under a 48-token budget: in the first
@@ -35,7 +35,7 @@ from test_loop import tiny_overrides
 # tokens, two micro-batches; so the first rank runs a zero-weight one. AdamW's ε is raised from
 # 1e-8 to 1e-3: its g / (|g| + ε) would turn the fp32 rounding (~1e-8) of a near-zero gradient
 # into a difference of a whole lr-sized step between the two sides.
-STEP = {"optim.max_tokens_per_microbatch": 48, "optim.lr": 1e-3, "optim.eps": 1e-3, "algorithm.kl_coef": 0.05}
+STEP = {"optim.max_tokens_per_microbatch": 48, "optim.lr": 1e-3, "optim.eps": 1e-3, "algorithm.loss.kl_coef": 0.05}
 GROUPS = [(6, (40,)), (5, (25, 20)), (4, (30, 12, 2, 21)), (7, (11,))]   # (prompt length, response lengths)
 
 
@@ -84,8 +84,7 @@ def run_updates(trainer: Trainer, records: list[SequenceRecord]) -> dict:
         plans.append(list(packed))
     trainer._sync_weights()
     return {"logps": [(r.old_logp, r.ref_logp) for r in records], "grads": grads, "stats": stats, "plans": plans,
-            "params": dict(full_parameters(trainer.policy)) if trainer.dp else
-            {n: p.detach().clone() for n, p in trainer.policy.named_parameters()},
+            "params": {n: p.clone() for n, p in full_parameters(trainer.policy)},   # whole, either way
             "engine": {n: p.detach().clone() for n, p in trainer.engine.model.named_parameters()}}
 
 
@@ -104,7 +103,7 @@ def main(out: Path, base_model: Path, untied_model: Path, problems: Path, single
         cfg = load_config(None, tiny_overrides(model, problems, out / name, **STEP))
         (out / name / "run").mkdir(parents=True, exist_ok=True)
         trainer = Trainer(cfg, out / name / "run")
-        dp = trainer.dp
+        dp = trainer.parallel                                               # a DataParallel: 2 ranks
         result = run_updates(trainer, premade_records(trainer.policy.config.vocab_size))
         result["plans"] = dp.all_gather(result["plans"])                   # [rank][update][micro-batch]
         result["world_size"] = dp.world_size
@@ -118,7 +117,7 @@ def main(out: Path, base_model: Path, untied_model: Path, problems: Path, single
     def save_and_record(self):
         path = save(self)
         state = state_of(self)
-        if self.dp.is_main:
+        if self.parallel.is_main:
             torch.save(state, out / f"saved_{self.state.step}.pt")
         return path
 

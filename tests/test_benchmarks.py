@@ -24,8 +24,10 @@ import torch
 from prolix.benchmarks import cases as C
 from prolix.benchmarks import check, runner
 from prolix.benchmarks import train_step as TS
-from prolix.benchmarks.providers import BASELINES, PROVIDERS, Context, Skip, bench_config, grad_output, leaves
-from prolix.benchmarks.runner import ALL_KERNELS, CASE_KEYS, SCHEMA
+from prolix.benchmarks.provider_types import Context, Skip
+from prolix.benchmarks.providers import BASELINES, PROVIDERS, bench_config, grad_output, leaves
+from prolix.benchmarks.runner import ALL_KERNELS, SCHEMA
+from prolix.benchmarks.sweep import CASE_KEYS
 from prolix.trainer.cli import main
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -139,6 +141,17 @@ def test_bad_options_are_refused_with_the_option_named(tmp_path, capsys):
     if not torch.cuda.is_available():
         assert main(["bench", "fused-grpo", "--shape", "llama-8b", "--out", str(tmp_path)]) == 2
         assert "--quick" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("option, text, bad", [("--tokens", "4096,abc", "'abc'"), ("--tokens", "4096,1.5", "'1.5'"),
+                                               ("--seq-len", "many", "'many'")])
+def test_a_malformed_list_or_number_option_is_a_usage_error(option, text, bad, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["bench", "linear-logprobs", option, text, "--out", str(tmp_path)])
+    assert exit_info.value.code == 2                                 # argparse's usage error, no traceback
+    err = capsys.readouterr().err
+    assert f"argument {option}" in err and bad in err, err
     assert not list(tmp_path.iterdir())
 
 

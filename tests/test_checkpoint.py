@@ -22,13 +22,14 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from trainer_testing import TESTS, make_trainer, read_jsonl, tiny_overrides
 from transformers import AutoModelForCausalLM
 
 from prolix.trainer import checkpoint
 from prolix.trainer.loop import Trainer
 from prolix.trainer.train import main as train_main
-from test_loop import (TESTS, base_model, make_trainer, one_thread, problems, read_jsonl,  # noqa: F401  (fixtures)
-                       tiny_overrides)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 COMPARED = ("reward/mean", "pass_rate", "response_len/mean", "loss", "pg_loss", "kl", "entropy", "grad_norm",
             "ratio_mean", "batch/groups", "batch/tries")
@@ -55,7 +56,7 @@ def assert_same_metrics(run_a, run_b, steps):
 
 
 @pytest.fixture(scope="module")
-def straight(base_model, problems, tmp_path_factory):   # noqa: F811
+def straight(base_model, problems, tmp_path_factory):
     """The uninterrupted reference run: 4 steps, a checkpoint after every step, keep the last 2."""
     out = tmp_path_factory.mktemp("straight")
     assert train_main(tiny_overrides(base_model, problems, out, **{"run.checkpoint_every": 1,
@@ -71,7 +72,7 @@ def test_old_checkpoints_rotate_and_latest_names_the_newest(straight):
     assert state["step"] == 4 and state["sampler"] is not None and state["first_eval"] is not None
 
 
-def test_resume_continues_the_same_trajectory(straight, base_model, problems, tmp_path):   # noqa: F811
+def test_resume_continues_the_same_trajectory(straight, base_model, problems, tmp_path):
     halves = tiny_overrides(base_model, problems, tmp_path, **{"run.steps": 2, "run.checkpoint_every": 1})
     assert train_main(halves) == 0
     run = tmp_path / "run"
@@ -100,7 +101,7 @@ def run_recorded_step(trainer: Trainer) -> tuple[list, dict]:
     return rollouts, metrics
 
 
-def test_a_resumed_trainer_samples_and_trains_exactly_the_next_step(base_model, problems, tmp_path):  # noqa: F811
+def test_a_resumed_trainer_samples_and_trains_exactly_the_next_step(base_model, problems, tmp_path):
     # trainer `a` is the uninterrupted run; `b` resumes from a's checkpoint after step 2
     (tmp_path / "a").mkdir()
     a = make_trainer(base_model, problems, tmp_path / "a")
@@ -139,7 +140,7 @@ KILLER = textwrap.dedent("""
 """)
 
 
-def test_kill_while_writing_a_checkpoint_leaves_the_previous_one_whole(straight, base_model, problems,  # noqa: F811
+def test_kill_while_writing_a_checkpoint_leaves_the_previous_one_whole(straight, base_model, problems,
                                                                       tmp_path):
     argv = tiny_overrides(base_model, problems, tmp_path, **{"run.checkpoint_every": 1, "run.keep_last": 2})
     script = KILLER.format(tests=str(TESTS), die_at=3, argv=argv)
@@ -261,3 +262,22 @@ def test_resume_when_no_checkpoint_verifies_is_a_clear_error(straight, tmp_path,
     # a checkpoint named on the command line is used as it is, or not at all
     assert train_main(["--resume", str(root / "step_000004")]) == 2
     assert "step_000004: optimizer.pt is missing" in capsys.readouterr().err
+
+
+OLD_RUN = TESTS / "fixtures" / "old_run"       # written by tests/fixtures/make_old_checkpoint.py
+
+
+def test_a_checkpoint_written_by_an_older_prolix_resumes_and_continues_its_trajectory(tmp_path):
+    """The checkpoint (and config.yaml, with the flat loss keys of that version) of a run saved by
+    the commit in old_run/COMMIT resumes with today's code, and its next step is the one the
+    old code took: same rollouts, rewards, loss and gradient norm."""
+    run = Path(shutil.copytree(OLD_RUN, tmp_path / "run", ignore=shutil.ignore_patterns("metrics.jsonl")))
+    written_at = re.search(r"path: (\S+)/base_model", (run / "config.yaml").read_text()).group(1)
+    (run / "config.yaml").write_text((run / "config.yaml").read_text().replace(written_at, str(run)))
+    assert train_main(["--resume", str(run), "run.steps=3"]) == 0
+    old = {r["step"]: r for r in read_jsonl(OLD_RUN / "metrics.jsonl")}
+    new = {r["step"]: r for r in read_jsonl(run / "metrics.jsonl")}
+    compared = [k for k in old[3] if k != "time" and not k.startswith("perf/")]
+    assert {"reward/mean", "loss", "kl", "grad_norm", "eval/score"} <= set(compared)
+    assert {k: new[3].get(k) for k in compared} == {k: old[3][k] for k in compared}
+    assert (run / "checkpoints" / "latest").read_text().strip() == "step_000003"

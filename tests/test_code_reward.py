@@ -9,7 +9,7 @@ import pytest
 
 from prolix.trainer import code_reward, rewards, sandbox
 from prolix.trainer.code_reward import code_problem, extract_code, outputs_match, parse_tests
-from prolix.trainer.tasks import Problem
+from prolix.trainer.problem import Problem
 
 ADD = "a, b = map(int, input().split())\nprint(a + b)\n"
 SUM_TESTS = [{"input": "1 2\n", "output": "3\n"}, {"input": "20 22", "output": "42"},

@@ -2,12 +2,14 @@
 the declared field types, and every bad value is a ConfigError that names its field — raised
 before a model is built or a step is trained."""
 
+import dataclasses
 import json
 import re
 
 import pytest
 import yaml
 
+from prolix.kernels import GRPOLossConfig
 from prolix.trainer.config import ConfigError, TrainConfig, load_config, save_config
 from prolix.trainer.train import main as train_main
 
@@ -36,12 +38,12 @@ def test_yaml_then_overrides_then_defaults(tmp_path, jsonl):
 
 def test_override_strings_are_coerced_to_the_field_types(jsonl):
     cfg = load_config(None, [JSONL_SOURCE % jsonl, "optim.lr=2e-6", "optim.betas=[0.9, 0.95]",
-                             "reference.reset_optimizer=false", "algorithm.tis_cap=2", "eval.heldout_size=null",
+                             "reference.reset_optimizer=false", "algorithm.loss.tis_cap=2", "eval.heldout_size=null",
                              "run.steps=7", "rollout.engine_options={kv_cache_gib: 2}", "run.name=123"])
     assert cfg.optim.lr == 2e-6 and isinstance(cfg.optim.lr, float)     # YAML 1.1 reads 2e-6 as a string
     assert cfg.optim.betas == (0.9, 0.95)
     assert cfg.reference.reset_optimizer is False
-    assert cfg.algorithm.tis_cap == 2.0 and cfg.eval.heldout_size is None
+    assert cfg.algorithm.loss.tis_cap == 2.0 and cfg.eval.heldout_size is None
     assert cfg.run.steps == 7 and cfg.rollout.engine_options == {"kv_cache_gib": 2}
     assert cfg.run.name == "123"                        # str fields keep the raw text
 
@@ -87,8 +89,12 @@ def test_unknown_yaml_field_names_its_section(tmp_path, jsonl):
     (["optim.lr=fast"], r"optim.lr: expected float, got 'fast'"),
     (["reference.mode=sometimes"], r"reference.mode: expected one of \('off', 'patience', 'every', 'both'\)"),
     (["reference.mode=every"], r"reference.every: expected >= 1 with reference.mode='every'"),
-    (["algorithm.clip_low=1.5"], r"algorithm: clip_low must be < 1"),
+    (["algorithm.loss.clip_low=1.5"], r"algorithm.loss: clip_low must be < 1"),
     (["algorithm.overlong=truncate"], r"algorithm.overlong: expected one of"),
+    (["rollout.engine=vlm"], r"rollout.engine: expected one of \('torch', 'vllm'\), got 'vlm'"),
+    (["model.attn_backend=flash"], r"model.attn_backend: expected one of \('auto', 'flash_attn', "),
+    (["model.kernel_backend=cuda"], r"model.kernel_backend: expected one of \('auto', 'torch', 'triton'\)"),
+    (["algorithm.loss.kl_estimator=k4"], r"algorithm.loss: kl_estimator must be one of"),
 ])
 def test_invalid_values_name_the_field(jsonl, overrides, message):
     with pytest.raises(ConfigError, match=message):
@@ -120,7 +126,7 @@ def test_unknown_reasoning_gym_task_suggests_the_right_name():
 
 
 def test_resolved_config_round_trips_through_yaml(tmp_path, jsonl):
-    cfg = load_config(None, [JSONL_SOURCE % jsonl, "optim.betas=[0.9, 0.95]", "algorithm.dual_clip=3"])
+    cfg = load_config(None, [JSONL_SOURCE % jsonl, "optim.betas=[0.9, 0.95]", "algorithm.loss.dual_clip=3"])
     path = save_config(cfg, tmp_path / "config.yaml")
     assert load_config(path) == cfg
 
@@ -139,3 +145,36 @@ def test_cli_rejects_a_missing_data_file_before_building_anything(tmp_path, caps
     assert code == 2
     assert re.search(r"data.sources\[0\]: .*nope.jsonl.* is not a file", err)
     assert not (tmp_path / "bad").exists()
+
+
+def test_the_loss_options_are_the_kernels_config_completed_from_the_rollout(jsonl):
+    cfg = load_config(None, [JSONL_SOURCE % jsonl, "rollout.temperature=1.2", "algorithm.loss.kl_coef=0.01",
+                             "algorithm.loss.loss_agg=seq-mean-token-sum-norm"])
+    assert isinstance(cfg.algorithm.loss, GRPOLossConfig) and cfg.loss_config() is cfg.algorithm.loss
+    assert cfg.algorithm.loss == GRPOLossConfig(clip_low=0.2, clip_high=0.4, kl_coef=0.01, temperature=1.2,
+                                                loss_agg="seq-mean-token-sum-norm", max_len=cfg.rollout.max_tokens)
+
+
+OLD_ALGORITHM = {"clip_low": 0.1, "clip_high": 0.3, "dual_clip": 3.0, "kl_coef": 0.02, "kl_estimator": "k2",
+                 "entropy_coef": 0.001, "tis_cap": 2.0, "loss_agg": "seq-mean-token-sum-norm", "loss_max_len": 99,
+                 "advantage": "dr_grpo"}
+
+
+def test_a_config_with_the_old_flat_loss_keys_loads_them_at_their_new_place(tmp_path, jsonl, capsys):
+    """Files written before `algorithm.loss` (a run's saved config.yaml among them) keep working."""
+    cfg_file = tmp_path / "old.yaml"
+    cfg_file.write_text(yaml.safe_dump({"algorithm": OLD_ALGORITHM}))
+    cfg = load_config(cfg_file, [JSONL_SOURCE % jsonl, "algorithm.clip_high=0.35"])      # an old override too
+    want = GRPOLossConfig(clip_low=0.1, clip_high=0.35, dual_clip=3.0, kl_coef=0.02, kl_estimator="k2",
+                          entropy_coef=0.001, tis_cap=2.0, loss_agg="seq-mean-token-sum-norm", max_len=99)
+    assert cfg.algorithm.loss == want and cfg.algorithm.advantage == "dr_grpo"
+    err = capsys.readouterr().err
+    assert "algorithm.clip_low is now algorithm.loss.clip_low" in err
+    assert "algorithm.loss_max_len is now algorithm.loss.max_len" in err
+
+
+def test_a_loss_temperature_other_than_the_rollouts_is_refused_in_code(jsonl):
+    cfg = load_config(None, [JSONL_SOURCE % jsonl])
+    loss = dataclasses.replace(cfg.algorithm.loss, temperature=0.5)
+    with pytest.raises(ConfigError, match=r"algorithm.loss.temperature: expected rollout.temperature \(1.0\)"):
+        dataclasses.replace(cfg, algorithm=dataclasses.replace(cfg.algorithm, loss=loss))

@@ -20,13 +20,7 @@ from prolix.trainer.train import main as train_main
 pytest.importorskip("reasoning_gym")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """See tests/test_loop.py: tiny models, one thread."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")          # conftest.py: tiny models, one thread
 
 SMALL = ["demo.hidden_size=32", "demo.intermediate_size=64", "demo.num_layers=1", "demo.num_heads=2",
          "demo.num_kv_heads=1", "demo.warmup_steps=3", "demo.warmup_batch=4",

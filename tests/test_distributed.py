@@ -23,17 +23,20 @@ import sys
 
 import pytest
 import torch
+from distributed_worker import STEP, premade_records, run_updates
+from trainer_testing import TESTS, read_jsonl, tiny_overrides
 from transformers import AutoModelForCausalLM
 
-from distributed_worker import STEP, premade_records, run_updates
 from prolix.trainer import distributed
 from prolix.trainer.config import load_config, save_config
 from prolix.trainer.loop import Trainer
 from prolix.trainer.model import save_policy
 from prolix.trainer.packing import attention_crossover, balance
+from prolix.trainer.parallel import SingleProcess
 from prolix.trainer.train import build_parser, launch_command
 from prolix.trainer.train import main as train_main
-from test_loop import TESTS, base_model, one_thread, problems, read_jsonl, tiny_overrides  # noqa: F401  (fixtures)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 WORLD = 2
 TIMEOUT_S = 180       # the worker takes ~12 s on 2 busy CPU cores
@@ -44,7 +47,7 @@ RTOL, ATOL = 1e-5, 1e-7
 def assert_tensors_close(got: dict, want: dict, what: str, rtol: float = RTOL, atol: float = ATOL) -> None:
     assert got.keys() == want.keys(), what
     for name in want:
-        torch.testing.assert_close(got[name], want[name], rtol=rtol, atol=atol, msg=lambda m: f"{what} {name}: {m}")
+        torch.testing.assert_close(got[name], want[name], rtol=rtol, atol=atol, msg=lambda m, name=name: f"{what} {name}: {m}")
 
 
 def optimizer_state_by_name(trainer: Trainer) -> dict:
@@ -53,7 +56,7 @@ def optimizer_state_by_name(trainer: Trainer) -> dict:
 
 
 @pytest.fixture(scope="module")
-def untied_model(base_model, tmp_path_factory):   # noqa: F811
+def untied_model(base_model, tmp_path_factory):
     """The tiny model with an LM head of its own (tie_word_embeddings=False)."""
     out = tmp_path_factory.mktemp("untied") / "base_model"
     model = AutoModelForCausalLM.from_pretrained(base_model, tie_word_embeddings=False)
@@ -67,7 +70,7 @@ def untied_model(base_model, tmp_path_factory):   # noqa: F811
 
 
 @pytest.fixture(scope="module")
-def single(base_model, untied_model, problems, tmp_path_factory):   # noqa: F811
+def single(base_model, untied_model, problems, tmp_path_factory):
     """The single-process side: the same step's updates with both models, and a checkpoint of
     the tied one's state after (its reference.safetensors stores the tied weight once)."""
     results = {}
@@ -87,7 +90,7 @@ def single(base_model, untied_model, problems, tmp_path_factory):   # noqa: F811
 
 
 @pytest.fixture(scope="module")
-def two_ranks(single, base_model, untied_model, problems, tmp_path_factory):   # noqa: F811
+def two_ranks(single, base_model, untied_model, problems, tmp_path_factory):
     """Runs distributed_worker.py on 2 CPU ranks once; returns its output folder."""
     out = tmp_path_factory.mktemp("two_ranks")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -126,7 +129,7 @@ def test_two_ranks_take_the_single_process_step_on_the_same_batch(single, two_ra
     assert_tensors_close(dist["engine"], dist["params"], "rollout engine weight", rtol=0, atol=0)
 
 
-def test_each_rank_packs_its_balance_share_and_pads_to_the_common_count(single, two_ranks, base_model):   # noqa: F811
+def test_each_rank_packs_its_balance_share_and_pads_to_the_common_count(single, two_ranks, base_model):
     dist = torch.load(two_ranks / "update_tied.pt", weights_only=False)
     c = AutoModelForCausalLM.from_pretrained(base_model).config
     crossover = attention_crossover(c.hidden_size, c.intermediate_size, c.num_attention_heads,
@@ -163,7 +166,7 @@ def test_checkpoint_of_two_ranks_resumes_in_one_process(two_ranks, tmp_path):
         saved = torch.load(two_ranks / f"saved_{step}.pt", weights_only=False)
         (tmp_path / f"resumed_{step}").mkdir()
         trainer = Trainer(cfg, tmp_path / f"resumed_{step}", resume_from=ckpt)
-        assert trainer.dp is None and trainer.state.step == step
+        assert isinstance(trainer.parallel, SingleProcess) and trainer.state.step == step
         params = {n: p.detach() for n, p in trainer.policy.named_parameters()}
         assert_tensors_close(params, saved["params"], f"step {step} weight", rtol=0, atol=0)
         reference = {n: p.detach() for n, p in trainer.reference.named_parameters()}

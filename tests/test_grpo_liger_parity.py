@@ -35,10 +35,10 @@ import torch
 
 liger_grpo = pytest.importorskip("liger_kernel.chunked_loss.grpo_loss")
 
+from kernel_testing import DEVICE, TOLERANCES, assert_rel_close  # noqa: E402
+
 from prolix.kernels import GRPOLossConfig, fused_linear_grpo_loss  # noqa: E402
 from prolix.kernels.reference import linear_logprobs_ref  # noqa: E402
-
-from kernel_testing import DEVICE, TOLERANCES, assert_rel_close  # noqa: E402
 
 # Both sides run in fp32 with fp32 accumulation; the project's fp32 kernel tolerances apply.
 TOL = TOLERANCES[torch.float32]

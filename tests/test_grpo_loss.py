@@ -13,12 +13,11 @@ import math
 
 import pytest
 import torch
+from kernel_testing import DEVICE, TOLERANCES, assert_rel_close, rel_err
 
 from prolix.kernels import FusedLinearGRPOLoss, GRPOLossConfig, fused_linear_grpo_loss, grpo_loss
 from prolix.kernels.grpo_loss import KL_ESTIMATORS, LOSS_AGGREGATIONS
 from prolix.kernels.reference import grpo_loss_ref, linear_logprobs_ref
-
-from kernel_testing import DEVICE, TOLERANCES, assert_rel_close, rel_err
 
 # --- tolerances ------------------------------------------------------------------------------
 # Kernel outputs (the fused path: loss, d hidden, d weight) use the project's table,

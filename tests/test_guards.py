@@ -11,13 +11,15 @@ import json
 
 import pytest
 import torch
+from trainer_testing import make_trainer, read_jsonl, tiny_overrides
 from transformers import AutoModelForCausalLM
 
 from prolix.trainer import checkpoint
 from prolix.trainer.config import ConfigError, load_config
 from prolix.trainer.loop import Trainer
 from prolix.trainer.train import main as train_main
-from test_loop import base_model, make_trainer, one_thread, problems, read_jsonl, tiny_overrides  # noqa: F401
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 NAN = float("nan")
 
@@ -48,7 +50,7 @@ def poison_loss(monkeypatch, should_poison) -> list[int]:
     return backwards
 
 
-def test_a_nan_loss_skips_the_update_before_its_backward_and_the_run_goes_on(  # noqa: F811
+def test_a_nan_loss_skips_the_update_before_its_backward_and_the_run_goes_on(
         base_model, problems, tmp_path, monkeypatch, capsys):
     trainer = make_trainer(base_model, problems, tmp_path)
     before = snapshot(trainer)
@@ -77,7 +79,7 @@ def test_a_nan_loss_skips_the_update_before_its_backward_and_the_run_goes_on(  #
     assert resumed.state.consecutive_skips == 1 and resumed.state.step == 1
 
 
-def test_a_step_with_one_applied_update_is_not_a_skipped_step(  # noqa: F811
+def test_a_step_with_one_applied_update_is_not_a_skipped_step(
         base_model, problems, tmp_path, monkeypatch):
     trainer = make_trainer(base_model, problems, tmp_path)
     trainer.state.consecutive_skips = 2
@@ -90,7 +92,7 @@ def test_a_step_with_one_applied_update_is_not_a_skipped_step(  # noqa: F811
         assert torch.isfinite(torch.tensor(metrics[key])), key
 
 
-def test_a_nan_gradient_skips_the_update_and_leaves_weights_and_adamw_alone(  # noqa: F811
+def test_a_nan_gradient_skips_the_update_and_leaves_weights_and_adamw_alone(
         base_model, problems, tmp_path):
     trainer = make_trainer(base_model, problems, tmp_path)
     trainer.train_step()                                             # AdamW has moments now
@@ -110,7 +112,7 @@ def test_a_nan_gradient_skips_the_update_and_leaves_weights_and_adamw_alone(  # 
     assert trainer.state.consecutive_skips == 0
 
 
-def test_consecutive_skipped_steps_stop_the_run_and_latest_stays_the_last_good_checkpoint(  # noqa: F811
+def test_consecutive_skipped_steps_stop_the_run_and_latest_stays_the_last_good_checkpoint(
         base_model, problems, tmp_path, monkeypatch, capsys):
     # steps 1-4 train, step 4 is checkpointed; from step 5 every loss is NaN: steps 5, 6, 7
     # are skipped and the run stops at 7, before the checkpoint step 8 would write
@@ -136,6 +138,6 @@ def test_consecutive_skipped_steps_stop_the_run_and_latest_stays_the_last_good_c
     assert (root / "latest").read_text().strip() == "step_000008"
 
 
-def test_max_consecutive_skips_is_validated(base_model, problems, tmp_path):  # noqa: F811
+def test_max_consecutive_skips_is_validated(base_model, problems, tmp_path):
     with pytest.raises(ConfigError, match=r"optim.max_consecutive_skips: expected >= 1, got 0"):
         load_config(None, tiny_overrides(base_model, problems, tmp_path, **{"optim.max_consecutive_skips": 0}))

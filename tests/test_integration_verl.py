@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from kernel_testing import TOLERANCES, assert_rel_close, run_without
 
 TOL = TOLERANCES[torch.float32]

@@ -10,8 +10,8 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
 from kernel_testing import DEVICE, TOLERANCES, assert_rel_close, rel_err, requires_cuda
+
 from prolix.kernels import linear_logprob as llp
 from prolix.kernels import linear_logprobs
 from prolix.kernels.reference import linear_logprobs_ref

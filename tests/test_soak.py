@@ -22,8 +22,9 @@ import sys
 
 import pytest
 import torch
+from trainer_testing import make_trainer, read_jsonl
 
-from test_loop import base_model, make_trainer, one_thread, problems, read_jsonl  # noqa: F401  (fixtures)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 STEPS = 300
 RESET_EVERY = 60                  # 5 resets, each a fresh AdamW and a reference copy
@@ -59,7 +60,7 @@ def live_counts() -> tuple[int, int, int]:
 
 
 @pytest.mark.soak
-def test_hundreds_of_steps_hold_memory_and_live_objects_flat(base_model, problems, tmp_path):  # noqa: F811
+def test_hundreds_of_steps_hold_memory_and_live_objects_flat(base_model, problems, tmp_path):
     trainer = make_trainer(base_model, problems, tmp_path, **{
         "run.steps": STEPS, "rollout.max_tokens": 4, "run.checkpoint_every": CHECKPOINT_EVERY, "run.keep_last": 1,
         "reference.mode": "every", "reference.every": RESET_EVERY, "eval.every": 0, "eval.at_start": "false",

@@ -1,4 +1,5 @@
-"""Problem sources: reasoning-gym and file sources, held-out disjointness, validation, worked answers."""
+"""Problem sources: reasoning-gym and file sources, held-out disjointness, validation, and the demo's
+worked answers (`demo.worked_answer`)."""
 
 import json
 import random
@@ -6,16 +7,9 @@ import random
 import pytest
 
 from prolix.trainer import rewards
-from prolix.trainer.tasks import (
-    FileSource,
-    MixedSource,
-    Problem,
-    ProblemSource,
-    ReasoningGymSource,
-    SourceConfig,
-    make_source,
-    worked_answer,
-)
+from prolix.trainer.demo import worked_answer
+from prolix.trainer.problem import Problem, ProblemSource
+from prolix.trainer.tasks import FileSource, MixedSource, ReasoningGymSource, SourceConfig, make_source
 
 # 1-digit, 2-term chain sums: 10 · 10 · 2 = 200 distinct questions, so a 64-question held-out set
 # collides with a large share of training draws — the case where disjointness has to be enforced.

@@ -8,7 +8,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from transformers import AutoTokenizer
 
-from prolix.trainer.tasks import SourceConfig, make_source, worked_answer
+from prolix.trainer.demo import worked_answer
+from prolix.trainer.tasks import SourceConfig, make_source
 from prolix.trainer.tokenizer import (
     DEFAULT_ALPHABET,
     SPECIAL_TOKENS,

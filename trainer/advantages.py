@@ -33,13 +33,16 @@ All functions copy; none modifies its input.
 from __future__ import annotations
 
 import math
+from typing import Literal, get_args
 
 import torch
 
-__all__ = ["ADVANTAGE_METHODS", "OVERLONG_MODES", "group_advantages", "informative_groups", "shape_overlong"]
+__all__ = ["AdvantageMethod", "ADVANTAGE_METHODS", "OverlongMode", "OVERLONG_MODES", "group_advantages", "informative_groups", "shape_overlong"]
 
-ADVANTAGE_METHODS = ("grpo", "dr_grpo")
-OVERLONG_MODES = ("none", "penalty", "mask")
+AdvantageMethod = Literal["grpo", "dr_grpo"]
+ADVANTAGE_METHODS = get_args(AdvantageMethod)
+OverlongMode = Literal["none", "penalty", "mask"]
+OVERLONG_MODES = get_args(OverlongMode)
 
 
 def _check_rewards(rewards: torch.Tensor, name: str = "rewards") -> torch.Tensor:

@@ -57,6 +57,11 @@ __all__ = [
     "verify_checkpoint",
     "capture_rng",
     "restore_rng",
+    "as_nested_tuples",
+    # the pieces a checkpoint writer for sharded models (distributed.save_checkpoint) reuses
+    "step_dir_name",
+    "save_tokenizer_files",
+    "publish_checkpoint",
 ]
 
 CHECKPOINT_DIR = "checkpoints"
@@ -163,7 +168,7 @@ def capture_rng() -> dict[str, Any]:
 
 
 def restore_rng(state: dict[str, Any]) -> None:
-    random.setstate(_as_tuple(state["python"]))
+    random.setstate(as_nested_tuples(state["python"]))
     kind, keys, pos, has_gauss, cached = state["numpy"]
     np.random.set_state((kind, keys.numpy(), pos, has_gauss, cached))
     torch.set_rng_state(state["torch"])
@@ -171,15 +176,15 @@ def restore_rng(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _as_tuple(x: Any) -> Any:
+def as_nested_tuples(x: Any) -> Any:
     """random.setstate wants nested tuples; a JSON/weights-only round trip may give lists."""
-    return tuple(_as_tuple(v) for v in x) if isinstance(x, (list, tuple)) else x
+    return tuple(as_nested_tuples(v) for v in x) if isinstance(x, (list, tuple)) else x
 
 
 # ----------------------------------------------------------------------------- save
 
 
-def _step_name(step: int) -> str:
+def step_dir_name(step: int) -> str:
     return f"{PREFIX}{step:06d}"
 
 
@@ -187,7 +192,7 @@ def _complete_checkpoints(root: Path) -> list[Path]:
     return sorted(p for p in root.glob(f"{PREFIX}*") if p.is_dir() and (p / "trainer_state.json").is_file())
 
 
-def _save_tokenizer(tokenizer, source: str | Path | None, out: Path) -> None:
+def save_tokenizer_files(tokenizer, source: str | Path | None, out: Path) -> None:
     """Copy the tokenizer files of the run's base model when it has them (byte-identical, so
     whatever transformers version loaded the base model loads the checkpoint), else save it."""
     copied = False
@@ -222,21 +227,21 @@ def save_checkpoint(run_dir: str | Path, step: int, *, policy, tokenizer, optimi
     root.mkdir(parents=True, exist_ok=True)
     for stale in root.glob(".tmp-*"):                      # a previous writer was killed mid-save
         shutil.rmtree(stale, ignore_errors=True)
-    final = root / _step_name(step)
+    final = root / step_dir_name(step)
     tmp = root / f".tmp-{final.name}-{os.getpid()}"
     tmp.mkdir()
     save_policy(policy, tmp, tokenizer=None)
     for name in TOKENIZER_FILES:                             # save_policy may copy from the load path
         (tmp / name).unlink(missing_ok=True)
-    _save_tokenizer(tokenizer, tokenizer_source, tmp)
+    save_tokenizer_files(tokenizer, tokenizer_source, tmp)
     if reference is not None:
         save_model(reference, str(tmp / "reference.safetensors"))   # handles tied embeddings
     torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-    _publish(tmp, final, step=step, trainer_state=trainer_state, keep_last=keep_last)
+    publish_checkpoint(tmp, final, step=step, trainer_state=trainer_state, keep_last=keep_last)
     return final
 
 
-def _publish(tmp: Path, final: Path, *, step: int, trainer_state: dict[str, Any], keep_last: int) -> None:
+def publish_checkpoint(tmp: Path, final: Path, *, step: int, trainer_state: dict[str, Any], keep_last: int) -> None:
     """Finish a checkpoint written into `tmp` and make it `final`: RNG states, the trainer state,
     the manifest (last: it describes every other file), fsync, rename, `latest`, rotation."""
     root = final.parent
@@ -323,7 +328,7 @@ def load_checkpoint(ckpt: str | Path, *, optimizer: torch.optim.Optimizer | None
     if reference is not None:
         if not (ckpt / "reference.safetensors").is_file():
             raise FileNotFoundError(f"{ckpt}: no reference.safetensors, but this run keeps a reference "
-                                    "(algorithm.kl_coef > 0); was it written with kl_coef = 0?")
+                                    "(algorithm.loss.kl_coef > 0); was it written with kl_coef = 0?")
         device = next(reference.parameters()).device
         missing, unexpected = load_model(reference, str(ckpt / "reference.safetensors"), strict=True,
                                          device=str(device))

@@ -33,13 +33,27 @@ SHAPE_NAMES = ("LM heads qwen-1.5b, qwen-7b, llama-8b (GPU), tiny, small (CPU sm
 BASELINES = ("eager", "compile", "liger", "cce", "trl")
 
 
-def _csv(kind):
-    def parse(text: str):
+def _csv(kind: type):
+    """An argparse `type` for a comma-separated list of `kind` (int, str): a value that does not
+    parse is argparse's usage error (exit 2) naming the option's expected form and the text."""
+    def parse(text: str) -> tuple:
+        items = [x.strip() for x in text.split(",") if x.strip()]
         try:
-            return tuple(kind(x) for x in text.split(",") if x.strip())
-        except runner.SpecError as e:
-            raise argparse.ArgumentTypeError(f"expected comma-separated {kind.__name__}s, got {text!r}") from e
+            return tuple(kind(x) for x in items)
+        except ValueError:
+            bad = next(x for x in items if not _parses(kind, x))
+            raise argparse.ArgumentTypeError(
+                f"expected comma-separated {kind.__name__}s, got {text!r} ({bad!r} is not an {kind.__name__})") from None
+    parse.__name__ = f"comma-separated {kind.__name__}s"      # argparse names the type in its messages
     return parse
+
+
+def _parses(kind: type, text: str) -> bool:
+    try:
+        kind(text)
+    except ValueError:
+        return False
+    return True
 
 
 def _sweep_options() -> argparse.ArgumentParser:

@@ -40,13 +40,11 @@ import dataclasses
 import json
 import math
 import re
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from . import sandbox
-from .rewards import extract_answer, register_reward
-
-if TYPE_CHECKING:  # tasks imports rewards, which (once wired) imports this module
-    from .tasks import Problem
+from .problem import Problem
+from .reward_registry import extract_answer, register_reward
 
 __all__ = ["TestCase", "parse_tests", "code_problem", "extract_code", "outputs_match", "code_tests_reward"]
 
@@ -115,8 +113,6 @@ def _problem_tests(problem: Problem) -> tuple[list[TestCase], float, int]:
 def code_problem(prompt: str, tests: Any, *, task: str = "code", timeout: float = DEFAULT_TIMEOUT_S,
                  memory_mb: int = DEFAULT_MEMORY_MB, **metadata: Any) -> Problem:
     """A `Problem` scored by "code_tests", its spec validated now (ValueError naming what is wrong)."""
-    from .tasks import Problem
-
     if not isinstance(prompt, str) or not prompt.strip():
         raise ValueError(f"prompt must be a non-empty string, got {prompt!r:.200}")
     cases = parse_tests(tests)

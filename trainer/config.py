@@ -1,4 +1,4 @@
-"""The typed configuration of one training run: a dataclass tree, YAML, `key=value` overrides.
+"""The typed configuration of one training run: the schema (a dataclass tree) and its loader.
 
     cfg = load_config("examples/prorl_1p5b_stage1_8k.yaml", ["optim.lr=1e-6", "rollout.n=8"])
     save_config(cfg, run_dir / "config.yaml")          # the resolved config, saved with the run
@@ -9,6 +9,12 @@ prompt plus a response must fit the model's context and a micro-batch). Errors a
 `ConfigError`s that name the field (`rollout.max_tokens: ...`), raised before anything heavy
 is built. Unknown keys, in YAML or on the command line, are errors that list the valid keys.
 
+A field with a fixed set of values is typed with the `Literal` of the module that owns the
+choice (`model.AttnBackend`, `advantages.AdvantageMethod`, ...), so each list is written once;
+`rollout.engine` is checked against `engines.ENGINES` and the loss options by the kernels'
+`GRPOLossConfig`, all at load, before any model is built. The YAML / override machinery, which
+knows no schema, is `config_tree.py`.
+
 The defaults are the embedded demo (`make train`): a tiny model built and warm-started on CPU
 (see `demo.py`), then the ProRL recipe scaled down. `examples/` holds the real 1.5B configs.
 """
@@ -17,34 +23,26 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import types
-import typing
-from collections.abc import Mapping, Sequence
+import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
-
-import yaml
+from typing import Any, Literal
 
 from prolix.kernels import GRPOLossConfig
+from prolix.kernels.linear_logprob import KernelBackend
 
+from . import config_tree
+from .advantages import AdvantageMethod, OverlongMode
+from .config_tree import ConfigError, check_literal_fields, config_from_dict, config_to_dict
+from .config_tree import check_choice as _choice
+from .config_tree import check_field as _check
+from .engines import ENGINES
+from .model import AttnBackend
 from .tasks import SourceConfig
 
 __all__ = ["ConfigError", "ModelConfig", "DemoConfig", "DataConfig", "RolloutConfig", "AlgorithmConfig",
            "OptimConfig", "ReferenceConfig", "EvalConfig", "RunConfig", "TrainConfig", "load_config",
            "save_config", "config_to_dict", "config_from_dict", "apply_overrides", "default_tree"]
-
-
-class ConfigError(ValueError):
-    """A configuration value is missing, unknown or inconsistent; the message names the field."""
-
-
-def _check(ok: bool, field: str, message: str) -> None:
-    if not ok:
-        raise ConfigError(f"{field}: {message}")
-
-
-def _choice(value: str, field: str, choices: Sequence[str]) -> None:
-    _check(value in choices, field, f"expected one of {tuple(choices)}, got {value!r}")
 
 
 # ----------------------------------------------------------------------------- sections
@@ -57,25 +55,21 @@ class ModelConfig:
     path: str = ""
     """Local Hugging Face model directory (config.json + *.safetensors + tokenizer); never
     downloaded. Empty: build the embedded demo model described by the `demo` section."""
-    dtype: str = "auto"
+    dtype: Literal["auto", "fp32", "bf16"] = "auto"
     """Parameter (master weight) dtype: "auto" (fp32), "fp32" or "bf16". AdamW at ProRL's
     lr 2e-6 needs fp32 master weights: a bf16 weight ignores updates below 2^-8 of itself."""
-    autocast: str = "auto"
+    autocast: Literal["auto", "bf16", "off"] = "auto"
     """Compute dtype: "auto" (bf16 on CUDA, off on CPU), "bf16" or "off". With bf16 the decoder
     runs under torch.autocast and the fused LM head gets bf16 hidden states and weight."""
     gradient_checkpointing: bool = False
     """Recompute each decoder layer in the backward (needed at 16k-token micro-batches)."""
-    attn_backend: str = "auto"
+    attn_backend: AttnBackend = "auto"
     """Packed attention backend, see `prolix.trainer.model.ATTN_BACKENDS`."""
-    kernel_backend: str = "auto"
+    kernel_backend: KernelBackend = "auto"
     """`prolix.kernels` backend: "auto" (Triton on CUDA, streaming torch on CPU), "torch", "triton"."""
 
     def __post_init__(self) -> None:
-        _choice(self.dtype, "model.dtype", ("auto", "fp32", "bf16"))
-        _choice(self.autocast, "model.autocast", ("auto", "bf16", "off"))
-        _choice(self.attn_backend, "model.attn_backend",
-                ("auto", "flash_attn", "torch_varlen", "sdpa_block_mask", "sdpa_per_sequence"))
-        _choice(self.kernel_backend, "model.kernel_backend", ("auto", "torch", "triton"))
+        check_literal_fields(self, "model")
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -119,6 +113,17 @@ class DemoConfig:
                f"expected in [0, 1], got {self.tagged_fraction}")
 
 
+# The loss terms of the ProRL recipe where they differ from GRPOLossConfig's own defaults:
+# DAPO's clip-higher (ProRL: 0.4) and a small KL to the reference (ProRL does not report its β).
+PRORL_LOSS = {"clip_high": 0.4, "kl_coef": 1e-4}
+
+# Keys of configs written before the loss options were the kernels' GRPOLossConfig
+# (`algorithm.loss`): they are read at their new place (`_move_renamed_keys`), with a note.
+RENAMED_KEYS = {f"algorithm.{old}": f"algorithm.loss.{new}" for old, new in (
+    ("clip_low", "clip_low"), ("clip_high", "clip_high"), ("dual_clip", "dual_clip"), ("kl_coef", "kl_coef"),
+    ("kl_estimator", "kl_estimator"), ("entropy_coef", "entropy_coef"), ("tis_cap", "tis_cap"),
+    ("loss_agg", "loss_agg"), ("loss_max_len", "max_len"))}
+
 # The demo's task, as YAML would write it: `load_config` starts from this tree, so reading a
 # config that names its own sources never builds (or imports) the default one.
 DEFAULT_SOURCES = [{"kind": "reasoning_gym", "name": "chain_sum", "reward": "reasoning_gym_binary", "heldout_size": 128,
@@ -156,7 +161,7 @@ class RolloutConfig:
 
     engine: str = "torch"
     """Rollout engine by name (`prolix.trainer.engines.ENGINES`): "vllm" or "torch" (a KV-cache
-    sampler for machines without vLLM)."""
+    sampler for machines without vLLM); checked at load, before any model is built."""
     n: int = 8
     """Samples per prompt (the GRPO group). ProRL: 16."""
     temperature: float = 1.0
@@ -173,6 +178,7 @@ class RolloutConfig:
     """Extra keyword arguments of the engine (e.g. vLLM's gpu_memory_utilization)."""
 
     def __post_init__(self) -> None:
+        _choice(self.engine, "rollout.engine", tuple(ENGINES))
         _check(self.n >= 2, "rollout.n", f"expected >= 2 (group advantages need 2 samples per prompt), got {self.n}")
         _check(self.temperature > 0, "rollout.temperature", f"expected > 0, got {self.temperature}")
         _check(0 < self.top_p <= 1, "rollout.top_p", f"expected in (0, 1], got {self.top_p}")
@@ -184,57 +190,34 @@ class RolloutConfig:
 class AlgorithmConfig:
     """The objective: GRPO loss terms, advantages, dynamic sampling, length control."""
 
-    clip_low: float = 0.2
-    """ε_low: ratio clipped below at 1 − ε_low. ProRL/DAPO: 0.2."""
-    clip_high: float = 0.4
-    """ε_high: ratio clipped above at 1 + ε_high (DAPO's clip-higher; ProRL: 0.4)."""
-    dual_clip: float | None = None
-    """c > 1 bounds the loss of negative-advantage tokens by −c·A (dual-clip PPO); None: off."""
-    kl_coef: float = 1e-4
-    """β of the KL penalty to the reference (ProRL does not report its β; small). 0 = no
-    reference model is kept at all."""
-    kl_estimator: str = "k3"
-    """k1, k2 or k3 (Schulman's estimators; k3 = exp(δ) − δ − 1 is the GRPO default)."""
-    loss_agg: str = "token-mean"
-    """token-mean (DAPO, ProRL), seq-mean-token-mean (GRPO paper), seq-mean-token-sum,
-    seq-mean-token-sum-norm (Dr.GRPO: divides by a fixed max length)."""
-    loss_max_len: int | None = None
-    """The fixed length of seq-mean-token-sum-norm; None = rollout.max_tokens."""
-    entropy_coef: float = 0.0
-    """Entropy bonus c_ent (loss −= c_ent·H); ProRL uses 0 and relies on clip-higher."""
-    tis_cap: float | None = None
-    """Truncated importance weight min(π_old/π_rollout, C) against the engine's own log-probs
-    (corrects vLLM/trainer numeric mismatch); None: off."""
-    advantage: str = "grpo"
+    loss: GRPOLossConfig = dataclasses.field(default_factory=lambda: GRPOLossConfig(**PRORL_LOSS),
+                                             metadata={"tree_default": PRORL_LOSS})
+    """The GRPO loss terms: the kernels' own `prolix.kernels.GRPOLossConfig` (clip_low, clip_high,
+    dual_clip, kl_coef, kl_estimator, entropy_coef, tis_cap, loss_agg, max_len; see its
+    docstring), with the ProRL recipe's defaults (`PRORL_LOSS`). Two of its fields come from
+    elsewhere at load: `temperature` is rollout.temperature (the loss divides the logits by the
+    sampling τ, whatever a file says), and `max_len` of seq-mean-token-sum-norm defaults to
+    rollout.max_tokens. kl_coef = 0 keeps no reference model at all."""
+    advantage: AdvantageMethod = "grpo"
     """"grpo" (r − mean)/std over the group, or "dr_grpo" r − mean (Dr.GRPO)."""
     dynamic_sampling: bool = True
     """DAPO: drop groups whose rewards are all equal (no signal) and sample more prompts until
     the batch is full."""
     max_sampling_tries: int = 4
     """Rollout rounds per step at most when refilling; a batch still short trains on what it has."""
-    overlong: str = "none"
+    overlong: OverlongMode = "none"
     """Responses truncated at max_tokens: "none", "penalty" (reward lowered, see
     `advantages.shape_overlong`) or "mask" (excluded from the loss, DAPO's overlong filtering)."""
     overlong_penalty: float = 1.0
     """Reward subtracted from truncated responses in "penalty" mode."""
 
     def __post_init__(self) -> None:
-        _choice(self.advantage, "algorithm.advantage", ("grpo", "dr_grpo"))
-        _choice(self.overlong, "algorithm.overlong", ("none", "penalty", "mask"))
+        check_literal_fields(self, "algorithm")
+        _check(isinstance(self.loss, GRPOLossConfig), "algorithm.loss",
+               f"expected a GRPOLossConfig, got {type(self.loss).__name__}")
         _check(self.max_sampling_tries >= 1, "algorithm.max_sampling_tries",
                f"expected >= 1, got {self.max_sampling_tries}")
         _check(self.overlong_penalty >= 0, "algorithm.overlong_penalty", f"expected >= 0, got {self.overlong_penalty}")
-        try:
-            self.loss_config(temperature=1.0, max_len=self.loss_max_len or 1)
-        except ValueError as e:
-            raise ConfigError(f"algorithm: {e}") from None
-
-    def loss_config(self, *, temperature: float, max_len: int) -> GRPOLossConfig:
-        """The kernels' GRPOLossConfig (τ = the rollout temperature)."""
-        return GRPOLossConfig(clip_low=self.clip_low, clip_high=self.clip_high, dual_clip=self.dual_clip,
-                              kl_coef=self.kl_coef, kl_estimator=self.kl_estimator, entropy_coef=self.entropy_coef,
-                              tis_cap=self.tis_cap, loss_agg=self.loss_agg, max_len=self.loss_max_len or max_len,
-                              temperature=temperature)
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -294,7 +277,7 @@ class OptimConfig:
 class ReferenceConfig:
     """The ProRL reference reset: reference ← policy (and, in v1, a fresh optimizer)."""
 
-    mode: str = "patience"
+    mode: Literal["off", "patience", "every", "both"] = "patience"
     """When to reset: "off", "patience" (validation stopped improving — ProRL), "every"
     (a fixed period — ProRL v2) or "both". A file `watch_file` in the run dir always triggers one."""
     patience: int = 3
@@ -309,7 +292,7 @@ class ReferenceConfig:
     """Create this file in the run dir to reset at the end of the current step; the loop deletes it."""
 
     def __post_init__(self) -> None:
-        _choice(self.mode, "reference.mode", ("off", "patience", "every", "both"))
+        check_literal_fields(self, "reference")
         _check(self.patience >= 1, "reference.patience", f"expected >= 1, got {self.patience}")
         _check(self.every >= 0, "reference.every", f"expected >= 0, got {self.every}")
         _check(self.mode not in ("every", "both") or self.every >= 1, "reference.every",
@@ -401,6 +384,10 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         r = self.rollout
+        loss = self.algorithm.loss
+        _check(loss.temperature == r.temperature, "algorithm.loss.temperature",          # a config built in code
+               f"expected rollout.temperature ({r.temperature}), the sampling τ the loss divides by, "
+               f"got {loss.temperature}")
         _check(r.max_prompt_tokens + r.max_tokens <= r.max_model_len, "rollout.max_tokens",
                f"a prompt of up to rollout.max_prompt_tokens={r.max_prompt_tokens} plus a response of "
                f"{r.max_tokens} tokens exceeds rollout.max_model_len={r.max_model_len}")
@@ -417,7 +404,8 @@ class TrainConfig:
         return self.eval.max_tokens or self.rollout.max_tokens
 
     def loss_config(self) -> GRPOLossConfig:
-        return self.algorithm.loss_config(temperature=self.rollout.temperature, max_len=self.rollout.max_tokens)
+        """The kernels' loss config of this run (`algorithm.loss`, completed at load)."""
+        return self.algorithm.loss
 
     def check_model_context(self, max_position_embeddings: int | None) -> None:
         """Raise ConfigError when the engine's context exceeds what the model was built for."""
@@ -430,211 +418,60 @@ class TrainConfig:
                f"rollout.max_prompt_tokens ({r.max_prompt_tokens})")
 
 
-# ----------------------------------------------------------------------------- dict <-> dataclass
-
-
-def _type_name(tp: Any) -> str:
-    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
-
-
-_TRUE, _FALSE = ("true", "yes", "on", "1"), ("false", "no", "off", "0")
-
-
-def _coerce_scalar(tp: type, value: Any, field: str) -> Any:
-    """bool / int / float / str from a YAML value or a command-line string."""
-    if tp is bool:
-        if isinstance(value, bool) or str(value).lower() in _TRUE + _FALSE:
-            return value if isinstance(value, bool) else str(value).lower() in _TRUE
-        raise ConfigError(f"{field}: expected true or false, got {value!r}")
-    if tp is str:
-        _check(isinstance(value, (str, int, float)) and not isinstance(value, bool), field,
-               f"expected a string, got {value!r}")
-        return str(value)
-    try:             # "1e-6" (a string to YAML 1.1) is a float; 4.0 is an int
-        number = None if isinstance(value, bool) else float(value)
-    except (TypeError, ValueError):
-        number = None
-    if number is None or (tp is int and not number.is_integer()):
-        raise ConfigError(f"{field}: expected {tp.__name__}, got {value!r}")
-    return int(number) if tp is int else number
-
-
-def _coerce(tp: Any, value: Any, field: str) -> Any:
-    """`value` (from YAML or a command line) as type `tp`; ConfigError naming `field` otherwise."""
-    origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if tp is Any:
-        return value
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for option in (a for a in args if a is not type(None)):
-            try:
-                return _coerce(option, value, field)
-            except ConfigError as e:
-                errors.append(str(e))
-        raise ConfigError(errors[0] if len(errors) == 1 else f"{field}: expected {_type_name(tp)}, got {value!r}")
-    if dataclasses.is_dataclass(tp):
-        return config_from_dict(tp, value, prefix=field)
-    if tp in (bool, int, float, str):
-        return _coerce_scalar(tp, value, field)
-    if origin in (list, tuple) or tp in (list, tuple):
-        if isinstance(value, (str, bytes, Mapping)) or not isinstance(value, Sequence):
-            raise ConfigError(f"{field}: expected a list, got {value!r}")
-        if origin is tuple and args and args[-1] is not Ellipsis:
-            _check(len(value) == len(args), field, f"expected {len(args)} values, got {len(value)}")
-            return tuple(_coerce(a, v, f"{field}[{i}]") for i, (a, v) in enumerate(zip(args, value)))
-        item = args[0] if args else Any
-        items = [_coerce(item, v, f"{field}[{i}]") for i, v in enumerate(value)]
-        return tuple(items) if (origin or tp) is tuple else items
-    if origin is dict or tp is dict:
-        _check(isinstance(value, Mapping), field, f"expected a mapping, got {value!r}")
-        return dict(value)
-    raise ConfigError(f"{field}: unsupported field type {_type_name(tp)}")
-
-
-def _fields(cls: type) -> dict[str, Any]:
-    hints = typing.get_type_hints(cls)
-    return {f.name: hints[f.name] for f in dataclasses.fields(cls) if f.init}
-
-
-def config_from_dict(cls: type, data: Any, *, prefix: str = "") -> Any:
-    """Build dataclass `cls` from a (partial) mapping; missing fields keep their defaults."""
-    where = prefix or "config"
-    if isinstance(data, cls):
-        return data
-    _check(isinstance(data, Mapping), where, f"expected a mapping of {cls.__name__} fields, got {data!r}")
-    fields = _fields(cls)
-    for key in data:
-        if key not in fields:
-            raise ConfigError(f"{prefix + '.' if prefix else ''}{key}: unknown key; valid keys of {where}: "
-                              f"{', '.join(fields)}")
-    kwargs = {k: _coerce(fields[k], v, f"{prefix + '.' if prefix else ''}{k}") for k, v in data.items()}
-    try:
-        return cls(**kwargs)
-    except ConfigError:
-        raise
-    except (TypeError, ValueError, ImportError) as e:          # e.g. SourceConfig's own checks
-        raise ConfigError(f"{where}: {e}") from None
-
-
-def config_to_dict(cfg: Any) -> Any:
-    """A dataclass tree as plain YAML-safe data (tuples become lists)."""
-    if dataclasses.is_dataclass(cfg):
-        return {f.name: config_to_dict(getattr(cfg, f.name)) for f in dataclasses.fields(cfg) if f.init}
-    if isinstance(cfg, (list, tuple)):
-        return [config_to_dict(v) for v in cfg]
-    if isinstance(cfg, Mapping):
-        return {k: config_to_dict(v) for k, v in cfg.items()}
-    return cfg
-
-
-def default_tree(cls: type = None) -> dict:
-    """The defaults of a dataclass tree as plain data, without constructing it (see DEFAULT_SOURCES)."""
-    cls = cls or TrainConfig
-    tree = {}
-    for f in dataclasses.fields(cls):
-        if not f.init:
-            continue
-        tp = _fields(cls)[f.name]
-        if "tree_default" in f.metadata:
-            tree[f.name] = copy.deepcopy(f.metadata["tree_default"])
-        elif dataclasses.is_dataclass(tp):
-            tree[f.name] = default_tree(tp)
-        elif f.default is not dataclasses.MISSING:
-            tree[f.name] = config_to_dict(f.default)
-        else:
-            tree[f.name] = config_to_dict(f.default_factory())
-    return tree
-
-
-def _field_type_at(cls: type, parts: list[str], key: str) -> Any:
-    """The declared type at a dotted path (None below a dict/Any field, where any key goes)."""
-    tp: Any = cls
-    walked = []
-    for part in parts:
-        origin = typing.get_origin(tp)
-        if origin in (typing.Union, types.UnionType):
-            tp = next(a for a in typing.get_args(tp) if a is not type(None))
-            origin = typing.get_origin(tp)
-        if dataclasses.is_dataclass(tp):
-            fields = _fields(tp)
-            if part not in fields:
-                where = ".".join(walked) or "config"
-                raise ConfigError(f"{key}: unknown key {part!r}; valid keys of {where}: {', '.join(fields)}")
-            tp = fields[part]
-        elif origin is list:
-            _check(part.isdigit(), key, f"expected a list index at {part!r}")
-            tp = typing.get_args(tp)[0]
-        else:
-            return None
-        walked.append(part)
-    return tp
-
-
-def apply_overrides(tree: dict, overrides: Sequence[str], cls: type = None) -> dict:
-    """Apply `a.b.c=value` overrides to a config dict in place (values parsed as YAML; list
-    items by index, `data.sources.0.name=chain_sum`). Unknown keys raise ConfigError."""
-    cls = cls or TrainConfig
-    for item in overrides:
-        key, sep, raw = item.partition("=")
-        key = key.strip()
-        _check(bool(sep) and bool(key), item, "expected key=value (e.g. optim.lr=1e-6)")
-        parts = key.split(".")
-        tp = _field_type_at(cls, parts, key)
-        value = raw if tp is str else yaml.safe_load(raw) if raw.strip() else ""
-        node: Any = tree
-        for depth, part in enumerate(parts[:-1]):
-            if isinstance(node, list):
-                idx = int(part)
-                _check(idx < len(node), key,
-                       f"index {idx} out of range: {'.'.join(parts[:depth])} has {len(node)} items")
-                node = node[idx]
-            else:
-                node = node.setdefault(part, {})
-        if isinstance(node, list):
-            idx = int(parts[-1])
-            _check(idx < len(node), key, f"index {idx} out of range: the list has {len(node)} items")
-            node[idx] = value
-        else:
-            node[parts[-1]] = value
-    return tree
-
-
-def _merge(base: dict, update: Mapping) -> dict:
-    """Recursive dict merge; lists and scalars in `update` replace those in `base`."""
-    for k, v in update.items():
-        if isinstance(v, Mapping) and isinstance(base.get(k), dict):
-            _merge(base[k], v)
-        else:
-            base[k] = v
-    return base
+# ----------------------------------------------------------------------------- load / save
 
 
 def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> TrainConfig:
-    """Defaults ← YAML file (if any) ← `key=value` overrides, validated as a whole.
+    """Defaults ← YAML file (if any) ← `key=value` overrides, validated as a whole
+    (`config_tree.load`). Keys of older configs (`RENAMED_KEYS`) are read at their new place.
+    Raises ConfigError naming the field (or the file)."""
+    return config_tree.load(TrainConfig, path, [_renamed_override(o) for o in overrides],
+                            migrate=_move_renamed_keys, complete=_complete_loss)
 
-    Raises ConfigError naming the field (or the file when it is not a YAML mapping)."""
-    tree = default_tree()
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"--config: no such file {str(path)!r}")
-        try:
-            loaded = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: not valid YAML: {e}") from None
-        _check(isinstance(loaded, Mapping), str(path),
-               f"expected a mapping at the top level, got {type(loaded).__name__}")
-        for key in loaded:
-            _field_type_at(TrainConfig, [str(key)], str(key))     # unknown top-level sections
-        _merge(tree, loaded)
-    apply_overrides(tree, overrides)
-    return config_from_dict(TrainConfig, tree)
+
+def _renamed_override(item: str) -> str:
+    key, sep, value = item.partition("=")
+    new = RENAMED_KEYS.get(key.strip())
+    if new is None:
+        return item
+    print(f"prolix: config key {key.strip()} is now {new}; read as such", file=sys.stderr)
+    return f"{new}{sep}{value}"
+
+
+def _move_renamed_keys(tree: dict) -> dict:
+    """Keys of a file written before `algorithm.loss` (`RENAMED_KEYS`) moved to their new place."""
+    algorithm = tree.get("algorithm")
+    if not isinstance(algorithm, dict):
+        return tree
+    for old, new in RENAMED_KEYS.items():
+        name = old.split(".", 1)[1]
+        if name in algorithm and isinstance(algorithm.setdefault("loss", {}), dict):
+            print(f"prolix: config key {old} is now {new}; read as such", file=sys.stderr)
+            algorithm["loss"][new.rsplit(".", 1)[1]] = algorithm.pop(name)
+    return tree
+
+
+def _complete_loss(tree: dict) -> dict:
+    """`algorithm.loss` made the kernels' whole config: its temperature is rollout.temperature,
+    and seq-mean-token-sum-norm's max_len defaults to rollout.max_tokens."""
+    rollout, loss = tree.get("rollout", {}), tree.get("algorithm", {}).get("loss")
+    if isinstance(loss, dict) and isinstance(rollout, dict):
+        loss["temperature"] = rollout.get("temperature", 1.0)
+        if loss.get("loss_agg") == "seq-mean-token-sum-norm" and loss.get("max_len") is None:
+            loss["max_len"] = rollout.get("max_tokens")
+    return tree
 
 
 def save_config(cfg: TrainConfig, path: str | Path) -> Path:
     """Write the resolved config as YAML (loadable with `load_config`)."""
-    path = Path(path)
-    path.write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False, default_flow_style=None))
-    return path
+    return config_tree.save(cfg, path)
+
+
+def default_tree(cls: type = TrainConfig) -> dict:
+    """The defaults of `cls` (TrainConfig) as plain data (`config_tree.default_tree`)."""
+    return config_tree.default_tree(cls)
+
+
+def apply_overrides(tree: dict, overrides: Sequence[str], cls: type = TrainConfig) -> dict:
+    """`a.b.c=value` overrides applied to a config dict in place (`config_tree.apply_overrides`)."""
+    return config_tree.apply_overrides(tree, overrides, cls)

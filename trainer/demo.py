@@ -5,7 +5,7 @@
 1. a character-level tokenizer (`tokenizer.build_char_tokenizer`, printable ASCII) in HF format;
 2. a tiny Qwen2-architecture causal LM from a config (`demo.*`: hidden 128, 2 layers, 4 query /
    2 KV heads, tied embeddings: 0.5M parameters), context = rollout.max_model_len;
-3. a short supervised warm start on the task's own worked answers (`tasks.worked_answer`:
+3. a short supervised warm start on the task's own worked answers (`worked_answer`:
    "4 - 1 = 3\n3 + 7 = 10\n<answer>10</answer>"), drawn from the training split, never the
    held-out one; AdamW, lr 1.5e-3 cosine to 10%. Half of its answers (`demo.tagged_fraction`)
    end in the "<answer>X</answer>" tag the scorer reads; the other half end in "The answer is
@@ -30,7 +30,9 @@ merely contains the gold string, which RL learns to exploit ("-4" for "4").
 
 from __future__ import annotations
 
+import ast
 import math
+import operator
 import random
 import time
 from pathlib import Path
@@ -38,15 +40,13 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, Qwen2Config
 
-from prolix.kernels import linear_logprobs
-
 from .config import TrainConfig
-from .model import forward_hidden, lm_head_weight, prepare_policy, save_policy
+from .model import logprobs, prepare_policy, save_policy
 from .packing import SequenceRecord, pack
-from .tasks import worked_answer
+from .problem import Problem
 from .tokenizer import DEFAULT_ALPHABET, build_char_tokenizer, format_prompt, save_tokenizer
 
-__all__ = ["build_base_model", "build_model", "warm_start", "warm_start_answer"]
+__all__ = ["build_base_model", "build_model", "warm_start", "warm_start_answer", "worked_answer", "WORKED_TASKS"]
 
 
 def build_model(cfg: TrainConfig, tokenizer) -> torch.nn.Module:
@@ -93,8 +93,7 @@ def warm_start(model, tokenizer, cfg: TrainConfig, data, *, device: torch.device
             answer = tokenizer.encode(text, add_special_tokens=False) + [eos]
             records.append(SequenceRecord(token_ids=prompt + answer, response_start=len(prompt), advantage=0.0))
         batch = pack(records).to(device)
-        hidden = forward_hidden(model, batch)                                        # (N, H)
-        logp = linear_logprobs(hidden, lm_head_weight(model), batch.targets, ignore_index=batch.ignore_index)
+        logp = logprobs(model, batch)                                                 # (N,) fp32
         loss = -(logp * batch.loss_mask).sum() / batch.loss_mask.sum()
         lr = d.warmup_lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / max(d.warmup_steps, 1))))
         for group in optimizer.param_groups:
@@ -130,3 +129,70 @@ def build_base_model(cfg: TrainConfig, run_dir: str | Path, data) -> Path:
     print(f"demo: base model in {out} (warm-start loss {first:.2f} -> {last:.2f}, "
           f"{time.perf_counter() - t0:.0f} s)", flush=True)
     return out
+
+
+# ----------------------------------------------------------------------------- worked answers
+
+_OPS = {ast.Add: ("+", operator.add), ast.Sub: ("-", operator.sub),
+        ast.Mult: ("*", operator.mul), ast.FloorDiv: ("/", operator.floordiv)}
+WORKED_TASKS = ("chain_sum", "basic_arithmetic")
+
+
+def _literal(node: ast.AST) -> int | None:
+    """The int a node stands for if it is a number or a negated number, else None."""
+    if isinstance(node, ast.Constant) and type(node.value) is int:
+        return node.value
+    if isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.USub, ast.UAdd)):
+        inner = _literal(node.operand)
+        if inner is not None:
+            return -inner if isinstance(node.op, ast.USub) else inner
+    return None
+
+
+def _reduce_once(node: ast.AST, lines: list[str]) -> ast.AST:
+    """Evaluate the first binary operation Python would (left operand first), logging it."""
+    if isinstance(node, ast.BinOp):
+        left, right = _literal(node.left), _literal(node.right)
+        if left is not None and right is not None:
+            symbol, fn = _OPS[type(node.op)]
+            value = fn(left, right)
+            lines.append(f"{left} {symbol} {right} = {value}")
+            return ast.Constant(value)
+        if left is None:
+            node.left = _reduce_once(node.left, lines)
+        else:
+            node.right = _reduce_once(node.right, lines)
+        return node
+    if isinstance(node, ast.UnaryOp):
+        node.operand = _reduce_once(node.operand, lines)
+        return node
+    raise ValueError(f"unsupported expression node {ast.dump(node)}")
+
+
+def worked_answer(problem: Problem) -> str:
+    """A correct solution, one operation per line, then "<answer>X</answer>".
+
+    For chain_sum / basic_arithmetic problems from a reasoning_gym source: the expression (the
+    entry's metadata) is reduced one binary operation at a time in Python's evaluation order, with
+    "/" as floor division as reasoning-gym computes it, e.g. "4 - 1 - 7" ->
+    "4 - 1 = 3\\n3 - 7 = -4\\n<answer>-4</answer>".
+    """
+    entry = problem.metadata.get("entry")
+    dataset = problem.metadata.get("dataset")
+    if dataset not in WORKED_TASKS or not isinstance(entry, dict):
+        raise ValueError(f"worked_answer supports reasoning_gym {WORKED_TASKS} problems, got task {problem.task!r}")
+    expression = entry["metadata"]["expression"]
+    for bad in ("**", "//", "%"):
+        if bad in expression:
+            raise ValueError(f"unexpected operator {bad!r} in {expression!r}")
+    node = ast.parse(expression.replace("/", "//"), mode="eval").body
+    for sub in ast.walk(node):
+        if not isinstance(sub, (ast.BinOp, ast.UnaryOp, ast.Constant, *_OPS, ast.USub, ast.UAdd)):
+            raise ValueError(f"unsupported syntax {type(sub).__name__} in {expression!r}")
+    lines: list[str] = []
+    while _literal(node) is None:
+        node = _reduce_once(node, lines)
+    result = _literal(node)
+    if str(result) != problem.answer:
+        raise ValueError(f"worked answer {result} != gold {problem.answer!r} for {expression!r}")
+    return "\n".join(lines + [f"<answer>{result}</answer>"])

@@ -31,38 +31,41 @@ Determinism: prompt draws come from one `random.Random` (checkpointed); each rol
 seed that is a function of (run.seed, step, try), so a resumed run samples what an
 uninterrupted one would.
 
-Under torchrun every rank runs this loop; `self.dp` (distributed.py) is then consulted at a few
-hooks — rollout (`_rollout`), micro-batch plan and packing (`_plan`, `_pack`), the sharded forward
-(`_forward`), the update's metrics, weight sync, the reset decision, checkpoints — and is None in
-a plain process, where none of it runs.
+How the loop is run is one object, `self.parallel` (parallel.py), chosen once at start-up:
+`SingleProcess`, or under torchrun `distributed.DataParallel` (FSDP2), every rank running this
+loop. The loop calls it at the same places whichever it is — rollout, micro-batch plan, forward,
+merging per-record results, reducing an update's statistics, weight sync, the reset decision,
+checkpoints — and never asks which one it holds. A packed micro-batch reaches the loss by one
+path: `parallel.plan` → `packing.pack_microbatch` → `parallel.forward` (`model.head_inputs`) →
+`model.grpo_loss_from_hidden`.
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import math
 import random
 import time
 from collections import defaultdict
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from prolix.kernels import fused_linear_grpo_loss, linear_logprobs
-
-from . import checkpoint, distributed, nvtx
+from . import checkpoint, nvtx
 from .advantages import group_advantages, informative_groups, shape_overlong
 from .config import ConfigError, TrainConfig
 from .engines import Completion, SamplingConfig, make_engine
-from .metrics import MetricsLogger, peak_flops, train_flops
-from .model import forward_hidden, lm_head_weight, load_policy
-from .packing import SequenceRecord, pack, plan_microbatches
+from .metrics import MetricsLogger, SilentLogger, pass_at_k, peak_flops, train_flops
+from .model import grpo_loss_from_hidden, head_inputs, load_policy, logprobs_from_hidden
+from .packing import SequenceRecord, pack_microbatch
+from .parallel import Parallelism, UpdateStats, init_parallelism
+from .problem import Problem, ProblemSource
 from .rewards import pop_reward_errors, score
-from .tasks import MixedSource, Problem, ProblemSource, make_source
-from .tokenizer import format_prompt
+from .tasks import MixedSource, make_source
+from .tokenizer import format_prompt, load_tokenizer
 
 __all__ = ["Data", "Group", "TrainerState", "TrainResult", "Trainer", "TrainingDivergedError", "prepare_data",
            "load_tokenizer", "pass_at_k"]
@@ -148,55 +151,24 @@ class TrainResult:
     steps: int
 
 
-def pass_at_k(n: int, c: int, k: int) -> float:
-    """Unbiased pass@k from n samples with c correct (Chen et al. 2021): 1 − C(n−c, k)/C(n, k)."""
-    if n - c < k:
-        return 1.0
-    return 1.0 - math.comb(n - c, k) / math.comb(n, k)
-
-
-def load_tokenizer(path: str | Path):
-    """The tokenizer saved in `path`, as its files declare it.
-
-    transformers 5's AutoTokenizer swaps in the registered class for some model types (qwen2
-    among them: `MODELS_WITH_INCORRECT_HUB_TOKENIZER_CLASS`), which rebuilds the pre-tokenizer
-    and would turn the demo's character tokenizer into Qwen's byte-level one (spaces dropped).
-    A tokenizer_config.json that names the generic fast class is therefore loaded as that."""
-    import json
-
-    from transformers import AutoTokenizer, PreTrainedTokenizerFast
-
-    config = Path(path) / "tokenizer_config.json"
-    declared = json.loads(config.read_text()).get("tokenizer_class") if config.is_file() else None
-    if declared in ("PreTrainedTokenizerFast", "TokenizersBackend") and (Path(path) / "tokenizer.json").is_file():
-        return PreTrainedTokenizerFast.from_pretrained(path, local_files_only=True)
-    return AutoTokenizer.from_pretrained(path, local_files_only=True)
-
-
-def _resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"run.device: {name!r} requested but CUDA is not available")
-    return torch.device(name)
-
-
 # ----------------------------------------------------------------------------- trainer
 
 
 class Trainer:
-    """Owns the policy, the reference, the optimizer, the engine and the loop state."""
+    """Owns the policy, the reference, the optimizer, the engine and the loop state; runs the
+    loop through `self.parallel` (parallel.py), which decides nothing about the algorithm."""
 
     def __init__(self, cfg: TrainConfig, run_dir: str | Path, *, data: Data | None = None,
-                 resume_from: str | Path | None = None, resume_verified: bool = False) -> None:
+                 resume_from: str | Path | None = None, resume_verified: bool = False,
+                 parallel: Parallelism | None = None) -> None:
         """`resume_verified`: the caller has already checked `resume_from`'s manifest (as
-        `checkpoint.resolve_checkpoint` does), so its files are not hashed a second time."""
+        `checkpoint.resolve_checkpoint` does), so its files are not hashed a second time.
+        `parallel`: how the loop runs; default `parallel.init_parallelism(cfg.run.device)`."""
         self.cfg, self.run_dir = cfg, Path(run_dir)
-        self.dp = distributed.init_from_env(cfg.run.device)       # None unless launched by torchrun
-        self.device = self.dp.device if self.dp else _resolve_device(cfg.run.device)
-        on_cuda = self.device.type == "cuda"
+        self.parallel = parallel or init_parallelism(cfg.run.device)
+        self.device = self.parallel.device
         self.param_dtype = torch.bfloat16 if cfg.model.dtype == "bf16" else torch.float32
-        wants_bf16 = cfg.model.autocast == "bf16" or (cfg.model.autocast == "auto" and on_cuda)
+        wants_bf16 = cfg.model.autocast == "bf16" or (cfg.model.autocast == "auto" and self.device.type == "cuda")
         self.compute_dtype = torch.bfloat16 if wants_bf16 else None
         source = Path(resume_from) if resume_from else Path(cfg.model.path)
         if not cfg.model.path and not resume_from:
@@ -208,40 +180,38 @@ class Trainer:
         self.data = data or prepare_data(cfg)
         check_prompt_lengths(cfg, self.tokenizer, self.data)
         torch.manual_seed(cfg.run.seed)
-        # Under FSDP the model is read into host memory and `fully_shard` moves it to the GPU one
-        # layer at a time, keeping only this rank's shard: a whole policy (plus its reference)
-        # never has to fit on one GPU before sharding.
-        self.policy = load_policy(source, dtype=self.param_dtype,
-                                  device=torch.device("cpu") if self.dp is not None else self.device,
-                                  gradient_checkpointing=cfg.model.gradient_checkpointing)
-        cfg.check_model_context(getattr(self.policy.config, "max_position_embeddings", None))
-        self.reference = self._frozen_copy() if cfg.algorithm.kl_coef > 0 else None
-        rollout_model = self.policy
-        if self.dp is not None:            # the engine keeps whole weights; training shards them
-            rollout_model = copy.deepcopy(self.policy).to(self.device)
-            for model in filter(None, (self.policy, self.reference)):
-                self.dp.shard(model, self._hidden_and_head, compute_dtype=self.compute_dtype)
+        rollout_model = self._load_models(source)
         self.optimizer = self._make_optimizer()
         self.loss_config = cfg.loss_config()
         self.state = TrainerState()
         self.rng = random.Random(cfg.run.seed)
-        if resume_from:
-            saved = distributed.load_checkpoint(resume_from, policy=self.policy, optimizer=self.optimizer,
-                                                reference=self.reference, verify=False)   # verified above;
-            # either format (single-process or DCP), saved on any number of ranks
+        if resume_from:          # either format (single-process or DCP), saved on any number of ranks
+            saved = self.parallel.load_checkpoint(resume_from, policy=self.policy, optimizer=self.optimizer,
+                                                  reference=self.reference, verify=False)   # verified above
             self.state = TrainerState(**{k: v for k, v in saved.items() if k in TrainerState.__dataclass_fields__})
-            self.rng.setstate(checkpoint._as_tuple(self.state.sampler))
+            self.rng.setstate(checkpoint.as_nested_tuples(self.state.sampler))
         self.engine = make_engine(cfg.rollout.engine, rollout_model, self.tokenizer,
                                   max_model_len=cfg.rollout.max_model_len, seed=cfg.run.seed,
                                   **cfg.rollout.engine_options)
-        logger = MetricsLogger if self.dp is None or self.dp.is_main else distributed.SilentLogger
+        logger = MetricsLogger if self.parallel.is_main else SilentLogger
         self.log = logger(self.run_dir, total_steps=cfg.run.steps, start_step=self.state.step,
                           tensorboard=cfg.run.tensorboard, progress=cfg.run.progress)
-        self._peak = peak_flops(self.device)
-        if self._peak and self.dp is not None:
-            self._peak *= self.dp.world_size                     # MFU per GPU of the whole world
+        peak = peak_flops(self.device)
+        self._peak = peak * self.parallel.world_size if peak else None    # MFU per GPU of the whole world
 
     # ------------------------------------------------------------------ setup helpers
+
+    def _load_models(self, source: Path) -> torch.nn.Module:
+        """The policy and (kl_coef > 0) its frozen reference, prepared by the parallelism (sharded
+        under FSDP); returns the model the rollout engine samples from."""
+        cfg = self.cfg
+        self.policy = load_policy(source, dtype=self.param_dtype, device=self.parallel.load_device,
+                                  gradient_checkpointing=cfg.model.gradient_checkpointing)
+        cfg.check_model_context(getattr(self.policy.config, "max_position_embeddings", None))
+        self.reference = self._frozen_copy() if cfg.algorithm.loss.kl_coef > 0 else None
+        forward = functools.partial(head_inputs, attn_backend=cfg.model.attn_backend,
+                                    compute_dtype=self.compute_dtype)
+        return self.parallel.prepare(self.policy, self.reference, forward, compute_dtype=self.compute_dtype)
 
     def _frozen_copy(self) -> torch.nn.Module:
         ref = copy.deepcopy(self.policy)
@@ -259,39 +229,14 @@ class Trainer:
         o = self.cfg.optim
         return o.lr * min(1.0, step / o.warmup_steps) if o.warmup_steps else o.lr
 
-    def _autocast(self):
-        if self.compute_dtype is None:
-            return nullcontext()
-        return torch.autocast(self.device.type, dtype=self.compute_dtype)
-
-    def _head(self, model, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(hidden [N, H], LM-head weight [V, H]) in one dtype for the fused kernel: bf16 under
-        autocast (the cast is differentiable, so fp32 master weights get their gradient)."""
-        weight = lm_head_weight(model)
-        dtype = self.compute_dtype or weight.dtype
-        return hidden.to(dtype), weight.to(dtype)
-
-    def _hidden_and_head(self, model, batch) -> tuple[torch.Tensor, torch.Tensor]:
-        with self._autocast():
-            hidden = forward_hidden(model, batch, attn_backend=self.cfg.model.attn_backend)
-        return self._head(model, hidden)
-
-    def _forward(self, model, batch) -> tuple[torch.Tensor, torch.Tensor]:
-        """The fused kernel's inputs for a packed batch: hidden [N, H] and head weight [V, H].
-        A sharded model runs this as its root's FSDP forward, so the head weight is whole."""
-        sharded = getattr(model, distributed.FORWARD_METHOD, None)
-        return sharded(batch) if sharded is not None else self._hidden_and_head(model, batch)
-
     def _plan(self, records: list[SequenceRecord]) -> list[list[int]]:
         """Micro-batches (indices into records) that this process runs: all of them, or under
         data parallelism its balanced share, padded with [] to the common count."""
-        lengths, budget = [r.length for r in records], self.cfg.optim.max_tokens_per_microbatch
-        return self.dp.plan(lengths, budget) if self.dp is not None else plan_microbatches(lengths, budget)
+        return self.parallel.plan([r.length for r in records], self.cfg.optim.max_tokens_per_microbatch)
 
     def _pack(self, records: list[SequenceRecord], idx: list[int]):
         """The micro-batch `idx` on the device; [] is a zero-weight one (see `_plan`)."""
-        batch = pack([records[i] for i in idx]) if idx else self.dp.zero_weight_batch(records)
-        return batch.to(self.device)
+        return pack_microbatch(records, idx).to(self.device)
 
     def prompt_ids(self, problem: Problem) -> list[int]:
         ids = format_prompt(self.tokenizer, problem.prompt, self.cfg.data.system_prompt)
@@ -400,9 +345,7 @@ class Trainer:
     def _rollout(self, problems: list[Problem], sampling: SamplingConfig) -> tuple[list[list[Completion]], Any]:
         """n completions per problem and their rewards [P, n] fp32; data-parallel ranks each
         sample and score a share of the prompts and all get the whole batch back."""
-        if self.dp is not None:
-            return self.dp.rollout(problems, sampling, self._generate_and_score)
-        return self._generate_and_score(problems, sampling)
+        return self.parallel.rollout(problems, sampling, self._generate_and_score)
 
     def _generate_and_score(self, problems: list[Problem], sampling: SamplingConfig):
         with nvtx.range("rollout"):
@@ -411,15 +354,12 @@ class Trainer:
             return outs, torch.tensor([[score(p, c.text) for c in cs] for p, cs in zip(problems, outs)])
 
     def _sync_weights(self) -> None:
-        if self.dp is not None:
-            self.dp.sync_engine(self.engine, self.policy)            # gathered from the shards
-        else:
-            self.engine.sync_weights(self.policy)
+        self.parallel.sync_engine(self.engine, self.policy)          # under FSDP: gathered from the shards
 
     def make_records(self, groups: list[Group]) -> list[SequenceRecord]:
         """One SequenceRecord per completion: the advantage is broadcast over its response by
         `pack`; overlong="mask" leaves truncated responses out of the loss (DAPO)."""
-        use_rollout_logp = self.cfg.algorithm.tis_cap is not None
+        use_rollout_logp = self.cfg.algorithm.loss.tis_cap is not None
         records = []
         for group in groups:
             for c, adv in zip(group.completions, group.advantages.tolist()):
@@ -434,9 +374,9 @@ class Trainer:
 
     def _logps(self, model, batch) -> torch.Tensor:
         """[N] fp32 log-probs of the packed targets under `model` at the rollout temperature."""
-        hidden, weight = self._forward(model, batch)
-        return linear_logprobs(hidden, weight, batch.targets, temperature=self.cfg.rollout.temperature,
-                               ignore_index=batch.ignore_index, backend=self.cfg.model.kernel_backend)
+        hidden, weight = self.parallel.forward(model, batch)
+        return logprobs_from_hidden(hidden, weight, batch, temperature=self.cfg.rollout.temperature,
+                                    kernel_backend=self.cfg.model.kernel_backend)
 
     @torch.no_grad()
     def attach_logps(self, records: list[SequenceRecord]) -> list[SequenceRecord]:
@@ -455,8 +395,7 @@ class Trainer:
                 for model, out in models:
                     for i, values in zip(idx, batch.split_responses(self._logps(model, batch))):
                         out[i] = values.float().cpu()
-        if self.dp is not None:                                      # each rank filled its share
-            old, ref = self.dp.merge(old), self.dp.merge(ref)
+        old, ref = self.parallel.merge(old), self.parallel.merge(ref)          # each rank filled its share
         return [dataclasses.replace(r, old_logp=old[i], ref_logp=ref[i]) for i, r in enumerate(records)]
 
     def mini_batches(self, records: list[SequenceRecord], step: int) -> list[list[SequenceRecord]]:
@@ -487,13 +426,9 @@ class Trainer:
 
     def _loss(self, batch, normalizer: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The policy's GRPO loss on one packed micro-batch (decoder, then the fused LM head)."""
-        cfg = self.cfg
-        hidden, weight = self._forward(self.policy, batch)
-        return fused_linear_grpo_loss(
-            hidden, weight, batch.targets, batch.advantages, batch.loss_mask, old_logp=batch.old_logp,
-            ref_logp=batch.ref_logp, rollout_logp=batch.rollout_logp, cu_seqlens=batch.cu_seqlens,
-            config=self.loss_config, normalizer=normalizer, ignore_index=batch.ignore_index,
-            entropy_metric=True, backend=cfg.model.kernel_backend)
+        hidden, weight = self.parallel.forward(self.policy, batch)
+        return grpo_loss_from_hidden(hidden, weight, batch, config=self.loss_config, normalizer=normalizer,
+                                     kernel_backend=self.cfg.model.kernel_backend, entropy_metric=True)
 
     def update(self, records: list[SequenceRecord], step: int) -> dict[str, float]:
         """One optimizer step on a mini-batch: micro-batches planned by token budget, each
@@ -502,62 +437,75 @@ class Trainer:
         A non-finite loss (checked before its backward) or gradient norm skips the AdamW step:
         weights and optimizer state stay as they were, `skipped_update` is 1, a warning names
         the step."""
-        cfg = self.cfg
         self.policy.train()
-        plan = self._plan(records)
-        if cfg.algorithm.loss_agg == "token-mean":
-            normalizer = float(sum(r.num_response_tokens for r in records))   # response tokens
-        else:
-            normalizer = float(len(records))                                 # sequences
         self.optimizer.zero_grad(set_to_none=True)
-        sums: dict[str, float] = defaultdict(float)
-        tokens, loss_total, ratio_max = 0.0, 0.0, 0.0
-        skip = None                                                  # why this update is not applied
-        for idx in plan:
+        stats, skip = self._accumulate(records)
+        stats = self.parallel.reduce_update(stats)                   # this rank's share → the mini-batch
+        grad_norm, skip, lr = self._optimizer_step(step, skip)
+        if skip is not None:
+            self.log.write(f"step {step}: warning: {skip}; update skipped, weights unchanged")
+        self.policy.eval()
+        out = {k: v / max(stats.tokens, 1.0) for k, v in stats.sums.items()}
+        out.update(loss=stats.loss, ratio_max=stats.ratio_max, grad_norm=grad_norm, lr=lr,
+                   skipped_update=float(skip is not None))
+        return out
+
+    def _normalizer(self, records: list[SequenceRecord]) -> float:
+        """The loss's global denominator for this mini-batch: response tokens (token-mean) or
+        sequences (the seq-mean aggregations)."""
+        if self.loss_config.loss_agg == "token-mean":
+            return float(sum(r.num_response_tokens for r in records))
+        return float(len(records))
+
+    def _accumulate(self, records: list[SequenceRecord]) -> tuple[UpdateStats, str | None]:
+        """Forward + backward of this process's micro-batches, gradients accumulated; returns the
+        metric sums and why the update must be skipped (None: it may be applied).
+
+        The host reads each loss (as the metrics do anyway) before its backward is issued, so a
+        NaN never propagates into the gradients; later micro-batches are moot. Under
+        `parallel.lockstep` (FSDP) every rank must issue the same collectives: the backward runs
+        anyway, the NaN reaches the global gradient norm, and every rank skips the step together."""
+        normalizer = self._normalizer(records)
+        stats, skip = UpdateStats(sums=defaultdict(float)), None
+        for idx in self._plan(records):
             with nvtx.range("pack"):
                 batch = self._pack(records, idx)
             with nvtx.range("forward"):
                 loss, m = self._loss(batch, normalizer)
-            # The host reads the loss (as the metrics below do anyway) before the backward is
-            # issued, so a NaN never propagates into the gradients; later micro-batches are moot.
-            # Under FSDP every rank must issue the same collectives: the backward runs anyway,
-            # the NaN reaches the global gradient norm, and every rank skips the step together.
             loss_value = loss.item()
-            loss_total += loss_value
+            stats.loss += loss_value
             if not math.isfinite(loss_value):
                 skip = f"non-finite loss ({loss_value})"
-                if self.dp is None:
+                if not self.parallel.lockstep:
                     break
             with nvtx.range("backward"):
                 loss.backward()
             count = m["num_tokens"].item()
-            tokens += count
-            ratio_max = max(ratio_max, m["ratio_max"].item())
+            stats.tokens += count
+            stats.ratio_max = max(stats.ratio_max, m["ratio_max"].item())
             for key, value in m.items():
                 if key not in ("num_tokens", "ratio_max"):
-                    sums[key] += value.item() * count
-        if self.dp is not None:                                      # this rank's share → the mini-batch
-            sums, tokens, loss_total, ratio_max = self.dp.reduce_update(sums, tokens, loss_total, ratio_max)
-        clip = cfg.optim.grad_clip or float("inf")
+                    stats.sums[key] += value.item() * count
+        stats.sums = dict(stats.sums)
+        return stats, skip
+
+    def _optimizer_step(self, step: int, skip: str | None) -> tuple[float, str | None, float]:
+        """Clip and apply the accumulated gradients unless `skip`; returns (gradient norm before
+        clipping, NaN when not computed; why the update was skipped or None; the lr)."""
         lr = self._lr(step)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         grad_norm = float("nan")
         with nvtx.range("optimizer"):
-            if skip is None or self.dp is not None:                  # a collective under FSDP
+            if skip is None or self.parallel.lockstep:               # the norm is a collective under FSDP
+                clip = self.cfg.optim.grad_clip or float("inf")
                 grad_norm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), clip).item()
                 if not math.isfinite(grad_norm) and skip is None:
                     skip = f"non-finite gradient norm ({grad_norm})"
             if skip is None:
                 self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
-        if skip is not None:
-            self.log.write(f"step {step}: warning: {skip}; update skipped, weights unchanged")
-        self.policy.eval()
-        out = {k: v / max(tokens, 1.0) for k, v in sums.items()}
-        out.update(loss=loss_total, ratio_max=ratio_max, grad_norm=grad_norm, lr=lr,
-                   skipped_update=float(skip is not None))
-        return out
+        return grad_norm, skip, lr
 
     def _track_skips(self, step: int, stats: list[dict[str, float]]) -> None:
         """Count consecutive steps in which no update was applied (a step with no update at all
@@ -653,7 +601,7 @@ class Trainer:
         r = self.cfg.reference
         reasons = []
         watch = self.run_dir / r.watch_file
-        if (self.dp is None or self.dp.is_main) and watch.exists():
+        if self.parallel.is_main and watch.exists():                  # one rank decides, see below
             watch.unlink(missing_ok=True)
             reasons.append("on_demand")
         if r.mode in ("every", "both") and step % r.every == 0:
@@ -661,7 +609,7 @@ class Trainer:
         if r.mode in ("patience", "both") and evaluated and self.state.evals_since_best >= r.patience:
             reasons.append("patience")
         reason = "+".join(reasons) or None
-        return self.dp.broadcast(reason) if self.dp is not None else reason      # rank 0 saw the file
+        return self.parallel.broadcast(reason)                         # rank 0 saw the file
 
     def reset_reference(self, reason: str) -> None:
         """The ProRL reset: reference ← policy, and (ProRL v1) a fresh optimizer state."""
@@ -678,9 +626,8 @@ class Trainer:
 
     def save(self) -> Path:
         self.state.sampler = self.rng.getstate()
-        save = self.dp.save_checkpoint if self.dp is not None else checkpoint.save_checkpoint
         with nvtx.range("checkpoint"):
-            return save(
+            return self.parallel.save_checkpoint(
                 self.run_dir, self.state.step, policy=self.policy, tokenizer=self.tokenizer,
                 optimizer=self.optimizer, reference=self.reference, trainer_state=dataclasses.asdict(self.state),
                 keep_last=self.cfg.run.keep_last, tokenizer_source=self.cfg.model.path)

@@ -32,13 +32,20 @@ from typing import Any
 
 import torch
 
-__all__ = ["MetricsLogger", "train_flops", "peak_flops", "plot_curves", "read_metrics"]
+__all__ = ["MetricsLogger", "SilentLogger", "pass_at_k", "train_flops", "peak_flops", "plot_curves", "read_metrics"]
 
 METRICS_FILE = "metrics.jsonl"
 PLOT_FILE = "curves.png"
 
 # Dense bf16 tensor-core peaks (FLOP/s) by device-name fragment; MFU is not reported elsewhere.
 _PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12, "L4": 121e12}
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased pass@k from n samples with c correct (Chen et al. 2021): 1 − C(n−c, k)/C(n, k)."""
+    if n - c < k:
+        return 1.0
+    return 1.0 - math.comb(n - c, k) / math.comb(n, k)
 
 
 def train_flops(num_params: int, num_layers: int, attn_width: int, seq_lengths: list[int], *,
@@ -138,6 +145,23 @@ class MetricsLogger:
             self._bar.close()
         return plot_curves(self.run_dir) if plot else None
 
+
+
+class SilentLogger:
+    """`MetricsLogger`'s interface for the ranks other than 0 of a data-parallel run: writes and
+    prints nothing (rank 0's logger has the whole world's metrics)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def log(self, step: int, values: dict[str, Any]) -> dict[str, Any]:
+        return {"step": step, **values}
+
+    def write(self, message: str) -> None:
+        pass
+
+    def close(self, *, plot: bool = True) -> None:
+        return None
 
 def plot_curves(run_dir: str | Path) -> Path | None:
     """RUN/curves.png: reward, response length and held-out score against the step, resets

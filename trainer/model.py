@@ -28,8 +28,12 @@ plain padded `model(...)` call) the same model behaves exactly as "sdpa": the ma
 transformers' `sdpa_mask` and the attention function is its `sdpa_attention_forward`. The
 choice travels in the layer kwargs, so activation-checkpoint recomputation repeats it.
 
-`logprobs` and `packed_grpo_loss` feed the hidden states and the LM-head weight (tied or not)
-to `prolix.kernels`, which streams over the vocabulary instead of holding [N, V] logits.
+One path from a packed batch to the kernels, for the trainer and for any caller:
+`head_inputs(model, batch)` (decoder under optional autocast → hidden [N, H], LM-head weight
+[V, H], one dtype), then `logprobs_from_hidden` / `grpo_loss_from_hidden` (`prolix.kernels`,
+which stream over the vocabulary instead of holding [N, V] logits). `logprobs` and
+`packed_grpo_loss` are the two composed; the trainer composes them through its parallelism
+(`parallel.py`), whose `forward` is `head_inputs` itself or, under FSDP, the root's forward.
 
 Shapes: N packed rows, S sequences, H hidden, V vocabulary, h/h_kv query/key heads, D head dim.
 """
@@ -41,7 +45,9 @@ import functools
 import inspect
 import os
 import shutil
+from contextlib import nullcontext
 from pathlib import Path
+from typing import Literal, get_args
 
 import torch
 import torch.nn.functional as F
@@ -51,24 +57,30 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from prolix.kernels import GRPOLossConfig, fused_linear_grpo_loss, linear_logprobs
+from prolix.kernels.lm_head import plain_lm_head_weight
 
 from .packing import PackedBatch
 
 __all__ = [
     "ATTN_IMPLEMENTATION",
     "ATTN_BACKENDS",
+    "AttnBackend",
     "load_policy",
     "save_policy",
     "prepare_policy",
     "forward_hidden",
     "lm_head_weight",
+    "head_inputs",
     "logprobs",
+    "logprobs_from_hidden",
     "packed_grpo_loss",
+    "grpo_loss_from_hidden",
     "resolve_attn_backend",
 ]
 
 ATTN_IMPLEMENTATION = "prolix_packed"
-ATTN_BACKENDS = ("auto", "flash_attn", "torch_varlen", "sdpa_block_mask", "sdpa_per_sequence")
+AttnBackend = Literal["auto", "flash_attn", "torch_varlen", "sdpa_block_mask", "sdpa_per_sequence"]
+ATTN_BACKENDS = get_args(AttnBackend)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
                    "vocab.json", "merges.txt", "tokenizer.model", "chat_template.jinja", "chat_template.json")
 _HALF = (torch.float16, torch.bfloat16)
@@ -398,19 +410,46 @@ def lm_head_weight(model: PreTrainedModel) -> torch.Tensor:
     """The [V, H] LM-head weight (the input embedding itself when embeddings are tied).
 
     Raises ValueError for heads `prolix.kernels` cannot express: no head, a bias, or logit
-    scaling/soft-capping in the config."""
-    head = model.get_output_embeddings()
-    if head is None or getattr(head, "weight", None) is None:
-        raise ValueError(f"{type(model).__name__} has no LM head (get_output_embeddings() is None)")
-    if getattr(head, "bias", None) is not None:
-        raise ValueError(f"{type(model).__name__}: the LM head has a bias, which prolix.kernels does not apply")
-    config = model.config
-    for name, neutral in (("final_logit_softcapping", None), ("logit_scale", 1.0), ("logits_scaling", 1.0)):
-        value = getattr(config, name, neutral)
-        if value is not None and value != neutral:
-            raise ValueError(f"{type(model).__name__}: config.{name}={value} changes the logits, which "
-                             "prolix.kernels does not apply")
-    return head.weight
+    scaling/soft-capping in the config (`prolix.kernels.lm_head.plain_lm_head_weight`, the one
+    check the TRL integration shares)."""
+    return plain_lm_head_weight(model)
+
+
+def head_inputs(model: PreTrainedModel, batch: PackedBatch, *, attn_backend: str = "auto",
+                compute_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """What the fused kernels take from the model: hidden [N, H] and the LM-head weight [V, H],
+    in one dtype. With `compute_dtype` (bf16) the decoder runs under torch.autocast and both are
+    cast to it (the cast is differentiable, so fp32 master weights get their gradient); without,
+    both stay in the weight's dtype. This is the trainer's forward (under FSDP, the root's
+    registered forward: `distributed.DataParallel.prepare`)."""
+    context = torch.autocast(batch.input_ids.device.type, dtype=compute_dtype) if compute_dtype else nullcontext()
+    with context:
+        hidden = forward_hidden(model, batch, attn_backend=attn_backend)            # (N, H)
+    weight = lm_head_weight(model)
+    dtype = compute_dtype or weight.dtype
+    return hidden.to(dtype), weight.to(dtype)
+
+
+def logprobs_from_hidden(hidden: torch.Tensor, weight: torch.Tensor, batch: PackedBatch, *,
+                         temperature: float = 1.0, return_entropy: bool = False, kernel_backend: str = "auto"):
+    """log π(targets[n]) of every packed row from hidden [N, H] and the head weight [V, H]
+    (`prolix.kernels.linear_logprobs`): [N] fp32, or (logp, entropy) both [N] fp32."""
+    return linear_logprobs(hidden, weight, batch.targets, temperature=temperature, ignore_index=batch.ignore_index,
+                           return_entropy=return_entropy, backend=kernel_backend)
+
+
+def grpo_loss_from_hidden(hidden: torch.Tensor, weight: torch.Tensor, batch: PackedBatch, *,
+                          config: GRPOLossConfig, normalizer: float | torch.Tensor | None = None,
+                          kernel_backend: str = "auto", entropy_metric: bool = False,
+                          ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The GRPO loss of one packed micro-batch from hidden [N, H] and the head weight [V, H]
+    (`prolix.kernels.fused_linear_grpo_loss`), with the batch's advantages, loss_mask,
+    cu_seqlens and whichever of old_logp / ref_logp / rollout_logp it holds.
+    Returns (loss 0-d fp32, metrics)."""
+    return fused_linear_grpo_loss(
+        hidden, weight, batch.targets, batch.advantages, batch.loss_mask, old_logp=batch.old_logp,
+        ref_logp=batch.ref_logp, rollout_logp=batch.rollout_logp, cu_seqlens=batch.cu_seqlens, config=config,
+        normalizer=normalizer, ignore_index=batch.ignore_index, entropy_metric=entropy_metric, backend=kernel_backend)
 
 
 def logprobs(model: PreTrainedModel, batch: PackedBatch, *, temperature: float = 1.0,
@@ -427,25 +466,20 @@ def logprobs(model: PreTrainedModel, batch: PackedBatch, *, temperature: float =
         logp: [N] fp32 (0 on each sequence's last row, whose target is ignore_index), or
         (logp, entropy) both [N] fp32. Differentiable in the model's parameters.
     """
-    hidden = forward_hidden(model, batch, attn_backend=attn_backend)            # (N, H)
-    return linear_logprobs(hidden, lm_head_weight(model), batch.targets, temperature=temperature,
-                           ignore_index=batch.ignore_index, return_entropy=return_entropy, backend=kernel_backend)
+    hidden, weight = head_inputs(model, batch, attn_backend=attn_backend)
+    return logprobs_from_hidden(hidden, weight, batch, temperature=temperature, return_entropy=return_entropy,
+                                kernel_backend=kernel_backend)
 
 
-def packed_grpo_loss(model: PreTrainedModel, batch: PackedBatch, *, config: GRPOLossConfig = GRPOLossConfig(),
+def packed_grpo_loss(model: PreTrainedModel, batch: PackedBatch, *, config: GRPOLossConfig | None = None,
                      normalizer: float | torch.Tensor | None = None, attn_backend: str = "auto",
                      kernel_backend: str = "auto") -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The GRPO loss of one packed micro-batch: forward_hidden → fused LM head + loss.
 
     `normalizer` is the global denominator of the whole mini-batch (see
     `prolix.kernels.fused_linear_grpo_loss`), so micro-batch losses add up to the batch loss.
-    Uses the batch's advantages, loss_mask, cu_seqlens and whichever of old_logp / ref_logp /
-    rollout_logp it holds. Returns (loss 0-d fp32, metrics).
+    `config` defaults to `GRPOLossConfig()`. Returns (loss 0-d fp32, metrics).
     """
-    hidden = forward_hidden(model, batch, attn_backend=attn_backend)            # (N, H)
-    return fused_linear_grpo_loss(
-        hidden, lm_head_weight(model), batch.targets, batch.advantages, batch.loss_mask,
-        old_logp=batch.old_logp, ref_logp=batch.ref_logp, rollout_logp=batch.rollout_logp,
-        cu_seqlens=batch.cu_seqlens, config=config, normalizer=normalizer, ignore_index=batch.ignore_index,
-        backend=kernel_backend,
-    )
+    hidden, weight = head_inputs(model, batch, attn_backend=attn_backend)
+    return grpo_loss_from_hidden(hidden, weight, batch, config=config or GRPOLossConfig(), normalizer=normalizer,
+                                 kernel_backend=kernel_backend)

@@ -20,6 +20,11 @@ Example: prompt [p0, p1], response [a0, a1, a2], r = 2, L = 5:
     loss_mask    0    1    1    1    0
     old_logp     0   lp0  lp1  lp2   0        (lp_j = log π_old(a_j | prefix))
 
+A planned micro-batch reaches the loss by one path: `pack_microbatch(records, idx)` packs the
+records `idx` (a plan's entry); an empty entry, which only a data-parallel plan holds (a rank
+with fewer micro-batches than the others), is `zero_weight_batch`: it runs the same collectives
+and adds exactly 0 to the loss, the gradients and the metric sums.
+
 The planners decide what is packed together:
 - `plan_microbatches(lengths, max_tokens)`: first-fit-decreasing bin packing under a token
   budget (the activation memory of one forward/backward is linear in its tokens once attention
@@ -49,6 +54,8 @@ __all__ = [
     "SequenceRecord",
     "PackedBatch",
     "pack",
+    "pack_microbatch",
+    "zero_weight_batch",
     "plan_microbatches",
     "balance",
     "sequence_cost",
@@ -302,6 +309,23 @@ def pack(sequences: Sequence[SequenceRecord | Mapping], *, ignore_index: int = I
         targets=targets, loss_mask=loss_mask, advantages=advantages, response_starts=starts,
         ignore_index=ignore_index, **per_token,
     )
+
+
+def zero_weight_batch(like: SequenceRecord) -> PackedBatch:
+    """A 2-token micro-batch with an all-zero loss mask and advantages, holding the log-prob
+    fields `like` holds: a forward/backward of it adds exactly 0 to the loss, the gradients and
+    the metric sums (it exists for the FSDP collectives of a rank with fewer micro-batches)."""
+    one = {name: ([0.0] if getattr(like, name) is not None else None) for name in LOGP_FIELDS}
+    batch = pack([SequenceRecord(token_ids=list(like.token_ids[:2]), response_start=1, advantage=0.0, **one)])
+    batch.loss_mask = torch.zeros_like(batch.loss_mask)
+    batch.advantages = torch.zeros_like(batch.advantages)
+    return batch
+
+
+def pack_microbatch(records: Sequence[SequenceRecord], idx: Sequence[int]) -> PackedBatch:
+    """The micro-batch `idx` of a plan (indices into `records`, see `plan_microbatches`); an empty
+    `idx` is a `zero_weight_batch` shaped like records[0]."""
+    return pack([records[i] for i in idx]) if idx else zero_weight_batch(records[0])
 
 
 # ----------------------------------------------------------------------------- planners

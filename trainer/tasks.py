@@ -1,7 +1,7 @@
 """Problem sources: reasoning-gym generators and JSONL/parquet files, mixed by weight.
 
-A `Problem` is one question with its ground truth and the name of the reward fn that scores it
-(`rewards.REWARDS`). A `ProblemSource` gives training problems (`sample(n, rng)`, a pure function
+A `Problem` (`problem.py`) is one question with its ground truth and the name of the reward fn that
+scores it (`rewards.REWARDS`). A `ProblemSource` gives training problems (`sample(n, rng)`, a pure function
 of the caller's `random.Random`, so a resumed run that restores its rng draws the same problems)
 and a fixed held-out set (`heldout()`), disjoint from training by question text.
 
@@ -25,26 +25,22 @@ columns; every row is validated when the source is built (errors name the file, 
 — the line number for JSONL — and the field). The held-out rows are the first `heldout_size`
 distinct prompts of a `Random(cfg.seed)` shuffle; training is every row whose prompt is not held
 out, drawn without replacement within a call. `metadata` is the whole row (for user rewards).
-
-`worked_answer(problem)` writes a correct step-by-step solution for chain_sum/basic_arithmetic:
-the supervised warm start of the embedded demo.
 """
 
 from __future__ import annotations
 
-import ast
 import dataclasses
 import difflib
 import json
 import math
-import operator
 import os
 import random
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import Any
 
 from . import rewards
+from .problem import Problem, ProblemSource
 
 __all__ = [
     "Problem",
@@ -55,7 +51,6 @@ __all__ = [
     "FileSource",
     "MixedSource",
     "make_source",
-    "worked_answer",
 ]
 
 SOURCE_KINDS = ("reasoning_gym", "jsonl", "parquet")
@@ -63,24 +58,6 @@ DEFAULT_REWARD = {"reasoning_gym": "reasoning_gym", "jsonl": "math_verify", "par
 TRAIN_SEED_SPACE = 2**31
 HELDOUT_SEED_OFFSET = 2**32
 MAX_DRAW_ROUNDS = 100  # sample(): fresh datasets tried before giving up on a tiny problem space
-
-
-@dataclasses.dataclass(frozen=True)
-class Problem:
-    prompt: str  # the question text (user turn; the chat template is applied later)
-    answer: str  # ground truth
-    task: str  # e.g. "chain_sum" (per-task metrics, reward routing)
-    reward: str  # name of the reward fn in rewards.REWARDS (or "pkg.mod:fn") that scores it
-    metadata: dict = dataclasses.field(default_factory=dict)  # whatever the scorer needs
-
-
-@runtime_checkable
-class ProblemSource(Protocol):
-    name: str
-
-    def sample(self, n: int, rng: random.Random) -> list[Problem]: ...  # training problems
-
-    def heldout(self) -> list[Problem]: ...  # fixed eval set, disjoint from training
 
 
 def _close(word: str, choices) -> str:
@@ -342,70 +319,3 @@ def make_source(cfg: SourceConfig | Sequence[SourceConfig]) -> ProblemSource:
     if len(cfgs) == 1:
         return make_source(cfgs[0])
     return MixedSource([make_source(c) for c in cfgs], [c.weight for c in cfgs])
-
-
-# --------------------------------------------------------------------------- worked answers
-
-_OPS = {ast.Add: ("+", operator.add), ast.Sub: ("-", operator.sub),
-        ast.Mult: ("*", operator.mul), ast.FloorDiv: ("/", operator.floordiv)}
-WORKED_TASKS = ("chain_sum", "basic_arithmetic")
-
-
-def _literal(node: ast.AST) -> int | None:
-    """The int a node stands for if it is a number or a negated number, else None."""
-    if isinstance(node, ast.Constant) and type(node.value) is int:
-        return node.value
-    if isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.USub, ast.UAdd)):
-        inner = _literal(node.operand)
-        if inner is not None:
-            return -inner if isinstance(node.op, ast.USub) else inner
-    return None
-
-
-def _reduce_once(node: ast.AST, lines: list[str]) -> ast.AST:
-    """Evaluate the first binary operation Python would (left operand first), logging it."""
-    if isinstance(node, ast.BinOp):
-        left, right = _literal(node.left), _literal(node.right)
-        if left is not None and right is not None:
-            symbol, fn = _OPS[type(node.op)]
-            value = fn(left, right)
-            lines.append(f"{left} {symbol} {right} = {value}")
-            return ast.Constant(value)
-        if left is None:
-            node.left = _reduce_once(node.left, lines)
-        else:
-            node.right = _reduce_once(node.right, lines)
-        return node
-    if isinstance(node, ast.UnaryOp):
-        node.operand = _reduce_once(node.operand, lines)
-        return node
-    raise ValueError(f"unsupported expression node {ast.dump(node)}")
-
-
-def worked_answer(problem: Problem) -> str:
-    """A correct solution, one operation per line, then "<answer>X</answer>".
-
-    For chain_sum / basic_arithmetic problems from a reasoning_gym source: the expression (the
-    entry's metadata) is reduced one binary operation at a time in Python's evaluation order, with
-    "/" as floor division as reasoning-gym computes it, e.g. "4 - 1 - 7" ->
-    "4 - 1 = 3\\n3 - 7 = -4\\n<answer>-4</answer>".
-    """
-    entry = problem.metadata.get("entry")
-    dataset = problem.metadata.get("dataset")
-    if dataset not in WORKED_TASKS or not isinstance(entry, dict):
-        raise ValueError(f"worked_answer supports reasoning_gym {WORKED_TASKS} problems, got task {problem.task!r}")
-    expression = entry["metadata"]["expression"]
-    for bad in ("**", "//", "%"):
-        if bad in expression:
-            raise ValueError(f"unexpected operator {bad!r} in {expression!r}")
-    node = ast.parse(expression.replace("/", "//"), mode="eval").body
-    for sub in ast.walk(node):
-        if not isinstance(sub, (ast.BinOp, ast.UnaryOp, ast.Constant, *_OPS, ast.USub, ast.UAdd)):
-            raise ValueError(f"unsupported syntax {type(sub).__name__} in {expression!r}")
-    lines: list[str] = []
-    while _literal(node) is None:
-        node = _reduce_once(node, lines)
-    result = _literal(node)
-    if str(result) != problem.answer:
-        raise ValueError(f"worked answer {result} != gold {problem.answer!r} for {expression!r}")
-    return "\n".join(lines + [f"<answer>{result}</answer>"])

@@ -32,9 +32,10 @@ from __future__ import annotations
 import json
 import os
 import string
+from pathlib import Path
 
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-from transformers import PreTrainedTokenizerFast
+from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 __all__ = [
     "EOS_TOKEN",
@@ -48,6 +49,7 @@ __all__ = [
     "SYSTEM_PROMPT",
     "build_char_tokenizer",
     "save_tokenizer",
+    "load_tokenizer",
     "format_prompt",
 ]
 
@@ -136,3 +138,17 @@ def format_prompt(tokenizer, problem_prompt: str, system_prompt: str | None = SY
     text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     # The template already spells every special token; a BOS/EOS added here would be wrong.
     return tokenizer.encode(text, add_special_tokens=False)
+
+
+def load_tokenizer(path: str | Path):
+    """The tokenizer saved in `path`, as its files declare it.
+
+    transformers 5's AutoTokenizer swaps in the registered class for some model types (qwen2
+    among them: `MODELS_WITH_INCORRECT_HUB_TOKENIZER_CLASS`), which rebuilds the pre-tokenizer
+    and would turn the demo's character tokenizer into Qwen's byte-level one (spaces dropped).
+    A tokenizer_config.json that names the generic fast class is therefore loaded as that."""
+    config = Path(path) / "tokenizer_config.json"
+    declared = json.loads(config.read_text()).get("tokenizer_class") if config.is_file() else None
+    if declared in ("PreTrainedTokenizerFast", "TokenizersBackend") and (Path(path) / "tokenizer.json").is_file():
+        return PreTrainedTokenizerFast.from_pretrained(path, local_files_only=True)
+    return AutoTokenizer.from_pretrained(path, local_files_only=True)

@@ -97,7 +97,7 @@ def _new_run(cfg, data):
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
-    from .distributed import init_from_env, launched, run_on_main
+    from .distributed import launched
 
     if args.nproc is not None:
         if launched():
@@ -112,6 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     from .checkpoint import CheckpointError, resolve_checkpoint
     from .config import ConfigError, load_config, save_config
     from .loop import Trainer, TrainingDivergedError, prepare_data
+    from .parallel import init_parallelism
 
     try:
         ckpt = None
@@ -122,16 +123,17 @@ def main(argv: list[str] | None = None) -> int:
         else:
             cfg = load_config(args.config, args.overrides)
         data = prepare_data(cfg)                          # unknown task, bad file: before anything heavy
-        dp = init_from_env(cfg.run.device)                # None in a plain process
+        parallel = init_parallelism(cfg.run.device)       # one process, or this rank of a torchrun world
         if ckpt is None:
-            run_dir, cfg = run_on_main(dp, lambda: _new_run(cfg, data))    # rank 0 decides, all follow
-        if dp is None or dp.is_main:
+            run_dir, cfg = parallel.run_on_main(lambda: _new_run(cfg, data))    # rank 0 decides, all follow
+        if parallel.is_main:
             save_config(cfg, run_dir / "config.yaml")
-        trainer = Trainer(cfg, run_dir, data=data, resume_from=ckpt, resume_verified=True)   # resolve_checkpoint
+        trainer = Trainer(cfg, run_dir, data=data, resume_from=ckpt, resume_verified=True,  # resolve_checkpoint
+                          parallel=parallel)
     except (ConfigError, FileNotFoundError, CheckpointError) as e:
         print(f"prolix train: error: {e}", file=sys.stderr)
         return 2
-    quiet = dp is not None and not dp.is_main
+    quiet = not parallel.is_main
     if ckpt is not None and not quiet:
         print(f"resuming {run_dir} from {ckpt.name} (step {trainer.state.step})", flush=True)
     try:
@@ -141,8 +143,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"prolix train: error: {e}", file=sys.stderr)
         return 3
     finally:
-        if dp is not None:
-            dp.close()
+        parallel.close()
     if quiet:
         return 0
     print(f"run directory: {result.run_dir}")

@@ -63,8 +63,11 @@ import torch
 
 from ..grpo_loss import GRPOLossConfig, grpo_loss
 from ..linear_logprob import linear_logprobs
+from ..lm_head import plain_lm_head_weight
 
-__all__ = ["ProlixGRPOTrainer", "patch_grpo_trainer", "loss_config_from_trainer", "compute_loss"]
+# ProlixGRPOTrainer is made on first access by the module __getattr__ below (it subclasses trl's
+# trainer, and this module imports without trl), which pyflakes cannot see.
+__all__ = ["ProlixGRPOTrainer", "patch_grpo_trainer", "loss_config_from_trainer", "compute_loss"]  # noqa: F822
 
 TESTED_TRL = "1.16.0"
 SUPPORTED_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
@@ -156,18 +159,8 @@ def _backbone_and_head(trainer, model):
     inner = trainer.accelerator.unwrap_model(model)
     if hasattr(inner, "get_base_model"):                    # PEFT
         inner = inner.get_base_model()
+    plain_lm_head_weight(inner)        # a bias or a logit transform: ValueError naming it
     head = inner.get_output_embeddings()
-    if head is None or getattr(head, "weight", None) is None:
-        raise ValueError(f"model: {type(inner).__name__} has no LM head (get_output_embeddings() is None)")
-    if getattr(head, "bias", None) is not None:
-        raise ValueError("model: an LM head with a bias is not supported by prolix's fused loss")
-    text_config = inner.config.get_text_config()
-    for name in ("final_logit_softcapping", "logit_scale", "output_multiplier", "lm_head_multiplier",
-                 "logits_scaling"):
-        value = getattr(text_config, name, None)
-        if value is not None and value != 1.0:
-            raise ValueError(f"model.config.{name}={value!r} is not supported by prolix's fused loss "
-                             "(the logits must be hidden·Wᵀ / temperature)")
     return inner.base_model, head
 
 

@@ -1,0 +1,177 @@
+"""The parallelism seam: what the one `Trainer` loop asks of the way it is run.
+
+`init_parallelism(device)` picks the implementation once, at start-up, and the loop holds it
+as `Trainer.parallel` without ever asking which one it has:
+
+    SingleProcess          (here) one process on one device: every method is the plain thing
+    DataParallel           (distributed.py) FSDP2 across the ranks of a torchrun world
+    (a third, e.g. split rollout/trainer placement, is one more class with these methods)
+
+The protocol, in the order one RL step meets it:
+
+    load_device                    where the policy is read into (FSDP: host memory, then sharded)
+    prepare(policy, ref, forward, compute_dtype=)   shard the models if need be; returns the
+                                   rollout engine's model
+    rollout(problems, sampling, generate_and_score) -> (completions, rewards [P, n])
+    plan(lengths, max_tokens)      this process's micro-batches (indices; [] = zero-weight, see
+                                   `packing.pack_microbatch`)
+    forward(model, batch)          (hidden [N, H], LM-head weight [V, H]) for the fused kernels
+    merge(values)                  per-record results each process filled for its share, whole
+    reduce_update(stats)           an update's `UpdateStats` over the whole mini-batch
+    lockstep                       every process must run every micro-batch's backward and the
+                                   gradient norm even after a non-finite loss (collectives)
+    sync_engine(engine, policy)    the rollout engine ← the new weights
+    broadcast(obj), run_on_main(fn), is_main, world_size
+    save_checkpoint(run_dir, step, ...), load_checkpoint(ckpt, ...), close()
+
+A packed micro-batch reaches the loss by one path: `plan` → `packing.pack_microbatch` →
+`forward` → `model.grpo_loss_from_hidden` (or `model.logprobs_from_hidden`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+
+from . import checkpoint, distributed
+from .config import ConfigError
+from .packing import PackedBatch, plan_microbatches
+
+__all__ = ["Forward", "UpdateStats", "Parallelism", "SingleProcess", "init_parallelism", "resolve_device"]
+
+Forward = Callable[[torch.nn.Module, PackedBatch], tuple[torch.Tensor, torch.Tensor]]
+"""(model, packed batch) -> (hidden [N, H], LM-head weight [V, H]) in one dtype: `model.head_inputs`."""
+
+
+@dataclasses.dataclass
+class UpdateStats:
+    """What one optimizer update accumulates over its micro-batches (this process's share until
+    `reduce_update` makes it the whole mini-batch's)."""
+
+    sums: dict[str, float] = dataclasses.field(default_factory=dict)
+    """Σ metric · tokens over micro-batches, per loss metric (pg_loss, kl, entropy, ...)."""
+    tokens: float = 0.0
+    """Response tokens the metrics were averaged over."""
+    loss: float = 0.0
+    """Σ of the micro-batch losses (each normalised by the whole mini-batch: this is its loss)."""
+    ratio_max: float = 0.0
+    """Largest importance ratio seen."""
+
+
+class Parallelism(Protocol):
+    """How the loop runs: see the module docstring for each member's role."""
+
+    device: torch.device
+    lockstep: bool
+
+    @property
+    def is_main(self) -> bool: ...
+
+    @property
+    def world_size(self) -> int: ...
+
+    @property
+    def load_device(self) -> torch.device: ...
+
+    def prepare(self, policy: torch.nn.Module, reference: torch.nn.Module | None, forward: Forward, *,
+                compute_dtype: torch.dtype | None = None) -> torch.nn.Module: ...
+
+    def forward(self, model: torch.nn.Module, batch: PackedBatch) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+    def rollout(self, problems: list, sampling, generate_and_score: Callable) -> tuple[list, torch.Tensor]: ...
+
+    def plan(self, lengths: list[int], max_tokens: int) -> list[list[int]]: ...
+
+    def merge(self, values: list[Any]) -> list[Any]: ...
+
+    def reduce_update(self, stats: UpdateStats) -> UpdateStats: ...
+
+    def sync_engine(self, engine, model: torch.nn.Module) -> None: ...
+
+    def broadcast(self, obj: Any) -> Any: ...
+
+    def run_on_main(self, fn: Callable[[], Any]) -> Any: ...
+
+    def save_checkpoint(self, run_dir: str | Path, step: int, **kwargs: Any) -> Path: ...
+
+    def load_checkpoint(self, ckpt: str | Path, **kwargs: Any) -> dict[str, Any]: ...
+
+    def close(self) -> None: ...
+
+
+def resolve_device(name: str) -> torch.device:
+    """run.device as a torch.device: "auto" is CUDA when available, else the CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"run.device: {name!r} requested but CUDA is not available")
+    return torch.device(name)
+
+
+@dataclasses.dataclass
+class SingleProcess:
+    """One process, one device: the whole batch is this process's share."""
+
+    device: torch.device
+    lockstep: bool = False
+    _forward: Forward | None = dataclasses.field(default=None, repr=False)
+
+    is_main = True
+    world_size = 1
+
+    @property
+    def load_device(self) -> torch.device:
+        return self.device
+
+    def prepare(self, policy, reference, forward: Forward, *, compute_dtype: torch.dtype | None = None
+                ) -> torch.nn.Module:
+        """Nothing to shard (`forward` applies `compute_dtype` itself); the engine samples from
+        the policy itself."""
+        self._forward = forward
+        return policy
+
+    def forward(self, model, batch: PackedBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._forward(model, batch)
+
+    def rollout(self, problems: list, sampling, generate_and_score: Callable) -> tuple[list, torch.Tensor]:
+        return generate_and_score(problems, sampling)
+
+    def plan(self, lengths: list[int], max_tokens: int) -> list[list[int]]:
+        return plan_microbatches(lengths, max_tokens)
+
+    def merge(self, values: list[Any]) -> list[Any]:
+        return values
+
+    def reduce_update(self, stats: UpdateStats) -> UpdateStats:
+        return stats
+
+    def sync_engine(self, engine, model: torch.nn.Module) -> None:
+        engine.sync_weights(model)
+
+    def broadcast(self, obj: Any) -> Any:
+        return obj
+
+    def run_on_main(self, fn: Callable[[], Any]) -> Any:
+        return fn()
+
+    def save_checkpoint(self, run_dir: str | Path, step: int, **kwargs: Any) -> Path:
+        return checkpoint.save_checkpoint(run_dir, step, **kwargs)
+
+    def load_checkpoint(self, ckpt: str | Path, **kwargs: Any) -> dict[str, Any]:
+        """Either format (single-process or DCP, saved on any number of ranks) into plain models."""
+        return distributed.load_checkpoint(ckpt, **kwargs)
+
+    def close(self) -> None:
+        return None
+
+
+def init_parallelism(device: str = "auto") -> Parallelism:
+    """The parallelism of this process, chosen once: `distributed.DataParallel` inside a torchrun
+    world of more than one process (its process group created or reused), else `SingleProcess`
+    on `device` ("auto", "cpu", "cuda", "cuda:N"; ConfigError when it is not available)."""
+    dp = distributed.init_from_env(device)
+    return dp if dp is not None else SingleProcess(resolve_device(device))
