@@ -45,7 +45,6 @@ native: $(STAMP)
 	$(PY) -c "import setuptools" 2>/dev/null || $(PY) -m pip install --quiet setuptools  # venvs of Python >= 3.12 lack it
 	$(PY) setup.py --quiet build_ext --inplace
 
-
 # lint-imports reads the installed `prolix` (the editable install of this checkout).
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

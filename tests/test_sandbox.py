@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 import pytest
+
 from prolix.trainer import sandbox
 from prolix.trainer.sandbox import MAX_PROCESSES, SandboxError, run_python
 
