@@ -136,14 +136,22 @@ def _fold_entropy_kernel(
 # ----------------------------------------------------------------------------- configuration
 
 
-def gemm1_config(dtype: torch.dtype, sm: int = 90) -> KernelConfig:
-    """Tiles of `_exp_shifted_kernel`: a GEMM tile with an exp/sum epilogue and a [C, V] store,
-    the shape of linear_logprob's dz kernel, so its tiles: 128×256 on Hopper (wgmma keeps the
-    accumulator in fewer registers), 128×128 before; fp32 (no 16-bit tensor cores) 64×128.
-    Compiled without spills for sm_90 and sm_80 (`python -m prolix.kernels.resources`)."""
+def gemm1_config(dtype: torch.dtype, sm: int = 90, with_entropy: bool = False) -> KernelConfig:
+    """Tiles of `_exp_shifted_kernel`, a GEMM tile with an exp/sum epilogue and a [C, V] store,
+    read off the offline compile (`python -m prolix.kernels.resources`, registers/stack per thread):
+
+        sm_90, 16-bit, 8 warps   128×256 K64: 255 regs + 8 B stack (T: + 80 B);  128×256 K32:
+                                 200 regs, no stack (T: 88 B);  128×128 K64: 140 / 150 regs, none
+        sm_80, 16-bit            128×128 K64, 8 warps: 176 regs, none
+
+    so the widest tile that does not spill: 128×256 K32 without the entropy's T, 128×128 with it
+    (T = Σ E·(z − c) keeps both tiles live). fp32 inputs (no 16-bit tensor cores): 64×128.
+    Not yet timed on a GPU: the device check measures them."""
     if dtype == torch.float32:
         return KernelConfig(64, 128, 32, 8, 2)
-    return KernelConfig(128, 256, 64, 8, 3) if sm >= 90 else KernelConfig(128, 128, 64, 8, 3)
+    if sm >= 90 and not with_entropy:
+        return KernelConfig(128, 256, 32, 8, 3)
+    return KernelConfig(128, 128, 64, 8, 3)
 
 
 def default_chunk_rows(V: int, e_bytes: int) -> int:
@@ -158,7 +166,7 @@ def _gemm1_triton(h, w, c, inv_temp, with_entropy, e):
     """E ← exp(z − c) into `e` [C, V]; returns merged (S, T or None, max(z − c)), each [C] fp32."""
     C, H = h.shape
     V = w.shape[0]
-    cfg = gemm1_config(h.dtype, _sm(h.device))
+    cfg = gemm1_config(h.dtype, _sm(h.device), with_entropy)
     v_tiles = triton.cdiv(V, cfg.block_v)
     part = torch.empty((3 if with_entropy else 2, v_tiles, C), device=h.device, dtype=torch.float32)
     s, m = part[0], part[1]
