@@ -1,4 +1,4 @@
-"""Token-level GRPO loss with KL, on packed rows, fused with the LM-head log-prob kernel.
+"""Token-level GRPO loss with KL, on packed rows, fused with the LM head (kernels/fused_grpo.py).
 
 Math (shared/DESIGN.md, "Kernel math"). Per packed token n with mask m, advantage A,
 log-prob x = logp[n], ratio r = exp(x − old_logp):
@@ -31,11 +31,22 @@ Analytic per-token derivatives, computed in the forward pass (fp32, or fp64 for 
     ∂loss/∂x[n] = c[n]·(w·∂pg/∂x + β·∂kl/∂x),   ∂loss/∂H[n] = −c[n]·c_ent
 
 so the autograd node saves two [N] vectors and its backward is one multiply by grad_output.
-In `fused_linear_grpo_loss` that vector is the `grad_logp` fed to the linear log-prob
-backward: one forward over the vocabulary (logp, entropy, loss, ∂loss/∂logp), one backward
-(∂hidden, ∂weight), and never an [N, V] tensor. The loss itself is O(N) elementwise work —
-about 10 reads/writes of [N] fp32 vectors, 40·N bytes — next to the 2·N·H·V-FLOP GEMMs of
-the LM head, so it runs as plain torch ops on every device and needs no kernel of its own.
+`_grpo_forward` is the one place these derivatives are defined; both fused algorithms call it.
+
+Cost of `fused_linear_grpo_loss` (N tokens, H hidden, V vocabulary; no [N, V] tensor in either):
+- algorithm="three_gemm" (the default, kernels/fused_grpo.py): because a token's loss depends
+  only on its own logp and entropy, ∂loss/∂logp is known chunk by chunk inside the forward, so
+  the forward also computes ∂hidden and ∂weight: GEMM 1 writes E = exp(z − z_y) for a chunk of
+  C rows, then two cuBLAS GEMMs (dh, dW) read it. 3 GEMMs of 2·N·H·V FLOP, the backward a
+  multiply by grad_output; extra memory C·V·2 B (E, ≈ 1.25 GB by default) + V·H·4 B (fp32 dW).
+  Rows with zero loss weight (prompt tokens) are skipped.
+- algorithm="four_gemm": `linear_logprobs` (forward over the vocabulary) then its backward fed
+  with this node's ∂loss/∂logp (logit recompute, dh, dW): 4 GEMMs, extra memory the 3% dz buffer.
+Verified on CPU (torch backend, and the Triton kernels under the interpreter) against float64
+references, and compiled offline for sm_90/sm_80; GPU timings are the device check's to give.
+The loss itself is O(N) elementwise work — about 10 reads/writes of [N] fp32 vectors, 40·N
+bytes — next to the 2·N·H·V-FLOP GEMMs of the LM head, so it runs as plain torch ops on every
+device and needs no kernel of its own.
 
 Shapes: N packed tokens, S sequences, H hidden, V vocabulary.
 """
