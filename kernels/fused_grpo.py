@@ -32,8 +32,9 @@ Cost per token row (FLOP; bytes beyond the inputs, their gradients and O(N) vect
     that shape: ~5 ms of HBM traffic, overlapped by nothing but small next to the GEMMs).
 Memory: E [C, V] (C·V·2 B; fp32, C·V·4 B, for fp32 inputs and the torch backend), the fp32 dW
     accumulator V·H·4 B, the gathered rows of a chunk, and O(N) vectors. C defaults to the row
-    count that makes E ≈ 1.25 GB (`E_BUDGET_BYTES`: 4096 rows at V = 152k in bf16), and is set
-    by `chunk_rows`. At N = 16384, qwen-1.5b: 1.25 + 0.93 GB, flat in N.
+    count that makes E ≈ 1.25 GB (`E_BUDGET_BYTES`: 4096 rows at V = 152k in bf16; the torch
+    backend 0.25 GB, `TORCH_E_BUDGET_BYTES`), and is set by `chunk_rows`. At N = 16384,
+    qwen-1.5b: 1.25 + 0.93 GB, flat in N.
 Rows with zero loss weight (prompt tokens, masked rows) are dropped before the GEMMs: they
     contribute nothing to the loss or either gradient.
 
@@ -54,10 +55,11 @@ import triton.language as tl
 
 from .linear_logprob import KernelConfig, _dot_precision, _has_fp32_out_addmm, _sm
 
-__all__ = ["E_BUDGET_BYTES", "gemm1_config", "default_chunk_rows", "three_gemm_logprob_grads",
+__all__ = ["E_BUDGET_BYTES", "TORCH_E_BUDGET_BYTES", "gemm1_config", "default_chunk_rows", "three_gemm_logprob_grads",
            "attach_gradients"]
 
-E_BUDGET_BYTES = 1.25e9        # the E buffer [C, V] of one chunk
+E_BUDGET_BYTES = 1.25e9        # the E buffer [C, V] of one chunk (Triton backend)
+TORCH_E_BUDGET_BYTES = 0.25e9  # the torch backend's (CPU): see default_chunk_rows
 _SHIFT_BOUND = 64 * math.log(2.0)   # exp(z − c) is clamped at 2^64: S, E·W, Eᵀ·h stay finite
 _REDO_ABOVE = 2.0 ** 63        # S above this: the row may have hit the clamp, redo with the max
 _FOLD_BLOCK = (4, 1024)        # [rows, cols] tile of the in-place entropy fold
@@ -154,9 +156,16 @@ def gemm1_config(dtype: torch.dtype, sm: int = 90, with_entropy: bool = False) -
     return KernelConfig(128, 128, 64, 8, 3)
 
 
-def default_chunk_rows(V: int, e_bytes: int) -> int:
-    """Rows per chunk so that E [C, V] holds about E_BUDGET_BYTES; a multiple of 128, ≥ 128."""
-    return max(128, int(E_BUDGET_BYTES // (V * e_bytes)) // 128 * 128)
+def default_chunk_rows(V: int, e_bytes: int, budget: float = E_BUDGET_BYTES) -> int:
+    """Rows per chunk so that E [C, V] holds about `budget` bytes; a multiple of 128, ≥ 128.
+
+    Triton: 1.25 GB (4096 rows at V = 152k in bf16), few enough chunks that the per-chunk
+    host work and syncs vanish next to the GEMMs. torch backend: 0.25 GB (384 fp32 rows at
+    V = 152k), which keeps the CPU peak below that of Liger's chunked-torch loss
+    (benchmarks/cpu_fused_grpo.py: ~0.5 GB above the inputs at N = 4096, H = 256); measured on
+    the shared 2-core machine, 384 rows took 30–35 s against 23–29 s for 1024 and 25 s for
+    2048 rows (N = 4096, H = 256, noisy): memory parity costs up to ~25% of CPU time."""
+    return max(128, int(budget // (V * e_bytes)) // 128 * 128)
 
 
 # ----------------------------------------------------------------------------- GEMM 1
@@ -304,7 +313,7 @@ def three_gemm_logprob_grads(hidden, weight, targets, rows, token_grads, *, inv_
         ∂L/∂logp and ∂L/∂H of the chunk's rows; `sel` indexes the chunk's rows in [N] vectors.
         Called only when a gradient is needed.
     backend: "triton" (GEMM 1 and the fold in Triton, GEMMs 2–3 torch) or "torch" (all fp32 torch).
-    chunk_rows: C, rows per chunk (default: `default_chunk_rows`, E ≈ 1.25 GB).
+    chunk_rows: C, rows per chunk (default: `default_chunk_rows`, E ≈ 1.25 GB; 0.25 GB for torch).
 
     Returns (logp [N] fp32, entropy [N] fp32 or None, dh [N, H] or None, dW [V, H] or None),
     the gradients in the inputs' dtype (accumulated in fp32).
@@ -317,7 +326,8 @@ def three_gemm_logprob_grads(hidden, weight, targets, rows, token_grads, *, inv_
         h, w, gemm1 = hidden, weight, _gemm1_triton
     e_dtype = h.dtype
     R = rows.numel()
-    C = chunk_rows or default_chunk_rows(V, torch.finfo(e_dtype).bits // 8)
+    budget = E_BUDGET_BYTES if backend == "triton" else TORCH_E_BUDGET_BYTES
+    C = chunk_rows or default_chunk_rows(V, torch.finfo(e_dtype).bits // 8, budget)
     every_row = R == N   # slices instead of gathers when no row is dropped
     logp = torch.zeros(N, device=dev, dtype=torch.float32)
     entropy = torch.zeros_like(logp) if with_entropy else None

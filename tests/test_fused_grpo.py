@@ -229,6 +229,7 @@ def test_backward_scales_by_grad_output_and_saves_no_vocabulary_sized_tensor():
 def test_default_chunk_keeps_e_near_its_budget_and_bad_arguments_are_named():
     assert fg.default_chunk_rows(151936, 2) == 4096          # 4096 × 151936 × 2 B = 1.24 GB
     assert fg.default_chunk_rows(151936, 4) == 2048
+    assert fg.default_chunk_rows(151936, 4, fg.TORCH_E_BUDGET_BYTES) == 384   # 0.23 GB fp32
     assert fg.default_chunk_rows(10 ** 9, 2) == 128
     b = make_batch(37, 333, 40, torch.float32)
     args = (b["hidden"], b["weight"], b["targets"], b["advantages"], b["mask"])
