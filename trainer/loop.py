@@ -236,7 +236,7 @@ class Trainer:
                                   **cfg.rollout.engine_options)
         logger = MetricsLogger if self.dp is None or self.dp.is_main else distributed.SilentLogger
         self.log = logger(self.run_dir, total_steps=cfg.run.steps, start_step=self.state.step,
-                          tensorboard=cfg.run.tensorboard, progress=cfg.run.progress)
+                          tensorboard=cfg.run.tensorboard, progress=cfg.run.progress, config=cfg)
         self._peak = peak_flops(self.device)
         if self._peak and self.dp is not None:
             self._peak *= self.dp.world_size                     # MFU per GPU of the whole world
