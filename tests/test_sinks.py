@@ -209,8 +209,8 @@ def fake_wandb(monkeypatch):
 
 def test_wandb_resume_continues_the_recorded_run_and_skips_steps_the_killed_run_sent(tmp_path, fake_wandb, capsys):
     cfg = _config(wandb=True, wandb_project="grpo", wandb_entity="lab", wandb_tags="[a]")
-    killed = MetricsLogger(tmp_path, total_steps=5, progress=False, tensorboard=False, config=cfg)
-    for step in range(4):                                          # killed after step 3, checkpoint at 2
+    killed = MetricsLogger(tmp_path, total_steps=6, progress=False, tensorboard=False, config=cfg)
+    for step in range(5):                                          # killed after step 4, checkpoint at 2
         killed.log(step, {"loss": step})
     first = fake_wandb[0]
     assert first.kwargs["id"] is None and first.kwargs["resume"] is None
@@ -218,19 +218,19 @@ def test_wandb_resume_continues_the_recorded_run_and_skips_steps_the_killed_run_
     assert first.kwargs["name"] == tmp_path.name and first.kwargs["dir"] == str(tmp_path)
     assert first.kwargs["config"]["run"]["wandb_project"] == "grpo" and "git_commit" in first.kwargs["config"]
 
-    resumed = MetricsLogger(tmp_path, total_steps=5, start_step=2, progress=False, tensorboard=False, config=cfg)
-    for step in (3, 4):
+    resumed = MetricsLogger(tmp_path, total_steps=6, start_step=2, progress=False, tensorboard=False, config=cfg)
+    for step in (3, 4, 5):
         resumed.log(step, {"loss": 10 * step})
     resumed.close(plot=False)
     second = fake_wandb[1]
     assert second.kwargs["id"] == first.id and second.kwargs["resume"] == "allow"
-    assert second.logged == [(4, {"loss": 40})]                    # step 3 is already in the W&B run
-    assert [r["loss"] for r in read_metrics(tmp_path)] == [0, 1, 2, 30, 40]
+    assert second.logged == [(5, {"loss": 50})]                    # steps 3 and 4 are in the W&B run already
+    assert [r["loss"] for r in read_metrics(tmp_path)] == [0, 1, 2, 30, 40, 50]
     assert capsys.readouterr().out.splitlines() == [
-        f"warning: W&B run {first.id} already has steps up to 3 from the interrupted run; steps 3..3 keep "
-        "those values there (metrics.jsonl has the re-run's)"]
+        f"warning: W&B run {first.id} already has steps up to 4 from the interrupted run; this run's steps 3 to 4 "
+        "go to metrics.jsonl only"]
     assert second.finished and json.loads((tmp_path / sinks.WANDB_STATE_FILE).read_text()) == {
-        "id": first.id, "last_step": 4}
+        "id": first.id, "last_step": 5}
 
 
 def test_a_fresh_start_in_a_used_run_directory_is_a_new_wandb_run(tmp_path, fake_wandb):

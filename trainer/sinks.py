@@ -134,8 +134,7 @@ class WandbSink:
         if step <= self._sent_up_to:
             if not self._warned:
                 self._warn(f"warning: W&B run {self.run.id} already has steps up to {self._sent_up_to} from the "
-                           f"interrupted run; steps {step}..{self._sent_up_to} keep those values there "
-                           f"(metrics.jsonl has the re-run's)")
+                           f"interrupted run; this run's steps {step} to {self._sent_up_to} go to metrics.jsonl only")
                 self._warned = True
             return
         self.run.log({k: v for k, v in record.items() if k != "step"}, step=step)
