@@ -28,11 +28,14 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from .sinks import MetricSink, SinkContext, describe_error, open_sinks
+
+if TYPE_CHECKING:
+    from .config import TrainConfig
 
 __all__ = ["MetricsLogger", "JsonlSink", "train_flops", "peak_flops", "plot_curves", "read_metrics"]
 
@@ -112,7 +115,8 @@ class MetricsLogger:
     and is what W&B records; a sink that fails is dropped with one warning line."""
 
     def __init__(self, run_dir: str | Path, *, total_steps: int, start_step: int = 0,
-                 tensorboard: bool = True, progress: bool = True, config: Any = None) -> None:
+                 tensorboard: bool = True, progress: bool = True,
+                 config: TrainConfig | None = None) -> None:
         self.run_dir = Path(run_dir)
         self._bar = None
         self._jsonl = JsonlSink(self.run_dir, start_step)
