@@ -195,6 +195,15 @@ def _field_type_at(cls: type, parts: list[str], key: str) -> Any:
     return tp
 
 
+def _takes_raw_text(tp: Any) -> bool:
+    """A str field, or a choice of strings: the override's text as written (YAML 1.1 would read
+    `reference.mode=off` as False and `run.name=123` as an int)."""
+    if tp is str:
+        return True
+    args = typing.get_args(tp)
+    return typing.get_origin(tp) is typing.Literal and bool(args) and all(isinstance(a, str) for a in args)
+
+
 def apply_overrides(tree: dict, overrides: Sequence[str], cls: type) -> dict:
     """Apply `a.b.c=value` overrides to a config dict in place (values parsed as YAML; list
     items by index, `data.sources.0.name=chain_sum`). Unknown keys raise ConfigError."""
@@ -204,7 +213,7 @@ def apply_overrides(tree: dict, overrides: Sequence[str], cls: type) -> dict:
         check_field(bool(sep) and bool(key), item, "expected key=value (e.g. optim.lr=1e-6)")
         parts = key.split(".")
         tp = _field_type_at(cls, parts, key)
-        value = raw if tp is str else yaml.safe_load(raw) if raw.strip() else ""
+        value = raw if _takes_raw_text(tp) else yaml.safe_load(raw) if raw.strip() else ""
         node: Any = tree
         for depth, part in enumerate(parts[:-1]):
             if isinstance(node, list):
