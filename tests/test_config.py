@@ -48,6 +48,12 @@ def test_override_strings_are_coerced_to_the_field_types(jsonl):
     assert cfg.run.name == "123"                        # str fields keep the raw text
 
 
+def test_choice_overrides_keep_the_raw_text(jsonl):
+    """`off` is a choice here, not YAML 1.1's false."""
+    cfg = load_config(None, [JSONL_SOURCE % jsonl, "reference.mode=off", "model.autocast=off"])
+    assert cfg.reference.mode == "off" and cfg.model.autocast == "off"
+
+
 def test_list_items_are_overridden_by_index(tmp_path, jsonl):
     cfg = load_config(None, [JSONL_SOURCE % jsonl, "data.sources.0.heldout_size=3"])
     assert cfg.data.sources[0].heldout_size == 3

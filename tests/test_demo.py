@@ -11,6 +11,7 @@ import re
 
 import pytest
 import torch
+from trainer_testing import SMALL_DEMO
 
 from prolix.trainer import demo
 from prolix.trainer.config import load_config
@@ -22,15 +23,9 @@ pytest.importorskip("reasoning_gym")
 
 pytestmark = pytest.mark.usefixtures("one_thread")          # conftest.py: tiny models, one thread
 
-SMALL = ["demo.hidden_size=32", "demo.intermediate_size=64", "demo.num_layers=1", "demo.num_heads=2",
-         "demo.num_kv_heads=1", "demo.warmup_steps=3", "demo.warmup_batch=4",
-         "data.sources.0.heldout_size=4", "rollout.n=2", "optim.prompts_per_step=2", "optim.mini_batch_prompts=1",
-         "eval.n=2", "eval.k=2", "run.steps=2", "run.checkpoint_every=1", "run.progress=false",
-         "run.tensorboard=false"]
-
 
 def test_demo_run_prints_accuracy_last_and_leaves_a_complete_run_dir(tmp_path, capsys):
-    assert train_main([f"run.out_dir={tmp_path}", "run.name=demo", *SMALL]) == 0
+    assert train_main([f"run.out_dir={tmp_path}", "run.name=demo", *SMALL_DEMO]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     assert re.fullmatch(r"held-out accuracy: [01]\.\d\d -> [01]\.\d\d", lines[-1]), lines[-1]
     run = tmp_path / "demo"
@@ -45,14 +40,14 @@ def test_demo_run_prints_accuracy_last_and_leaves_a_complete_run_dir(tmp_path, c
 def test_char_tokenizer_survives_a_qwen2_model_directory(tmp_path, capsys):
     """transformers 5's AutoTokenizer swaps in Qwen2Tokenizer for qwen2 model dirs, which
     would drop every space; `load_tokenizer` loads what the files declare."""
-    assert train_main([f"run.out_dir={tmp_path}", "run.name=tok", *SMALL, "run.steps=0"]) == 0
+    assert train_main([f"run.out_dir={tmp_path}", "run.name=tok", *SMALL_DEMO, "run.steps=0"]) == 0
     tokenizer = load_tokenizer(tmp_path / "tok" / "base_model")
     text = "9 - 5 = 4\n<answer>4</answer>"
     assert tokenizer.decode(tokenizer.encode(text, add_special_tokens=False)) == text
 
 
 def test_warm_start_learns_the_worked_answers(tmp_path):
-    cfg = load_config(None, [*SMALL, "demo.warmup_steps=30", "demo.warmup_batch=8", "demo.warmup_lr=3e-3",
+    cfg = load_config(None, [*SMALL_DEMO, "demo.warmup_steps=30", "demo.warmup_batch=8", "demo.warmup_lr=3e-3",
                              "demo.hidden_size=64",
                              "demo.intermediate_size=128"])
     data = prepare_data(cfg)
@@ -67,7 +62,7 @@ def test_warm_start_teaches_two_answer_styles_and_only_the_tagged_one_scores():
     (reward 0), so RL has a habit to find out about from the reward alone."""
     from prolix.trainer.rewards import score
 
-    cfg = load_config(None, SMALL)
+    cfg = load_config(None, SMALL_DEMO)
     data = prepare_data(cfg)
     rng = random.Random(0)
     problems = data.train.sample(400, rng)

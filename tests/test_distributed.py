@@ -9,6 +9,7 @@ single-process side runs here. What is proved:
   holds the whole new weights;
 - each rank trains on exactly its `packing.balance` share, and ranks with fewer micro-batches
   pad with zero-weight ones (the first mini-batch is built to be uneven);
+- rank 0 alone logs: metrics.jsonl once per step, one W&B run (offline);
 - a checkpoint written by two ranks (DCP) resumes in one process with identical weights,
   optimizer state and reference, and a single-process checkpoint resumes on two ranks;
 - `prolix train --nproc G` builds the right torchrun command.
@@ -24,7 +25,7 @@ import sys
 import pytest
 import torch
 from distributed_worker import STEP, premade_records, run_updates
-from trainer_testing import TESTS, read_jsonl, tiny_overrides
+from trainer_testing import TESTS, as_jsonl_record, offline_runs, read_jsonl, tiny_overrides, wandb_importable
 from transformers import AutoModelForCausalLM
 
 from prolix.trainer import distributed
@@ -93,7 +94,9 @@ def single(base_model, untied_model, problems, tmp_path_factory):
 def two_ranks(single, base_model, untied_model, problems, tmp_path_factory):
     """Runs distributed_worker.py on 2 CPU ranks once; returns its output folder."""
     out = tmp_path_factory.mktemp("two_ranks")
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = {k: v for k, v in os.environ.items() if k not in ("WANDB_DIR", "WANDB_API_KEY")}
+    env.update(OMP_NUM_THREADS="1", WANDB_MODE="offline", WANDB_SILENT="true",   # W&B: local files only
+               **{var: str(out / "wandb_home") for var in ("WANDB_CONFIG_DIR", "WANDB_CACHE_DIR", "WANDB_DATA_DIR")})
     env["PYTHONPATH"] = os.pathsep.join([str(TESTS), env.get("PYTHONPATH", "")])
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={WORLD}",
            str(TESTS / "distributed_worker.py"), str(out), str(base_model), str(untied_model), str(problems),
@@ -156,6 +159,16 @@ def test_the_loop_runs_on_two_ranks_and_rank_zero_alone_logs(two_ranks):
     assert all(0 <= lines[step]["eval/score"] <= 1 for step in (0, 2))     # eval.every = 2
     assert lines[2]["reference/reset_reason"] == "every"
     assert (run / "checkpoints" / "latest").read_text().strip() == "step_000002"
+
+
+def test_the_loop_on_two_ranks_logs_one_wandb_run_from_rank_zero(two_ranks):
+    if not wandb_importable():                       # not imported here: see test_sinks.wandb_env
+        pytest.skip("wandb is not installed")
+
+    run = two_ranks / "b" / "run"
+    runs = offline_runs(run)
+    assert len(runs) == 1                                          # not one per rank
+    assert [as_jsonl_record(item) for item in runs[0][1]] == read_jsonl(run / "metrics.jsonl")
 
 
 def test_checkpoint_of_two_ranks_resumes_in_one_process(two_ranks, tmp_path):

@@ -358,6 +358,17 @@ class RunConfig:
     """Also write TensorBoard events when tensorboard is installed."""
     progress: bool = True
     """Show a tqdm progress bar."""
+    wandb: bool = False
+    """Also log every metrics.jsonl record, at the same step, to Weights & Biases (`pip install
+    "prolix[wandb]"`; `wandb login`, or WANDB_MODE=offline and `wandb sync RUN/wandb` later).
+    A resumed run continues the same W&B run (its id is kept in RUN/wandb.json). Not installed,
+    not logged in or unreachable: one warning, and the run goes on without it (`sinks.py`)."""
+    wandb_project: str = "prolix"
+    """W&B project of the run."""
+    wandb_entity: str = ""
+    """W&B entity (user or team); empty: the logged-in account's default entity."""
+    wandb_tags: list[str] = dataclasses.field(default_factory=list)
+    """W&B tags of the run (1-64 characters each)."""
 
     def __post_init__(self) -> None:
         _check(self.steps >= 0, "run.steps", f"expected >= 0, got {self.steps}")
@@ -366,6 +377,9 @@ class RunConfig:
         _check(self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"), "run.device",
                f"expected 'auto', 'cpu', 'cuda' or 'cuda:N', got {self.device!r}")
         _check("/" not in self.name, "run.name", f"expected a plain directory name, got {self.name!r}")
+        _check(bool(self.wandb_project.strip()), "run.wandb_project", "expected a project name, got ''")
+        for i, tag in enumerate(self.wandb_tags):      # W&B's own limits, checked before the run starts
+            _check(1 <= len(tag) <= 64, f"run.wandb_tags[{i}]", f"expected 1-64 characters, got {tag!r}")
 
 
 @dataclasses.dataclass(kw_only=True)

@@ -195,7 +195,7 @@ class Trainer:
                                   **cfg.rollout.engine_options)
         logger = MetricsLogger if self.parallel.is_main else SilentLogger
         self.log = logger(self.run_dir, total_steps=cfg.run.steps, start_step=self.state.step,
-                          tensorboard=cfg.run.tensorboard, progress=cfg.run.progress)
+                          tensorboard=cfg.run.tensorboard, progress=cfg.run.progress, config=cfg)
         peak = peak_flops(self.device)
         self._peak = peak * self.parallel.world_size if peak else None    # MFU per GPU of the whole world
 

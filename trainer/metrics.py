@@ -1,7 +1,7 @@
-"""Run logging: one JSONL line per step, TensorBoard when installed, a progress bar, a final plot.
+"""Run logging: one JSONL line per step, the optional sinks (TensorBoard, W&B), a progress bar, a plot.
 
-    log = MetricsLogger(run_dir, total_steps=cfg.run.steps)
-    log.log(step, {"reward/mean": 0.4, ...})        # → RUN/metrics.jsonl (+ TensorBoard events)
+    log = MetricsLogger(run_dir, total_steps=cfg.run.steps, config=cfg)
+    log.log(step, {"reward/mean": 0.4, ...})        # → RUN/metrics.jsonl (+ TensorBoard, W&B: sinks.py)
     log.close()                                      # → RUN/curves.png
 
 JSONL keys (means over the step's response tokens unless said otherwise):
@@ -32,7 +32,10 @@ from typing import Any
 
 import torch
 
-__all__ = ["MetricsLogger", "SilentLogger", "pass_at_k", "train_flops", "peak_flops", "plot_curves", "read_metrics"]
+from .sinks import MetricSink, SinkContext, SinkSettings, describe_error, open_sinks
+
+__all__ = ["MetricsLogger", "JsonlSink", "SilentLogger", "pass_at_k", "train_flops", "peak_flops", "plot_curves",
+           "read_metrics"]
 
 METRICS_FILE = "metrics.jsonl"
 PLOT_FILE = "curves.png"
@@ -88,11 +91,32 @@ def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+class JsonlSink:
+    """RUN/metrics.jsonl, one line per record: the run's own record (the plot and resume read
+    it), so unlike the optional sinks (sinks.py) a failure to write it stops the run."""
+
+    name = "jsonl"
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._file = open(self.path, "a")
+
+    def log(self, step: int, record: dict[str, Any]) -> None:
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+
+    def close(self) -> None:
+        self._file.close()
+
+
 class MetricsLogger:
-    """Appends step records to RUN/metrics.jsonl, mirrors them to TensorBoard, drives tqdm."""
+    """Sends each step record to RUN/metrics.jsonl and the optional sinks (TensorBoard, W&B:
+    sinks.py), drives tqdm. `config` (the resolved TrainConfig) switches W&B on (`run.wandb`)
+    and is what W&B records; a sink that fails is dropped with one warning line."""
 
     def __init__(self, run_dir: str | Path, *, total_steps: int, start_step: int = 0,
-                 tensorboard: bool = True, progress: bool = True) -> None:
+                 tensorboard: bool = True, progress: bool = True,
+                 config: SinkSettings | None = None) -> None:
         self.run_dir = Path(run_dir)
         self.path = self.run_dir / METRICS_FILE
         if self.path.is_file():
@@ -100,15 +124,12 @@ class MetricsLogger:
             # file reads as one uninterrupted run.
             kept = [r for r in read_metrics(self.run_dir) if r.get("step", 0) <= start_step]
             self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
-        self._file = open(self.path, "a")
-        self._tb = None
-        if tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-                self._tb = SummaryWriter(str(self.run_dir / "tensorboard"))
-            except ImportError:        # tensorboard is optional
-                self._tb = None
+        self._jsonl = JsonlSink(self.path)
         self._bar = None
+        # Opened before the bar exists: what a sink prints when it starts (W&B's banner) then
+        # comes before the bar instead of through it.
+        self._sinks: list[MetricSink] = open_sinks(SinkContext(self.run_dir, config, start_step, tensorboard,
+                                                               warn=self.write))
         if progress:
             from tqdm.auto import tqdm
             self._bar = tqdm(total=total_steps, initial=start_step, desc="prolix train", unit="step",
@@ -116,12 +137,15 @@ class MetricsLogger:
 
     def log(self, step: int, values: dict[str, Any]) -> dict[str, Any]:
         record = {"step": step, **{k: _clean(v) for k, v in values.items()}}
-        self._file.write(json.dumps(record) + "\n")
-        self._file.flush()
-        if self._tb is not None:
-            for key, value in record.items():
-                if isinstance(value, (int, float)) and not isinstance(value, bool) and key != "step":
-                    self._tb.add_scalar(key, value, step)
+        self._jsonl.log(step, record)
+        for sink in list(self._sinks):
+            try:
+                sink.log(step, record)
+            except Exception as e:    # an optional sink's failure (a network error, ...) never stops the run
+                # Dropped, not closed: closing a sink that just failed can fail (or block) again.
+                self._sinks.remove(sink)
+                self.write(f"step {step}: warning: metrics sink {sink.name!r} failed ({describe_error(e)}); "
+                           "the run goes on without it")
         if self._bar is not None and "reward/mean" in record:
             shown = {"reward": record.get("reward/mean"), "len": record.get("response_len/mean")}
             if record.get("eval/score") is not None:
@@ -138,11 +162,16 @@ class MetricsLogger:
             print(message, flush=True)
 
     def close(self, *, plot: bool = True) -> Path | None:
-        self._file.close()
-        if self._tb is not None:
-            self._tb.close()
+        self._jsonl.close()
         if self._bar is not None:
             self._bar.close()
+            self._bar = None            # what the sinks print when they finish follows the bar
+        for sink in self._sinks:
+            try:
+                sink.close()
+            except Exception as e:    # the run's own files are complete; say so and finish
+                self.write(f"warning: metrics sink {sink.name!r} did not close cleanly ({describe_error(e)})")
+        self._sinks = []
         return plot_curves(self.run_dir) if plot else None
 
 
