@@ -93,6 +93,11 @@ def rollout_correction_ref(
                 inside = (w >= lo) & (w <= hi)
                 weight[a:b] = torch.where(inside, w, 0.0)
                 keep[a:b] *= inside.double()
+        if config.seq_masks and lam.numel():
+            seq_w = torch.exp(lam.mean())
+            inside = (config.seq_mask_min is None or seq_w >= config.seq_mask_min) and \
+                (config.seq_mask_max is None or seq_w <= config.seq_mask_max)
+            keep[a:b] *= float(inside)
         if config.reject_threshold is not None and lam.numel():
             stat = (-lam).mean().abs() if config.reject_estimator == "k1" else (lam.exp() - 1 - lam).mean()
             keep[a:b] *= float(stat <= config.reject_threshold)

@@ -25,6 +25,10 @@ the caller counts its global normaliser over m·keep, as `kept_counts` does):
     mask       tokens (level token) or whole sequences (level sequence) with w outside
                [is_min, is_max] are dropped; the others keep their w (ICE-POP, e.g. [0.5, 5]).
                Bounds are inclusive (w = is_max is kept), as in TRL and verl.
+- sequence mask, `seq_mask_min` / `seq_mask_max`: whole sequences whose geometric-mean weight
+  exp(Σ m·λ / L_s) leaves [seq_mask_min, seq_mask_max] are dropped, whatever the weight rule
+  (ProRL v2 / NeMo RL's "seq-mask-tis": token-level truncated weights on the sequences the
+  sequence mask keeps). Inclusive bounds.
 - rejection by mismatch, `reject_threshold`: sequences whose mean k3 over their response
   tokens exceeds the threshold are dropped; with `reject_estimator="k1"` those whose |mean k1|
   does (k1 is signed; verl's seq_mean_k1 with one threshold U keeps −log U ≤ mean k1 ≤ log U:
@@ -72,6 +76,10 @@ class RolloutCorrectionConfig:
     """C_min ≥ 0 (None: no lower bound)."""
     is_max: float | None = None
     """C_max > 0 (None: no upper bound)."""
+    seq_mask_min: float | None = None
+    """Drop sequences whose geometric-mean weight is below it; None: no lower bound."""
+    seq_mask_max: float | None = None
+    """Drop sequences whose geometric-mean weight is above it; None: no upper bound."""
     reject_estimator: str = "k3"
     """"k3" (mean k3 > threshold) or "k1" (|mean k1| > threshold) for the rejection rule."""
     reject_threshold: float | None = None
@@ -94,6 +102,12 @@ class RolloutCorrectionConfig:
             raise ValueError(f"is_min must be <= is_max, got is_min={self.is_min}, is_max={self.is_max}")
         if self.is_level is not None and self.is_min is None and self.is_max is None:
             raise ValueError(f"is_level={self.is_level!r} needs is_min or is_max (an unbounded weight), got neither")
+        if self.seq_mask_min is not None and not (self.seq_mask_min >= 0 and math.isfinite(self.seq_mask_min)):
+            raise ValueError(f"seq_mask_min must be a finite number >= 0 or None, got {self.seq_mask_min}")
+        if self.seq_mask_max is not None and not self.seq_mask_max > 0:
+            raise ValueError(f"seq_mask_max must be > 0 or None, got {self.seq_mask_max}")
+        if self.seq_mask_min is not None and self.seq_mask_max is not None and self.seq_mask_min > self.seq_mask_max:
+            raise ValueError(f"seq_mask_min must be <= seq_mask_max, got {self.seq_mask_min} > {self.seq_mask_max}")
         if self.reject_estimator not in REJECT_ESTIMATORS:
             raise ValueError(f"reject_estimator must be one of {REJECT_ESTIMATORS}, got {self.reject_estimator!r}")
         if self.reject_threshold is not None and not self.reject_threshold >= 0:
@@ -104,8 +118,13 @@ class RolloutCorrectionConfig:
             raise ValueError(f"off_policy_logp must be one of {OFF_POLICY_LOGPS}, got {self.off_policy_logp!r}")
 
     @property
+    def seq_masks(self) -> bool:
+        return self.seq_mask_min is not None or self.seq_mask_max is not None
+
+    @property
     def enabled(self) -> bool:
-        return self.is_level is not None or self.reject_threshold is not None or self.off_policy_threshold is not None
+        return (self.is_level is not None or self.seq_masks or self.reject_threshold is not None
+                or self.off_policy_threshold is not None)
 
     @property
     def needs_sequence_logp(self) -> bool:
@@ -175,7 +194,8 @@ def rollout_correction(
     Returns a Correction; its metrics (names prefixed "rollout_corr/") are over this call's
     response tokens: mismatch_k1, mismatch_k3 (token means), mismatch_k1_seq_max (largest
     |mean k1| of a sequence), mismatch_k3_seq_max, and per enabled rule is_weight_mean/min/max,
-    is_masked_tokens/seqs (mask mode), rejected_tokens/seqs, off_policy_tokens/seqs: the
+    is_masked_tokens/seqs (mask mode), seq_masked_tokens/seqs, rejected_tokens/seqs,
+    off_policy_tokens/seqs: the
     fraction of response tokens a rule drops, and of non-empty sequences it drops a token of.
     Inputs are assumed validated (`grpo_loss` checks shapes and devices).
     """
@@ -207,6 +227,13 @@ def rollout_correction(
         if config.is_mode == "mask":
             metrics["is_masked_tokens"], metrics["is_masked_seqs"] = _dropped_fractions(dropped, m, seq_id, lengths)
             keep &= ~dropped
+    if config.seq_masks:
+        seq_w = torch.exp(_seq_mean(lam, m, seq_id, lengths))                              # [S]
+        lo = -math.inf if config.seq_mask_min is None else config.seq_mask_min
+        hi = math.inf if config.seq_mask_max is None else config.seq_mask_max
+        dropped = ((seq_w < lo) | (seq_w > hi))[seq_id]
+        metrics["seq_masked_tokens"], metrics["seq_masked_seqs"] = _dropped_fractions(dropped, m, seq_id, lengths)
+        keep &= ~dropped
     if config.reject_threshold is not None:
         stat = seq_k1.abs() if config.reject_estimator == "k1" else seq_k3
         dropped = (stat > config.reject_threshold)[seq_id]

@@ -15,12 +15,15 @@ import math
 
 import pytest
 import torch
-
-from prolix.kernels import GRPOLossConfig, RolloutCorrectionConfig, fused_linear_grpo_loss, grpo_loss
+from prolix.kernels import (
+    GRPOLossConfig,
+    RolloutCorrectionConfig,
+    fused_linear_grpo_loss,
+    grpo_loss,
+)
 from prolix.kernels.grpo_loss import LOSS_AGGREGATIONS
 from prolix.kernels.reference import linear_logprobs_ref, rollout_correction_ref
 from prolix.kernels.rollout_correction import kept_counts, rollout_correction
-
 from test_grpo_loss import close, fused_batch, ours_and_ref, packed_batch
 
 LENGTHS = (5, 0, 1, 9, 3, 12, 1, 7, 6, 4)
@@ -31,6 +34,8 @@ RULES = {
     "token-mask": RolloutCorrectionConfig(is_level="token", is_mode="mask", is_min=0.6, is_max=1.8),
     "sequence-truncate": RolloutCorrectionConfig(is_level="sequence", is_mode="truncate", is_min=1.0, is_max=1.3),
     "sequence-mask": RolloutCorrectionConfig(is_level="sequence", is_mode="mask", is_min=0.9, is_max=1.3),
+    "seq-mask-tis": RolloutCorrectionConfig(is_level="token", is_min=0.6, is_max=1.8, seq_mask_min=0.9,
+                                            seq_mask_max=1.3),
     "reject-k3": RolloutCorrectionConfig(reject_threshold=0.12),
     "reject-k1": RolloutCorrectionConfig(reject_estimator="k1", reject_threshold=0.3),
     "off-policy-old": RolloutCorrectionConfig(off_policy_threshold=0.0),
@@ -60,7 +65,7 @@ def assert_fires(b, rc: RolloutCorrectionConfig):
     weight, keep = rollout_correction_ref(b["old_logp"], b["rollout_logp"], b["advantages"], b["mask"],
                                           b["cu_seqlens"], rc, current_logp=b["logp"])
     on = b["mask"]
-    if rc.is_mode == "truncate" and rc.is_level is not None:
+    if rc.is_mode == "truncate" and rc.is_level is not None and not rc.seq_masks:
         raw, _ = rollout_correction_ref(b["old_logp"], b["rollout_logp"], b["advantages"], b["mask"],
                                         b["cu_seqlens"], dataclasses.replace(rc, is_min=None, is_max=math.inf))
         assert (raw[on] != weight[on]).any() and (raw[on] == weight[on]).any(), "truncation never/always binds"
@@ -209,6 +214,16 @@ def test_perturbed_sequence_is_masked_whole_by_the_sequence_rule():
     torch.testing.assert_close(corr.weight[18:24], torch.full((6,), math.exp(0.5 / 6), dtype=torch.float64))
 
 
+def test_perturbed_sequence_is_dropped_by_the_sequence_mask_and_others_keep_truncated_weights():
+    q = quiet_batch()
+    q["rollout"][0:6] -= 2.0           # sequence 0: mean weight e² > 5, dropped whole
+    q["rollout"][13] -= 3.0            # one token of sequence 2: w = e³ truncated to 5, mean e^0.5 kept
+    rc = RolloutCorrectionConfig(is_level="token", is_min=0.5, is_max=5.0, seq_mask_min=0.5, seq_mask_max=5.0)
+    corr = corr_of(q, rc)
+    assert torch.nonzero(corr.keep == 0).flatten().tolist() == list(range(0, 6))
+    assert corr.weight[13] == 5.0 and corr.metrics["rollout_corr/seq_masked_seqs"] == 0.25
+
+
 @pytest.mark.parametrize("estimator", ["k1", "k3"])
 def test_perturbed_sequence_is_rejected_by_mismatch(estimator):
     q = quiet_batch()
@@ -289,6 +304,8 @@ def test_sequence_dependent_configs_are_flagged_for_the_fused_path():
     (dict(is_level="token", is_mode="clip", is_max=2.0), r"is_mode must be one of"),
     (dict(is_level="token", is_min=3.0, is_max=2.0), r"is_min must be <= is_max"),
     (dict(is_level="token", is_max=0.0), r"is_max must be > 0"),
+    (dict(seq_mask_min=2.0, seq_mask_max=1.0), r"seq_mask_min must be <= seq_mask_max"),
+    (dict(seq_mask_max=0.0), r"seq_mask_max must be > 0"),
     (dict(reject_estimator="k2", reject_threshold=0.1), r"reject_estimator must be one of"),
     (dict(reject_threshold=-1.0), r"reject_threshold must be >= 0"),
     (dict(off_policy_threshold=-0.1), r"off_policy_threshold must be >= 0"),
