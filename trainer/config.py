@@ -25,12 +25,12 @@ from typing import Any
 
 import yaml
 
-from prolix.kernels import GRPOLossConfig
+from prolix.kernels import GRPOLossConfig, RolloutCorrectionConfig
 
 from .tasks import SourceConfig
 
 __all__ = ["ConfigError", "ModelConfig", "DemoConfig", "DataConfig", "RolloutConfig", "AlgorithmConfig",
-           "OptimConfig", "ReferenceConfig", "EvalConfig", "RunConfig", "TrainConfig", "load_config",
+           "RolloutCorrectionSection", "OptimConfig", "ReferenceConfig", "EvalConfig", "RunConfig", "TrainConfig", "load_config",
            "save_config", "config_to_dict", "config_from_dict", "apply_overrides", "default_tree"]
 
 
@@ -238,6 +238,51 @@ class AlgorithmConfig:
 
 
 @dataclasses.dataclass(kw_only=True)
+class RolloutCorrectionSection:
+    """The training–inference mismatch against the engine's own log-probs, and GSPO's ratio
+    (kernels/rollout_correction.py has the math; examples/README.md the sources). All off by
+    default. With any rule on, old_logp is recomputed by the trainer every step (one extra
+    no-grad forward) and the dropped tokens leave the loss and its global normaliser."""
+
+    ratio_level: str = "token"
+    """"token" (PPO/GRPO) or "sequence": GSPO's geometric-mean sequence ratio in the clip."""
+    is_level: str | None = None
+    """Importance weight π_old/π_rollout: None (off), "token", or "sequence" (geometric mean)."""
+    is_mode: str = "truncate"
+    """"truncate" (clamp to [is_min, is_max], TIS) or "mask" (drop outside, ICE-POP)."""
+    is_min: float | None = None
+    """C_min of the weight; None: no lower bound."""
+    is_max: float | None = None
+    """C_max of the weight; None: no upper bound."""
+    seq_mask_min: float | None = None
+    """Drop sequences whose geometric-mean weight is below it (ProRL v2: 0.5); None: off."""
+    seq_mask_max: float | None = None
+    """Drop sequences whose geometric-mean weight is above it (ProRL v2: 5); None: off."""
+    reject_estimator: str = "k3"
+    """"k3" or "k1": the per-token mismatch averaged over a sequence by the rejection rule."""
+    reject_threshold: float | None = None
+    """Drop sequences whose mean k3 (or |mean k1|) exceeds it; None: off."""
+    off_policy_threshold: float | None = None
+    """δ of DeepSeek-V3.2's off-policy sequence mask: drop negative-advantage sequences whose
+    mean log(π_rollout/π_old) exceeds δ; None: off."""
+
+    def __post_init__(self) -> None:
+        _choice(self.ratio_level, "rollout_correction.ratio_level", ("token", "sequence"))
+        try:
+            self.kernel_config()
+        except ValueError as e:
+            raise ConfigError(f"rollout_correction: {e}") from None
+
+    def kernel_config(self) -> RolloutCorrectionConfig | None:
+        """The kernels' RolloutCorrectionConfig, None when no rule is on."""
+        rc = RolloutCorrectionConfig(
+            is_level=self.is_level, is_mode=self.is_mode, is_min=self.is_min, is_max=self.is_max,
+            seq_mask_min=self.seq_mask_min, seq_mask_max=self.seq_mask_max, reject_estimator=self.reject_estimator,
+            reject_threshold=self.reject_threshold, off_policy_threshold=self.off_policy_threshold)
+        return rc if rc.enabled else None
+
+
+@dataclasses.dataclass(kw_only=True)
 class OptimConfig:
     """Batch shape and the optimizer."""
 
@@ -394,6 +439,7 @@ class TrainConfig:
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     rollout: RolloutConfig = dataclasses.field(default_factory=RolloutConfig)
     algorithm: AlgorithmConfig = dataclasses.field(default_factory=AlgorithmConfig)
+    rollout_correction: RolloutCorrectionSection = dataclasses.field(default_factory=RolloutCorrectionSection)
     optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
     reference: ReferenceConfig = dataclasses.field(default_factory=ReferenceConfig)
     eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
@@ -411,13 +457,18 @@ class TrainConfig:
                "optim.max_tokens_per_microbatch",
                f"expected >= the longest sequence, rollout.max_prompt_tokens + rollout.max_tokens = "
                f"{r.max_prompt_tokens + r.max_tokens}, got {self.optim.max_tokens_per_microbatch}")
+        _check(self.algorithm.tis_cap is None or self.rollout_correction.is_level is None, "rollout_correction.is_level",
+               f"{self.rollout_correction.is_level!r} and algorithm.tis_cap={self.algorithm.tis_cap} are two importance "
+               "weights; set one (tis_cap C = is_level token, is_max C)")
 
     @property
     def eval_max_tokens(self) -> int:
         return self.eval.max_tokens or self.rollout.max_tokens
 
     def loss_config(self) -> GRPOLossConfig:
-        return self.algorithm.loss_config(temperature=self.rollout.temperature, max_len=self.rollout.max_tokens)
+        base = self.algorithm.loss_config(temperature=self.rollout.temperature, max_len=self.rollout.max_tokens)
+        rc = self.rollout_correction
+        return dataclasses.replace(base, ratio_level=rc.ratio_level, rollout_correction=rc.kernel_config())
 
     def check_model_context(self, max_position_embeddings: int | None) -> None:
         """Raise ConfigError when the engine's context exceeds what the model was built for."""

@@ -52,6 +52,8 @@ from typing import Any
 import torch
 
 from prolix.kernels import fused_linear_grpo_loss, linear_logprobs
+from prolix.kernels.rollout_correction import PREFIX as CORRECTION_PREFIX
+from prolix.kernels.rollout_correction import kept_counts, rollout_correction
 
 from . import checkpoint, distributed, nvtx
 from .advantages import group_advantages, informative_groups, shape_overlong
@@ -419,7 +421,7 @@ class Trainer:
     def make_records(self, groups: list[Group]) -> list[SequenceRecord]:
         """One SequenceRecord per completion: the advantage is broadcast over its response by
         `pack`; overlong="mask" leaves truncated responses out of the loss (DAPO)."""
-        use_rollout_logp = self.cfg.algorithm.tis_cap is not None
+        use_rollout_logp = self.cfg.algorithm.tis_cap is not None or self.loss_config.corrects_rollout
         records = []
         for group in groups:
             for c, adv in zip(group.completions, group.advantages.tolist()):
@@ -443,7 +445,9 @@ class Trainer:
         """old_logp from the policy before any update of this step (needed when the rollout
         feeds several updates; with one, old = logp.detach() and the ratio is 1), and ref_logp
         from the frozen reference (when kl_coef > 0). Both are constants of the loss."""
-        need_old = self.cfg.optim.updates_per_rollout > 1
+        # rollout correction compares old with rollout log-probs before the loss (its global
+        # normaliser counts the tokens it keeps), so it needs old_logp even for one update
+        need_old = self.cfg.optim.updates_per_rollout > 1 or self.loss_config.corrects_rollout
         if not records or not (need_old or self.reference is not None):
             return records
         old: list[Any] = [None] * len(records)
@@ -495,6 +499,23 @@ class Trainer:
             config=self.loss_config, normalizer=normalizer, ignore_index=batch.ignore_index,
             entropy_metric=True, backend=cfg.model.kernel_backend)
 
+    def _correction(self, records: list[SequenceRecord]) -> tuple[float, float, dict[str, float]] | None:
+        """Rollout correction over the whole mini-batch (every rank holds all its records):
+        (kept response tokens, kept sequences, its metrics), or None when it is off. The
+        micro-batches apply the same per-sequence rules to the same values, so these counts
+        are their global normalisers."""
+        rc = self.loss_config.rollout_correction
+        if not self.loss_config.corrects_rollout or not records:
+            return None
+        lengths = torch.tensor([r.num_response_tokens for r in records])
+        cu = torch.nn.functional.pad(lengths.cumsum(0), (1, 0))
+        cat = lambda name: torch.cat([torch.as_tensor(getattr(r, name), dtype=torch.float32) for r in records])
+        adv = torch.repeat_interleave(torch.tensor([r.advantage for r in records], dtype=torch.float32), lengths)
+        mask = torch.ones(int(cu[-1]), dtype=torch.float32)
+        corr = rollout_correction(cat("old_logp"), cat("rollout_logp"), adv, mask, cu, rc)
+        tokens, seqs = kept_counts(mask, corr.keep, cu)
+        return tokens, seqs, {k: v.item() for k, v in corr.metrics.items()}
+
     def update(self, records: list[SequenceRecord], step: int) -> dict[str, float]:
         """One optimizer step on a mini-batch: micro-batches planned by token budget, each
         loss normalised by the whole mini-batch's denominator, gradients accumulated.
@@ -505,7 +526,11 @@ class Trainer:
         cfg = self.cfg
         self.policy.train()
         plan = self._plan(records)
-        if cfg.algorithm.loss_agg == "token-mean":
+        correction = self._correction(records)
+        if correction is not None:            # dropped tokens leave the normaliser
+            normalizer = correction[0] if cfg.algorithm.loss_agg == "token-mean" else correction[1]
+            normalizer = max(normalizer, 1.0)  # everything dropped: loss 0, gradient 0
+        elif cfg.algorithm.loss_agg == "token-mean":
             normalizer = float(sum(r.num_response_tokens for r in records))   # response tokens
         else:
             normalizer = float(len(records))                                 # sequences
@@ -533,8 +558,8 @@ class Trainer:
             count = m["num_tokens"].item()
             tokens += count
             ratio_max = max(ratio_max, m["ratio_max"].item())
-            for key, value in m.items():
-                if key not in ("num_tokens", "ratio_max"):
+            for key, value in m.items():   # correction metrics: from the whole mini-batch above
+                if key not in ("num_tokens", "ratio_max") and not key.startswith(CORRECTION_PREFIX):
                     sums[key] += value.item() * count
         if self.dp is not None:                                      # this rank's share → the mini-batch
             sums, tokens, loss_total, ratio_max = self.dp.reduce_update(sums, tokens, loss_total, ratio_max)
@@ -556,7 +581,7 @@ class Trainer:
         self.policy.eval()
         out = {k: v / max(tokens, 1.0) for k, v in sums.items()}
         out.update(loss=loss_total, ratio_max=ratio_max, grad_norm=grad_norm, lr=lr,
-                   skipped_update=float(skip is not None))
+                   skipped_update=float(skip is not None), **(correction[2] if correction else {}))
         return out
 
     def _track_skips(self, step: int, stats: list[dict[str, float]]) -> None:
@@ -580,15 +605,15 @@ class Trainer:
 
     @staticmethod
     def _reduce(stats: list[dict[str, float]]) -> dict[str, float]:
-        """Mean over the step's updates (max for ratio_max, sum for skipped_update). An update
-        skipped on its first micro-batch has no loss-term metrics: those average over the others."""
+        """Mean over the step's updates (max for *_max, min for *_min, sum for skipped_update). An
+        update skipped on its first micro-batch has no loss-term metrics: those average over the others."""
         if not stats:
             return {"updates": 0}
         out = {}
         for key in dict.fromkeys(k for s in stats for k in s):        # every key, in first-seen order
             values = [s[key] for s in stats if key in s]
-            out[key] = sum(values) / len(values)
-        out["ratio_max"] = max(s["ratio_max"] for s in stats)
+            reduce = max if key.endswith("_max") else min if key.endswith("_min") else (lambda v: sum(v) / len(v))
+            out[key] = reduce(values)
         out["skipped_update"] = sum(s["skipped_update"] for s in stats)
         out["updates"] = len(stats)
         return out
