@@ -94,3 +94,13 @@ def test_rollout_correction_is_off_by_default_and_validated(base_model, problems
     with pytest.raises(ConfigError, match=r"rollout_correction.is_level: 'token' and algorithm.tis_cap=2.0"):
         load_config(None, tiny_overrides(base_model, problems, tmp_path, **{
             "rollout_correction.is_level": "token", "rollout_correction.is_max": 2.0, "algorithm.tis_cap": 2.0}))
+
+
+def test_prorl_v2_example_section_is_the_seq_mask_tis_correction():
+    import yaml
+    from prolix.kernels import RolloutCorrectionConfig
+    from prolix.trainer.config import RolloutCorrectionSection
+
+    section = yaml.safe_load((test_loop.TESTS.parent / "examples" / "prorl_v2_scheduled_resets.yaml").read_text())
+    assert RolloutCorrectionSection(**section["rollout_correction"]).kernel_config() == RolloutCorrectionConfig(
+        is_level="token", is_mode="truncate", is_min=0.5, is_max=5.0, seq_mask_min=0.5, seq_mask_max=5.0)
