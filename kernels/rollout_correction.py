@@ -112,8 +112,8 @@ class RolloutCorrectionConfig:
             raise ValueError(f"reject_estimator must be one of {REJECT_ESTIMATORS}, got {self.reject_estimator!r}")
         if self.reject_threshold is not None and not self.reject_threshold >= 0:
             raise ValueError(f"reject_threshold must be >= 0 or None, got {self.reject_threshold}")
-        if self.off_policy_threshold is not None and not self.off_policy_threshold >= 0:
-            raise ValueError(f"off_policy_threshold must be >= 0 or None, got {self.off_policy_threshold}")
+        if self.off_policy_threshold is not None and not math.isfinite(self.off_policy_threshold):
+            raise ValueError(f"off_policy_threshold must be a finite number or None, got {self.off_policy_threshold}")
         if self.off_policy_logp not in OFF_POLICY_LOGPS:
             raise ValueError(f"off_policy_logp must be one of {OFF_POLICY_LOGPS}, got {self.off_policy_logp!r}")
 

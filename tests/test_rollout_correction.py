@@ -308,7 +308,7 @@ def test_sequence_dependent_configs_are_flagged_for_the_fused_path():
     (dict(seq_mask_max=0.0), r"seq_mask_max must be > 0"),
     (dict(reject_estimator="k2", reject_threshold=0.1), r"reject_estimator must be one of"),
     (dict(reject_threshold=-1.0), r"reject_threshold must be >= 0"),
-    (dict(off_policy_threshold=-0.1), r"off_policy_threshold must be >= 0"),
+    (dict(off_policy_threshold=math.nan), r"off_policy_threshold must be a finite number"),
     (dict(off_policy_threshold=0.1, off_policy_logp="new"), r"off_policy_logp must be one of"),
 ])
 def test_bad_correction_config_is_rejected(kw, pattern):
