@@ -194,10 +194,9 @@ def _mismatch_batch(seed: int = 5):
 
 @pytest.mark.parametrize("name", VERL_CORRECTIONS)
 def test_prolix_rollout_correction_matches_verl_weights_and_rejection_masks(verl_modules, name):
+    from verl.trainer.ppo.rollout_corr_helper import compute_rollout_correction_and_rejection_mask
+
     from prolix.kernels.integrations.verl import compute_rollout_correction_prolix
-    from verl.trainer.ppo.rollout_corr_helper import (
-        compute_rollout_correction_and_rejection_mask,
-    )
 
     old, rollout, mask = _mismatch_batch()
     options = VERL_CORRECTIONS[name]
