@@ -272,6 +272,16 @@ def _ratio(x, old, m, seqs, config: GRPOLossConfig) -> tuple[torch.Tensor, torch
     return torch.exp(log_r / lengths.clamp(min=1.0))[seq_id], lengths
 
 
+def _kl(delta: torch.Tensor, estimator: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(kl, ∂kl/∂x) per token for δ = ref − x."""
+    if estimator == "k1":
+        return -delta, torch.ones_like(delta)
+    if estimator == "k2":
+        return 0.5 * delta * delta, -delta
+    em1 = torch.expm1(delta)            # exp(δ) − 1, exact for small δ
+    return em1 - delta, -em1
+
+
 def _grpo_forward(logp, entropy, advantages, m, old_logp, ref_logp, is_weight, weights, seqs, config):
     """Loss, ∂loss/∂logp [N], ∂loss/∂entropy [N] (or None) and the metric vector, in m's dtype.
 
@@ -309,14 +319,7 @@ def _grpo_forward(logp, entropy, advantages, m, old_logp, ref_logp, is_weight, w
     loss_tok = pg
     kl = None
     if ref_logp is not None:
-        delta = ref_logp.to(dt) - x
-        if config.kl_estimator == "k1":
-            kl, dkl = -delta, torch.ones_like(delta)
-        elif config.kl_estimator == "k2":
-            kl, dkl = 0.5 * delta * delta, -delta
-        else:
-            em1 = torch.expm1(delta)            # exp(δ) − 1, exact for small δ
-            kl, dkl = em1 - delta, -em1
+        kl, dkl = _kl(ref_logp.to(dt) - x, config.kl_estimator)
         if config.kl_coef != 0:
             loss_tok = loss_tok + config.kl_coef * kl
             dlogp = dlogp + torch.where(active, weights * (config.kl_coef * dkl), zero)
@@ -478,6 +481,12 @@ def fused_linear_grpo_loss(
     backend:  "auto" | "torch" | "triton", passed to `linear_logprobs`.
 
     Returns (loss, metrics) as `grpo_loss`: loss 0-d fp32, differentiable w.r.t. hidden and weight.
+
+    Today this is `linear_logprobs` + `grpo_loss` (four GEMMs), which serves every config. A
+    pass that computes ∂L/∂logp chunk by chunk inside the forward can take only configs with
+    `config.token_local` (rollout correction is then two per-token constant vectors from
+    `rollout_correction`, computed before the pass); GSPO's sequence ratio and an off-policy
+    mask against the current policy (`config.needs_sequence_logp`) stay on this path.
     """
     # dtypes, vocabulary range and the weight are checked by linear_logprobs; here what the loss needs
     for name, t in (("hidden", hidden), ("weight", weight)):

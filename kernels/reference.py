@@ -118,6 +118,17 @@ def _sequence_ratio(log_ratio: torch.Tensor, m: torch.Tensor, cu_seqlens: torch.
     return torch.cat(out) if out else log_ratio.new_zeros(0)
 
 
+def _corrected(logp, old, rollout_logp, adv, m, cu_seqlens, config: GRPOLossConfig, cast):
+    """(mask after rollout correction, weight of the surrogate or None)."""
+    rc = config.rollout_correction
+    if rc is not None and rc.enabled:
+        w, keep = rollout_correction_ref(old, rollout_logp, adv, m, cu_seqlens, rc, current_logp=logp.detach())
+        return m * keep.to(m.dtype), (w.to(m.dtype) if rc.is_level is not None else None)
+    if config.tis_cap is not None and rollout_logp is not None:
+        return m, torch.exp(old - cast(rollout_logp)).clamp(max=config.tis_cap).detach()
+    return m, None
+
+
 def grpo_loss_ref(
     logp: torch.Tensor,
     advantages: torch.Tensor,
@@ -145,14 +156,7 @@ def grpo_loss_ref(
     adv = cast(advantages)
     m = cast(mask)
     old = logp.detach() if old_logp is None else cast(old_logp)
-    w = None
-    rc = config.rollout_correction
-    if rc is not None and rc.enabled:
-        w, keep = rollout_correction_ref(old, rollout_logp, adv, m, cu_seqlens, rc, current_logp=logp.detach())
-        m = m * keep.to(m.dtype)
-        w = w.to(m.dtype) if rc.is_level is not None else None
-    elif config.tis_cap is not None and rollout_logp is not None:
-        w = torch.exp(old - cast(rollout_logp)).clamp(max=config.tis_cap).detach()
+    m, w = _corrected(logp, old, rollout_logp, adv, m, cu_seqlens, config, cast)
 
     if config.ratio_level == "sequence":
         ratio = _sequence_ratio(torch.where(m != 0, logp - old, 0.0), m, cu_seqlens)

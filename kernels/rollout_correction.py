@@ -162,6 +162,18 @@ def _dropped_fractions(drop: torch.Tensor, m: torch.Tensor, seq_id: torch.Tensor
             seq_any.to(m.dtype).sum() / (lengths > 0).to(m.dtype).sum().clamp(min=1.0))
 
 
+def _mismatch(lam, m, seq_id, lengths):
+    """(mean k1 [S], mean k3 [S], the mismatch metrics) of the response tokens."""
+    k1, k3 = -lam, torch.expm1(lam) - lam
+    seq_k1, seq_k3 = _seq_mean(k1, m, seq_id, lengths), _seq_mean(k3, m, seq_id, lengths)   # [S]
+    has, zero, count = lengths > 0, m.new_zeros(()), m.sum().clamp(min=1.0)
+    return seq_k1, seq_k3, {
+        "mismatch_k1": torch.where(m != 0, k1 * m, zero).sum() / count,
+        "mismatch_k3": torch.where(m != 0, k3 * m, zero).sum() / count,
+        "mismatch_k1_seq_max": torch.where(has, seq_k1.abs(), zero).max() if has.numel() else zero,
+        "mismatch_k3_seq_max": torch.where(has, seq_k3, zero).max() if has.numel() else zero}
+
+
 def _importance_weight(lam, m, seq_id, lengths, config: RolloutCorrectionConfig):
     """(w [N], dropped [N] bool) of the is_level/is_mode rule."""
     log_w = lam if config.is_level == "token" else _seq_mean(lam, m, seq_id, lengths)[seq_id]
@@ -204,14 +216,8 @@ def rollout_correction(
     lengths = torch.zeros(cu_seqlens.shape[0] - 1, dtype=dt, device=m.device).index_add_(0, seq_id, m)  # [S]
     old, rollout = old_logp.detach().to(dt), rollout_logp.detach().to(dt)
     lam = old - rollout                                                                      # [N]
-    k1, k3 = -lam, torch.expm1(lam) - lam
-    seq_k1, seq_k3 = _seq_mean(k1, m, seq_id, lengths), _seq_mean(k3, m, seq_id, lengths)   # [S]
-    has = lengths > 0
+    seq_k1, seq_k3, metrics = _mismatch(lam, m, seq_id, lengths)
     zero = m.new_zeros(())
-    metrics = {"mismatch_k1": (torch.where(m != 0, k1 * m, zero)).sum() / m.sum().clamp(min=1.0),
-               "mismatch_k3": (torch.where(m != 0, k3 * m, zero)).sum() / m.sum().clamp(min=1.0),
-               "mismatch_k1_seq_max": torch.where(has, seq_k1.abs(), zero).max() if has.numel() else zero,
-               "mismatch_k3_seq_max": torch.where(has, seq_k3, zero).max() if has.numel() else zero}
     keep = torch.ones_like(m, dtype=torch.bool)
     weight = None
     if config.is_level is not None:

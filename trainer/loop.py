@@ -516,6 +516,14 @@ class Trainer:
         tokens, seqs = kept_counts(mask, corr.keep, cu)
         return tokens, seqs, {k: v.item() for k, v in corr.metrics.items()}
 
+    def _normalizer(self, records: list[SequenceRecord], correction) -> float:
+        """The mini-batch's response tokens (token-mean) or sequences (seq-*); with rollout
+        correction only those it keeps (at least 1: everything dropped gives loss 0, gradient 0)."""
+        token_mean = self.cfg.algorithm.loss_agg == "token-mean"
+        if correction is not None:
+            return max(correction[0] if token_mean else correction[1], 1.0)
+        return float(sum(r.num_response_tokens for r in records)) if token_mean else float(len(records))
+
     def update(self, records: list[SequenceRecord], step: int) -> dict[str, float]:
         """One optimizer step on a mini-batch: micro-batches planned by token budget, each
         loss normalised by the whole mini-batch's denominator, gradients accumulated.
@@ -527,13 +535,7 @@ class Trainer:
         self.policy.train()
         plan = self._plan(records)
         correction = self._correction(records)
-        if correction is not None:            # dropped tokens leave the normaliser
-            normalizer = correction[0] if cfg.algorithm.loss_agg == "token-mean" else correction[1]
-            normalizer = max(normalizer, 1.0)  # everything dropped: loss 0, gradient 0
-        elif cfg.algorithm.loss_agg == "token-mean":
-            normalizer = float(sum(r.num_response_tokens for r in records))   # response tokens
-        else:
-            normalizer = float(len(records))                                 # sequences
+        normalizer = self._normalizer(records, correction)
         self.optimizer.zero_grad(set_to_none=True)
         sums: dict[str, float] = defaultdict(float)
         tokens, loss_total, ratio_max = 0.0, 0.0, 0.0
