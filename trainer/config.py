@@ -30,8 +30,8 @@ from prolix.kernels import GRPOLossConfig, RolloutCorrectionConfig
 from .tasks import SourceConfig
 
 __all__ = ["ConfigError", "ModelConfig", "DemoConfig", "DataConfig", "RolloutConfig", "AlgorithmConfig",
-           "RolloutCorrectionSection", "OptimConfig", "ReferenceConfig", "EvalConfig", "RunConfig", "TrainConfig", "load_config",
-           "save_config", "config_to_dict", "config_from_dict", "apply_overrides", "default_tree"]
+           "RolloutCorrectionSection", "OptimConfig", "ReferenceConfig", "EvalConfig", "RunConfig", "TrainConfig",
+           "load_config", "save_config", "config_to_dict", "config_from_dict", "apply_overrides", "default_tree"]
 
 
 class ConfigError(ValueError):

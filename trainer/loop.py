@@ -5,11 +5,13 @@ One step (`Trainer.train_step`):
     groups  = collect_groups(step)        rollout → reward (+ overlong shaping) → group advantages,
                                           dynamic sampling refills the batch with informative groups
     records = make_records(groups)        prompt+response ids, the advantage broadcast per token,
-                                          the engine's log-probs (for the TIS correction)
-    records = attach_logps(records)       old_logp (no grad) when a rollout feeds > 1 update,
-                                          ref_logp from the frozen reference when kl_coef > 0
+                                          the engine's log-probs (for TIS / rollout correction)
+    records = attach_logps(records)       old_logp (no grad) when a rollout feeds > 1 update or
+                                          rollout correction is on, ref_logp from the frozen
+                                          reference when kl_coef > 0
     for mini_batch in mini_batches(records):
-        update(mini_batch)                pack → micro-batches → fused LM head + GRPO loss with the
+        update(mini_batch)                rollout correction over the mini-batch (kept counts) →
+                                          pack → micro-batches → fused LM head + GRPO loss with the
                                           mini-batch's global normaliser → backward → clip → AdamW
     engine.sync_weights(policy)           the rollout engine samples from the new weights
 
@@ -443,7 +445,8 @@ class Trainer:
     @torch.no_grad()
     def attach_logps(self, records: list[SequenceRecord]) -> list[SequenceRecord]:
         """old_logp from the policy before any update of this step (needed when the rollout
-        feeds several updates; with one, old = logp.detach() and the ratio is 1), and ref_logp
+        feeds several updates, and by rollout correction; otherwise old = logp.detach() and the
+        ratio is 1), and ref_logp
         from the frozen reference (when kl_coef > 0). Both are constants of the loss."""
         # rollout correction compares old with rollout log-probs before the loss (its global
         # normaliser counts the tokens it keeps), so it needs old_logp even for one update
