@@ -84,6 +84,10 @@ def _coerce(tp: Any, value: Any, field: str) -> Any:
     if tp is Any:
         return value
     if origin is typing.Literal:
+        if isinstance(value, bool) and args and all(isinstance(a, str) for a in args):
+            # YAML 1.1 reads off/on/yes/no as booleans: take back the word among the choices
+            words = [a for a in args if a.lower() in (_TRUE if value else _FALSE)]
+            value = words[0] if len(words) == 1 else value
         choice = _coerce(type(args[0]), value, field) if args and type(args[0]) in (bool, int, float, str) else value
         check_choice(choice, field, args)
         return choice
