@@ -138,15 +138,6 @@ def test_an_optional_section_left_at_none_takes_overrides_and_round_trips(tmp_pa
     assert load_config(save_config(cfg, tmp_path / "config.yaml")) == cfg
 
 
-def test_the_choice_off_is_the_word_not_yaml_false(tmp_path, jsonl):
-    # YAML 1.1 reads off / on as booleans; a Literal of strings takes the word back
-    cfg = load_config(None, [JSONL_SOURCE % jsonl, "reference.mode=off", "model.autocast=off"])
-    assert cfg.reference.mode == "off" and cfg.model.autocast == "off"
-    cfg_file = tmp_path / "run.yaml"
-    cfg_file.write_text("reference:\n  mode: off\n")
-    assert load_config(cfg_file, [JSONL_SOURCE % jsonl]).reference.mode == "off"
-
-
 def test_cli_rejects_a_bad_config_before_building_anything(tmp_path, jsonl, capsys):
     code = train_main([f"run.out_dir={tmp_path}", "run.name=bad", "rollout.max_tokens=4000", JSONL_SOURCE % jsonl])
     err = capsys.readouterr().err
@@ -194,3 +185,13 @@ def test_a_loss_temperature_other_than_the_rollouts_is_refused_in_code(jsonl):
     loss = dataclasses.replace(cfg.algorithm.loss, temperature=0.5)
     with pytest.raises(ConfigError, match=r"algorithm.loss.temperature: expected rollout.temperature \(1.0\)"):
         dataclasses.replace(cfg, algorithm=dataclasses.replace(cfg.algorithm, loss=loss))
+
+
+def test_off_is_a_choice_not_a_yaml_boolean(tmp_path, jsonl):
+    # YAML 1.1 reads a bare `off` as False; a choice among strings takes what the user wrote.
+    assert load_config(None, ["reference.mode=off"]).reference.mode == "off"
+    path = tmp_path / "run.yaml"
+    path.write_text("reference:\n  mode: off\n")
+    assert load_config(path, []).reference.mode == "off"
+    with pytest.raises(ConfigError, match=r"reference\.mode: expected one of"):
+        load_config(None, ["reference.mode=of"])
