@@ -4,6 +4,7 @@ Depends on torch and triton only; nothing here imports the trainer. CUDA tensors
 Triton kernels, CPU tensors a streaming torch implementation with the same memory bound.
 
     from prolix.kernels import linear_logprobs, fused_linear_grpo_loss, GRPOLossConfig
+    from prolix.kernels import RolloutCorrectionConfig   # GRPOLossConfig(rollout_correction=...)
 """
 
 from .grpo_loss import (
@@ -13,10 +14,12 @@ from .grpo_loss import (
     grpo_loss,
 )
 from .linear_logprob import linear_logprobs
+from .rollout_correction import RolloutCorrectionConfig
 
 __all__ = [
     "linear_logprobs",
     "GRPOLossConfig",
+    "RolloutCorrectionConfig",
     "grpo_loss",
     "fused_linear_grpo_loss",
     "FusedLinearGRPOLoss",

@@ -3,10 +3,12 @@ r"""LM head + a per-token loss with the gradients computed in the forward: three
 `fused_linear_grpo_loss` (kernels/grpo_loss.py) knows g = ∂L/∂logp and g_H = ∂L/∂H of every
 token inside its forward, because each token's loss depends only on its own log-prob, entropy
 and given tensors (the global normaliser and per-sequence token counts come from the mask and
-`cu_seqlens`, known before the pass). So the hidden and weight gradients are computed here, in
-the forward, and the backward only scales them by the incoming gradient. A loss that couples
-tokens through their log-probs (a sequence-level ratio, GSPO) breaks that premise and must take
-the four-GEMM path (`linear_logprobs` + autograd), which `algorithm="four_gemm"` selects.
+`cu_seqlens`, rollout correction's weight and keep vectors from old/rollout log-probs, all known
+before the pass). So the hidden and weight gradients are computed here, in the forward, and the
+backward only scales them by the incoming gradient. A loss that couples tokens through their
+current log-probs (GSPO's sequence ratio, an off-policy mask against the current policy:
+`GRPOLossConfig.needs_sequence_logp`) breaks that premise and takes the four-GEMM path
+(`linear_logprobs` + autograd), which `algorithm="auto"` selects for it.
 
 Math (z = h·Wᵀ/τ, rows n of a chunk of C tokens, y[n] the target):
 

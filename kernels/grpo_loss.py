@@ -6,6 +6,7 @@ log-prob x = logp[n], ratio r = exp(x − old_logp):
     pg   = −min(r·A, clip(r, 1 − ε_low, 1 + ε_high)·A)       PPO clip
     pg   ← min(pg, −c·A)                   if A < 0          dual clip (loss bounded by −c·A)
     pg   ← w·pg,  w = min(exp(old_logp − rollout_logp), C)   truncated IS weight, a constant
+                  (or the weight of `config.rollout_correction`, kernels/rollout_correction.py)
     kl   = k1: −δ | k2: δ²/2 | k3: exp(δ) − δ − 1             δ = ref_logp − x
     loss_tok = pg + β·kl − c_ent·H
     loss = Σ_n c[n]·loss_tok[n]
@@ -19,6 +20,17 @@ The aggregation weights c[n] (m = mask, D = the normaliser, L_s = Σ m over sequ
 
 Passing the *global* D of the whole mini-batch makes the loss a plain sum over tokens, so
 micro-batch losses (and gradients) add up to the one-batch loss (and gradient).
+
+Rollout correction (`config.rollout_correction`) is computed before the loss from per-token
+constants: a weight w (replacing the TIS weight) and a keep flag; m becomes m·keep everywhere
+above (the loss, L_s, the local D), so a dropped token leaves the normaliser as it leaves the
+loss, in every aggregation. A global D must then be counted over m·keep (`kept_counts`).
+
+GSPO (`ratio_level="sequence"`, Zheng et al. 2025): r is the sequence's geometric-mean ratio
+r_s = exp(Σ_{n∈s} m·(x − old) / L_s), broadcast to its tokens; the clip, the dual clip and w act
+on it per token as above. Its derivative couples the tokens of a sequence:
+∂loss/∂x[t] = (m[t]/L_s)·Σ_{n∈s} c[n]·w[n]·∂pg[n]/∂log r_s, so it needs the whole sequence's
+current log-probs (`GRPOLossConfig.needs_sequence_logp`), which a chunk-local fused pass lacks.
 Conventions: the dual clip is min(pg, −c·A), an upper bound on the loss of negative-advantage
 tokens (Ye et al. 2020, verl; DESIGN.md writes max(·), which would be a floor, not a bound,
 and contradicts its own "c > 1"); w carries no gradient; the entropy enters only when c_ent ≠ 0
@@ -35,7 +47,9 @@ so the autograd node saves two [N] vectors and its backward is one multiply by g
 
 Cost of `fused_linear_grpo_loss` (N tokens, H hidden, V vocabulary; no [N, V] tensor in either):
 - algorithm="three_gemm" (the default, kernels/fused_grpo.py): because a token's loss depends
-  only on its own logp and entropy, ∂loss/∂logp is known chunk by chunk inside the forward, so
+  only on its own logp and entropy (and per-token constants: rollout correction's weight and
+  keep vectors are computed before the pass; `needs_sequence_logp` configs take "four_gemm"),
+  ∂loss/∂logp is known chunk by chunk inside the forward, so
   the forward also computes ∂hidden and ∂weight: GEMM 1 writes E = exp(z − z_y) for a chunk of
   C rows, then two cuBLAS GEMMs (dh, dW) read it. 3 GEMMs of 2·N·H·V FLOP, the backward a
   multiply by grad_output; extra memory C·V·2 B (E, ≈ 1.25 GB by default) + V·H·4 B (fp32 dW).
@@ -61,10 +75,12 @@ from torch.autograd.function import once_differentiable
 
 from .fused_grpo import attach_gradients, three_gemm_logprob_grads
 from .linear_logprob import _check_inputs, linear_logprobs
+from .rollout_correction import RolloutCorrectionConfig, rollout_correction, seq_ids
 
 __all__ = ["GRPOLossConfig", "grpo_loss", "fused_linear_grpo_loss", "FusedLinearGRPOLoss"]
 
 KL_ESTIMATORS = ("k1", "k2", "k3")
+RATIO_LEVELS = ("token", "sequence")
 ALGORITHMS = ("auto", "three_gemm", "four_gemm")
 LOSS_AGGREGATIONS = (
     "token-mean",
@@ -106,6 +122,28 @@ class GRPOLossConfig:
     """The fixed length that seq-mean-token-sum-norm (Dr.GRPO) divides by."""
     temperature: float = 1.0
     """τ: logits are divided by it before the softmax (the sampling temperature)."""
+    ratio_level: str = "token"
+    """"token" (PPO/GRPO) or "sequence": GSPO's per-sequence geometric-mean ratio (needs cu_seqlens)."""
+    rollout_correction: RolloutCorrectionConfig | None = None
+    """Importance weight / rejection / off-policy masking against the rollout engine's log-probs
+    (kernels/rollout_correction.py); needs `rollout_logp` and `cu_seqlens` when enabled."""
+
+    @property
+    def needs_sequence_logp(self) -> bool:
+        """True when the loss of a token depends on the current log-probs of its whole sequence
+        (GSPO's ratio, an off-policy mask against the current policy): a fused pass that
+        computes ∂L/∂logp chunk by chunk cannot, and falls back to linear_logprobs + grpo_loss."""
+        rc = self.rollout_correction
+        return self.ratio_level == "sequence" or (rc is not None and rc.needs_sequence_logp)
+
+    @property
+    def token_local(self) -> bool:
+        """True when each token's loss depends only on its own logp and per-token constants."""
+        return not self.needs_sequence_logp
+
+    @property
+    def corrects_rollout(self) -> bool:
+        return self.rollout_correction is not None and self.rollout_correction.enabled
 
     def __post_init__(self) -> None:
         if self.clip_low < 0 or self.clip_high < 0:
@@ -126,6 +164,14 @@ class GRPOLossConfig:
             raise ValueError(f"tis_cap must be > 0 or None, got {self.tis_cap}")
         if not self.temperature > 0:
             raise ValueError(f"temperature must be > 0, got {self.temperature}")
+        if self.ratio_level not in RATIO_LEVELS:
+            raise ValueError(f"ratio_level must be one of {RATIO_LEVELS}, got {self.ratio_level!r}")
+        rc = self.rollout_correction
+        if rc is not None and not isinstance(rc, RolloutCorrectionConfig):
+            raise TypeError(f"rollout_correction: expected a RolloutCorrectionConfig or None, got {type(rc).__name__}")
+        if self.tis_cap is not None and rc is not None and rc.is_level is not None:
+            raise ValueError(f"tis_cap={self.tis_cap} and rollout_correction.is_level={rc.is_level!r} are two "
+                             "importance weights; set one (tis_cap = is_level 'token', is_max C)")
 
 
 # ---------------------------------------------------------------------------- validation
@@ -174,8 +220,12 @@ def _validate(n: int, dev, advantages, mask, old_logp, ref_logp, rollout_logp, e
         raise ValueError(f"entropy: required when config.entropy_coef != 0 (got {config.entropy_coef}), got None")
     if config.tis_cap is not None and rollout_logp is None:
         raise ValueError(f"rollout_logp: required when config.tis_cap is set (got {config.tis_cap}), got None")
+    if config.corrects_rollout and rollout_logp is None:
+        raise ValueError("rollout_logp: required when config.rollout_correction is enabled, got None")
     if config.loss_agg != "token-mean" and cu_seqlens is None:
         raise ValueError(f"cu_seqlens: required by loss_agg={config.loss_agg!r}, got None")
+    if cu_seqlens is None and (config.ratio_level == "sequence" or config.corrects_rollout):
+        raise ValueError("cu_seqlens: required by ratio_level='sequence' and by rollout_correction, got None")
     checks = []
     if cu_seqlens is not None:
         if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.is_floating_point() or \
@@ -233,50 +283,73 @@ def _metric_names(config: GRPOLossConfig, has_kl: bool, has_entropy: bool) -> li
     return names + ["ratio_mean", "ratio_max", "num_tokens"]
 
 
-def _grpo_forward(logp, entropy, advantages, m, old_logp, ref_logp, rollout_logp, weights, config):
-    """Loss, ∂loss/∂logp [N], ∂loss/∂entropy [N] (or None) and the metric vector, in m's dtype."""
+def _ratio(x, old, m, seqs, config: GRPOLossConfig) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(r [N], L [S] or None): the token ratio exp(x − old), or GSPO's sequence ratio broadcast
+    to its tokens and the sequences' response-token counts."""
+    if config.ratio_level == "token":
+        return torch.exp(x - old), None
+    seq_id, num_seqs = seqs
+    lengths = torch.zeros(num_seqs, dtype=m.dtype, device=m.device).index_add_(0, seq_id, m)
+    log_r = torch.zeros_like(lengths).index_add_(0, seq_id, torch.where(m != 0, (x - old) * m, 0.0))
+    return torch.exp(log_r / lengths.clamp(min=1.0))[seq_id], lengths
+
+
+def _kl(delta: torch.Tensor, estimator: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(kl, ∂kl/∂x) per token for δ = ref − x."""
+    if estimator == "k1":
+        return -delta, torch.ones_like(delta)
+    if estimator == "k2":
+        return 0.5 * delta * delta, -delta
+    em1 = torch.expm1(delta)            # exp(δ) − 1, exact for small δ
+    return em1 - delta, -em1
+
+
+def _grpo_forward(logp, entropy, advantages, m, old_logp, ref_logp, is_weight, weights, seqs, config):
+    """Loss, ∂loss/∂logp [N], ∂loss/∂entropy [N] (or None) and the metric vector, in m's dtype.
+
+    m is the mask after rollout correction; is_weight [N] the constant weight w of the
+    surrogate (None: 1); seqs = (seq_id [N] int64, S), used by ratio_level="sequence" only."""
     dt = weights.dtype
     x, a = logp.to(dt), advantages.to(dt)
     old = x if old_logp is None else old_logp.to(dt)
     active = weights != 0   # where-guards below keep inf·0 of masked-out rows out of the sums
     zero = x.new_zeros(())
 
-    r = torch.exp(x - old)
+    r, lengths = _ratio(x, old, m, seqs, config)
     lo, hi = 1.0 - config.clip_low, 1.0 + config.clip_high
     clip_low = (a < 0) & (r < lo)            # −A·lo > −A·r: the clipped branch is the max
     clip_high = (a > 0) & (r > hi)
     clipped = clip_low | clip_high
     pg = torch.where(clipped, -a * r.clamp(lo, hi), -a * r)
-    dpg = torch.where(clipped, zero, -a * r)  # d(−A·r)/dx = −A·r; the clipped branch is constant
+    dpg = torch.where(clipped, zero, -a * r)  # ∂(−A·r)/∂log r = −A·r; the clipped branch is constant
     stats = {}
     if config.dual_clip is not None:
         bound = -config.dual_clip * a
         dual = (a < 0) & (pg > bound)
         pg, dpg = torch.where(dual, bound, pg), torch.where(dual, zero, dpg)
         stats["dual_clip_frac"] = dual
-    if config.tis_cap is not None:
-        w = torch.exp(old - rollout_logp.to(dt)).clamp(max=config.tis_cap)
+    if is_weight is not None:
+        w = is_weight.to(dt)
         pg, dpg = w * pg, w * dpg
-        stats["tis_weight_mean"] = w
-    loss_tok, dloss_tok = pg, dpg
+        if config.tis_cap is not None:
+            stats["tis_weight_mean"] = w
+    dlogp = torch.where(active, weights * dpg, zero)
+    if lengths is not None:   # GSPO: log r_s = Σ m·(x − old)/L_s spreads Σ_{n∈s} over the tokens
+        seq_id = seqs[0]
+        seq_grad = torch.zeros_like(lengths).index_add_(0, seq_id, dlogp)
+        dlogp = torch.where(m != 0, seq_grad[seq_id] * m / lengths.clamp(min=1.0)[seq_id], zero)
+    loss_tok = pg
     kl = None
     if ref_logp is not None:
-        delta = ref_logp.to(dt) - x
-        if config.kl_estimator == "k1":
-            kl, dkl = -delta, torch.ones_like(delta)
-        elif config.kl_estimator == "k2":
-            kl, dkl = 0.5 * delta * delta, -delta
-        else:
-            em1 = torch.expm1(delta)            # exp(δ) − 1, exact for small δ
-            kl, dkl = em1 - delta, -em1
+        kl, dkl = _kl(ref_logp.to(dt) - x, config.kl_estimator)
         if config.kl_coef != 0:
-            loss_tok, dloss_tok = loss_tok + config.kl_coef * kl, dloss_tok + config.kl_coef * dkl
+            loss_tok = loss_tok + config.kl_coef * kl
+            dlogp = dlogp + torch.where(active, weights * (config.kl_coef * dkl), zero)
     ent = None if entropy is None else entropy.to(dt)
     if config.entropy_coef != 0:
         loss_tok = loss_tok - config.entropy_coef * ent
 
     loss = torch.where(active, weights * loss_tok, zero).sum()
-    dlogp = torch.where(active, weights * dloss_tok, zero)
     dent = -config.entropy_coef * weights if config.entropy_coef != 0 else None
 
     # metrics: means over masked tokens (mask-weighted), no host sync
@@ -299,9 +372,9 @@ class _GRPOLossFunction(torch.autograd.Function):
     """Forward: loss and its per-token derivatives; backward: grad_output · saved derivatives."""
 
     @staticmethod
-    def forward(ctx, logp, entropy, advantages, m, old_logp, ref_logp, rollout_logp, weights, config):
+    def forward(ctx, logp, entropy, advantages, m, old_logp, ref_logp, is_weight, weights, seqs, config):
         loss, dlogp, dent, metrics = _grpo_forward(
-            logp, entropy, advantages, m, old_logp, ref_logp, rollout_logp, weights, config)
+            logp, entropy, advantages, m, old_logp, ref_logp, is_weight, weights, seqs, config)
         ctx.save_for_backward(dlogp, dent)
         ctx.dtypes = (logp.dtype, None if entropy is None else entropy.dtype)
         ctx.mark_non_differentiable(metrics)
@@ -313,24 +386,44 @@ class _GRPOLossFunction(torch.autograd.Function):
         dlogp, dent = ctx.saved_tensors
         logp_dtype, ent_dtype = ctx.dtypes
         grad_ent = (grad_loss * dent).to(ent_dtype) if dent is not None and ctx.needs_input_grad[1] else None
-        return (grad_loss * dlogp).to(logp_dtype), grad_ent, None, None, None, None, None, None, None
+        return (grad_loss * dlogp).to(logp_dtype), grad_ent, None, None, None, None, None, None, None, None
 
 
 # ------------------------------------------------------------------------ public API
+
+
+def _correct(logp, advantages, m, old_logp, rollout_logp, cu_seqlens, config: GRPOLossConfig):
+    """(mask after correction, weight [N] or None, correction metrics): the per-token constants
+    of the rollout-correction rules and of tis_cap, computed before the loss. `logp` (detached
+    here) is read only when old_logp is None (old = logp) and by an off-policy mask against the
+    current policy; with old_logp given and `config.token_local` it may be None (the three-GEMM
+    path, which computes these before its chunked pass)."""
+    if not config.corrects_rollout and config.tis_cap is None:
+        return m, None, {}
+    old = (logp if old_logp is None else old_logp).detach()
+    if config.corrects_rollout:
+        corr = rollout_correction(old, rollout_logp, advantages, m, cu_seqlens, config.rollout_correction,
+                                  current_logp=None if logp is None else logp.detach())
+        return m * corr.keep, corr.weight, corr.metrics
+    return m, torch.exp(old.to(m.dtype) - rollout_logp.to(m.dtype)).clamp(max=config.tis_cap), {}
 
 
 def _grpo_loss(logp, advantages, mask, old_logp, ref_logp, rollout_logp, entropy, cu_seqlens,
                config, normalizer):
     """grpo_loss on validated inputs."""
     m = mask.detach().to(torch.promote_types(logp.dtype, torch.float32))  # [N] fp32 (fp64 for fp64 logp)
+    m, is_weight, corr_metrics = _correct(logp, advantages, m, old_logp, rollout_logp, cu_seqlens, config)
     weights = _aggregation_weights(m, cu_seqlens, config, normalizer)        # [N], same dtype
+    seqs = None
+    if config.ratio_level == "sequence":
+        seqs = (seq_ids(cu_seqlens, m.shape[0]), cu_seqlens.shape[0] - 1)
     if config.entropy_coef == 0 and entropy is not None:
         entropy = entropy.detach()  # metric only: keep it out of the graph
-    # old/ref/rollout log-probs and advantages are constants: the Function returns no grad for them.
+    # old/ref log-probs, weights and advantages are constants: the Function returns no grad for them.
     loss, metrics = _GRPOLossFunction.apply(
-        logp, entropy, advantages, m, old_logp, ref_logp, rollout_logp, weights, config)
+        logp, entropy, advantages, m, old_logp, ref_logp, is_weight, weights, seqs, config)
     names = _metric_names(config, ref_logp is not None, entropy is not None)
-    return loss, dict(zip(names, metrics.unbind(0)))
+    return loss, {**dict(zip(names, metrics.unbind(0))), **corr_metrics}
 
 
 def grpo_loss(
@@ -415,10 +508,15 @@ def fused_linear_grpo_loss(
     algorithm: "auto" | "three_gemm" | "four_gemm". three_gemm (kernels/fused_grpo.py) computes
               the hidden and weight gradients inside the forward (three GEMMs, the backward only
               scales them); it requires each token's loss to depend only on its own logp and
-              entropy (true of every GRPOLossConfig: the normaliser and per-sequence counts come
-              from mask/cu_seqlens). four_gemm is `linear_logprobs` + `grpo_loss` under autograd
-              (forward, logit recompute, dh, dW), for losses that couple tokens (a future
-              sequence-level ratio, GSPO) and for parity tests. "auto" = three_gemm.
+              entropy and on per-token constants (`config.token_local`: the normaliser and
+              per-sequence counts come from mask/cu_seqlens; rollout correction's weight and keep
+              vectors from old_logp/rollout_logp, computed before the chunked pass). four_gemm is
+              `linear_logprobs` + `grpo_loss` under autograd (forward, logit recompute, dh, dW),
+              for losses that couple tokens through the current log-probs and for parity tests.
+              "auto" = four_gemm exactly when `config.needs_sequence_logp` (GSPO's sequence ratio,
+              an off-policy mask against the current policy) or when rollout correction has no
+              old_logp (old = the current logp, which the rules read across whole sequences);
+              three_gemm otherwise. three_gemm with such a config or inputs is a ValueError.
     chunk_rows: three_gemm only: token rows per chunk, C; its [C, V] buffer is the extra memory
               (None: E ≈ 1.25 GB, `fused_grpo.default_chunk_rows`).
 
@@ -442,7 +540,13 @@ def fused_linear_grpo_loss(
     _raise_failed(checks)
 
     want_entropy = config.entropy_coef != 0 or entropy_metric
-    if algorithm == "four_gemm":
+    coupled = config.needs_sequence_logp or (config.corrects_rollout and old_logp is None)
+    if algorithm == "three_gemm" and coupled:
+        raise ValueError("algorithm: 'three_gemm' needs each token's loss to depend on its own logp only; this "
+                         f"config couples a sequence's tokens (needs_sequence_logp={config.needs_sequence_logp}, "
+                         f"rollout correction without old_logp={config.corrects_rollout and old_logp is None}): "
+                         "use 'four_gemm' or 'auto'")
+    if algorithm == "four_gemm" or (algorithm == "auto" and coupled):
         out = linear_logprobs(hidden, weight, targets, temperature=config.temperature,
                               ignore_index=ignore_index, return_entropy=want_entropy, backend=backend)
         logp, entropy = out if want_entropy else (out, None)
@@ -455,8 +559,15 @@ def fused_linear_grpo_loss(
 
 def _three_gemm_loss(hidden, weight, targets, advantages, mask, old_logp, ref_logp, rollout_logp,
                      cu_seqlens, config, normalizer, want_entropy, backend, chunk_rows):
-    """fused_linear_grpo_loss, algorithm="three_gemm", on validated inputs."""
+    """fused_linear_grpo_loss, algorithm="three_gemm", on validated inputs (config.token_local,
+    and old_logp given when rollout correction is on)."""
     m = mask.detach().to(torch.float32)                                   # [N] fp32
+    # rollout correction's keep and weight [N] (and tis_cap's weight) read only constants: computed
+    # once here and sliced per chunk; without old_logp tis_cap's weight exp(logp − rollout) is
+    # per token, from each chunk's own logp
+    constants = old_logp is not None or config.tis_cap is None
+    m, is_weight, corr_metrics = (_correct(None, advantages, m, old_logp, rollout_logp, cu_seqlens, config)
+                                  if constants else (m, None, {}))
     weights = _aggregation_weights(m, cu_seqlens, config, normalizer)     # [N] fp32
     rows = torch.nonzero(weights != 0).squeeze(1)    # only these rows enter the loss or a gradient
     grad_on = torch.is_grad_enabled()
@@ -466,22 +577,29 @@ def _three_gemm_loss(hidden, weight, targets, advantages, mask, old_logp, ref_lo
     def per_token(t, sel):
         return None if t is None else t[sel]
 
+    def chunk_weight(logp_c, sel):
+        if constants:
+            return per_token(is_weight, sel)
+        return _correct(logp_c, None, m[sel], None, rollout_logp[sel], None, config)[1]
+
     def token_grads(logp_c, ent_c, sel):
         # the one definition of the per-token loss: _grpo_forward on the chunk's rows
         _, dlogp, dent, _ = _grpo_forward(
             logp_c, ent_c, advantages[sel], m[sel], per_token(old_logp, sel), per_token(ref_logp, sel),
-            per_token(rollout_logp, sel), weights[sel], config)
+            chunk_weight(logp_c, sel), weights[sel], None, config)
         return dlogp, dent
 
     with torch.no_grad():
         logp, entropy, dh, dw = three_gemm_logprob_grads(
             hidden.detach(), weight.detach(), targets, rows, token_grads, inv_temp=1.0 / config.temperature,
             with_entropy=want_entropy, need_dh=need_dh, need_dw=need_dw, backend=backend, chunk_rows=chunk_rows)
-        loss, _, _, metrics = _grpo_forward(logp, entropy, advantages, m, old_logp, ref_logp, rollout_logp,
-                                            weights, config)
+        if not constants:
+            is_weight = chunk_weight(logp, slice(None))
+        loss, _, _, metrics = _grpo_forward(logp, entropy, advantages, m, old_logp, ref_logp, is_weight,
+                                            weights, None, config)
     loss = attach_gradients(loss, hidden, weight, dh, dw)
     names = _metric_names(config, ref_logp is not None, entropy is not None)
-    return loss, dict(zip(names, metrics.unbind(0)))
+    return loss, {**dict(zip(names, metrics.unbind(0))), **corr_metrics}
 
 
 class FusedLinearGRPOLoss(nn.Module):

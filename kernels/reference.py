@@ -12,11 +12,14 @@ Autograd works through both functions, so gradient references come from `torch.a
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from .grpo_loss import GRPOLossConfig
+from .rollout_correction import RolloutCorrectionConfig
 
-__all__ = ["linear_logprobs_ref", "grpo_loss_ref"]
+__all__ = ["linear_logprobs_ref", "grpo_loss_ref", "rollout_correction_ref"]
 
 
 def linear_logprobs_ref(
@@ -58,6 +61,74 @@ def _segment_sum(x: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
     return torch.zeros(lengths.numel(), dtype=x.dtype, device=x.device).index_add(0, seq_id, x)
 
 
+def rollout_correction_ref(
+    old_logp: torch.Tensor,
+    rollout_logp: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    config: RolloutCorrectionConfig,
+    *,
+    current_logp: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(weight [N], keep [N]) of kernels/rollout_correction.py, float64, one sequence at a time.
+
+    weight is 1 where config.is_level is None; keep is 1.0 where no rule drops the token."""
+    old, rollout, adv, m = (t.detach().double() for t in (old_logp, rollout_logp, advantages, mask))
+    current = None if current_logp is None else current_logp.detach().double()
+    weight, keep = torch.ones_like(old), torch.ones_like(old)
+    lo = -math.inf if config.is_min is None else config.is_min
+    hi = math.inf if config.is_max is None else config.is_max
+    for a, b in zip(cu_seqlens[:-1].tolist(), cu_seqlens[1:].tolist()):
+        on = m[a:b] != 0
+        lam = (old[a:b] - rollout[a:b])[on]                      # response tokens of this sequence
+        if config.is_level == "token":
+            w = torch.exp(old[a:b] - rollout[a:b])
+        else:
+            w = torch.exp(lam.mean() if lam.numel() else torch.zeros((), dtype=torch.float64)).expand(b - a)
+        if config.is_level is not None:
+            if config.is_mode == "truncate":
+                weight[a:b] = w.clamp(min=config.is_min, max=config.is_max)
+            else:
+                inside = (w >= lo) & (w <= hi)
+                weight[a:b] = torch.where(inside, w, 0.0)
+                keep[a:b] *= inside.double()
+        if config.seq_masks and lam.numel():
+            seq_w = torch.exp(lam.mean())
+            inside = (config.seq_mask_min is None or seq_w >= config.seq_mask_min) and \
+                (config.seq_mask_max is None or seq_w <= config.seq_mask_max)
+            keep[a:b] *= float(inside)
+        if config.reject_threshold is not None and lam.numel():
+            stat = (-lam).mean().abs() if config.reject_estimator == "k1" else (lam.exp() - 1 - lam).mean()
+            keep[a:b] *= float(stat <= config.reject_threshold)
+        if config.off_policy_threshold is not None and lam.numel():
+            x = old if config.off_policy_logp == "old" else current
+            divergence = (rollout[a:b] - x[a:b])[on].mean()
+            keep[a:b] *= torch.where((adv[a:b] < 0) & (divergence > config.off_policy_threshold), 0.0, 1.0)
+    return weight, keep
+
+
+def _sequence_ratio(log_ratio: torch.Tensor, m: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
+    """GSPO: exp(mean of log r over each sequence's tokens in m), broadcast to its rows [N]."""
+    out = []
+    for a, b in zip(cu_seqlens[:-1].tolist(), cu_seqlens[1:].tolist()):
+        on = m[a:b] != 0
+        mean = log_ratio[a:b][on].mean() if on.any() else log_ratio.new_zeros(())
+        out.append(torch.exp(mean).expand(b - a))
+    return torch.cat(out) if out else log_ratio.new_zeros(0)
+
+
+def _corrected(logp, old, rollout_logp, adv, m, cu_seqlens, config: GRPOLossConfig, cast):
+    """(mask after rollout correction, weight of the surrogate or None)."""
+    rc = config.rollout_correction
+    if rc is not None and rc.enabled:
+        w, keep = rollout_correction_ref(old, rollout_logp, adv, m, cu_seqlens, rc, current_logp=logp.detach())
+        return m * keep.to(m.dtype), (w.to(m.dtype) if rc.is_level is not None else None)
+    if config.tis_cap is not None and rollout_logp is not None:
+        return m, torch.exp(old - cast(rollout_logp)).clamp(max=config.tis_cap).detach()
+    return m, None
+
+
 def grpo_loss_ref(
     logp: torch.Tensor,
     advantages: torch.Tensor,
@@ -77,21 +148,26 @@ def grpo_loss_ref(
     logp, advantages, mask, old_logp, ref_logp, rollout_logp, entropy: [N];
     cu_seqlens: [S+1] (needed by the seq-mean-* aggregations).
     Gradients flow into `logp` and `entropy`; `old_logp=None` means `logp.detach()`.
+    config.rollout_correction drops tokens from m (loss and normaliser) and weights the
+    surrogate (`rollout_correction_ref`); config.ratio_level="sequence" is GSPO's ratio.
     """
     cast = (lambda t: t.double()) if upcast else (lambda t: t.float())
     logp = cast(logp)
     adv = cast(advantages)
     m = cast(mask)
     old = logp.detach() if old_logp is None else cast(old_logp)
+    m, w = _corrected(logp, old, rollout_logp, adv, m, cu_seqlens, config, cast)
 
-    ratio = torch.exp(logp - old)
+    if config.ratio_level == "sequence":
+        ratio = _sequence_ratio(torch.where(m != 0, logp - old, 0.0), m, cu_seqlens)
+    else:
+        ratio = torch.exp(logp - old)
     clipped = ratio.clamp(1.0 - config.clip_low, 1.0 + config.clip_high)
     pg = torch.maximum(-adv * ratio, -adv * clipped)
     if config.dual_clip is not None:
         # Bound the loss of negative-advantage tokens whose ratio exploded (Ye et al., 2020).
         pg = torch.where(adv < 0, torch.minimum(pg, -config.dual_clip * adv), pg)
-    if config.tis_cap is not None and rollout_logp is not None:
-        w = torch.exp(old - cast(rollout_logp)).clamp(max=config.tis_cap).detach()
+    if w is not None:
         pg = w * pg
     loss_tok = pg
     if config.kl_coef != 0.0:

@@ -137,6 +137,13 @@ def test_resolved_config_round_trips_through_yaml(tmp_path, jsonl):
     assert load_config(path) == cfg
 
 
+def test_an_optional_section_left_at_none_takes_overrides_and_round_trips(tmp_path, jsonl):
+    rc = "algorithm.loss.rollout_correction."          # None by default: the overrides start it empty
+    cfg = load_config(None, [JSONL_SOURCE % jsonl, rc + "is_level=token", rc + "is_max=2", rc + "reject_threshold=0.1"])
+    assert cfg.loss_config().rollout_correction.is_max == 2.0 and cfg.loss_config().corrects_rollout
+    assert load_config(save_config(cfg, tmp_path / "config.yaml")) == cfg
+
+
 def test_cli_rejects_a_bad_config_before_building_anything(tmp_path, jsonl, capsys):
     code = train_main([f"run.out_dir={tmp_path}", "run.name=bad", "rollout.max_tokens=4000", JSONL_SOURCE % jsonl])
     err = capsys.readouterr().err

@@ -10,13 +10,14 @@ partial. Inputs put each branch the test is about in play, and the tests assert 
 
 from __future__ import annotations
 
+import importlib
 import math
 
 import pytest
 import torch
 from kernel_testing import DEVICE, TOLERANCES, assert_rel_close, rel_err
 
-from prolix.kernels import GRPOLossConfig, fused_linear_grpo_loss
+from prolix.kernels import GRPOLossConfig, RolloutCorrectionConfig, fused_linear_grpo_loss
 from prolix.kernels import fused_grpo as fg
 from prolix.kernels.grpo_loss import KL_ESTIMATORS, LOSS_AGGREGATIONS
 from prolix.kernels.reference import grpo_loss_ref, linear_logprobs_ref
@@ -24,6 +25,8 @@ from prolix.kernels.reference import grpo_loss_ref, linear_logprobs_ref
 BACKENDS = ("torch", "triton")
 IGNORE = -100
 NAMES = ("loss", "d loss / d hidden", "d loss / d weight")
+# the module (`prolix.kernels.grpo_loss` the attribute is the function of the same name)
+grpo_loss_module = importlib.import_module("prolix.kernels.grpo_loss")
 
 
 def make_batch(n, v, h, dtype, *, seed=0, temperature=1.0, overflow_rows=(), log_ratio=0.5):
@@ -238,3 +241,98 @@ def test_default_chunk_keeps_e_near_its_budget_and_bad_arguments_are_named():
         fused_linear_grpo_loss(*args, ignore_index=IGNORE, algorithm="fast")
     with pytest.raises(ValueError, match=r"chunk_rows: expected a positive int or None, got 0"):
         fused_linear_grpo_loss(*args, ignore_index=IGNORE, chunk_rows=0)
+
+
+# --- rollout correction in the three-GEMM pass; sequence-coupled configs take four GEMMs ----
+# make_batch(37, 1000, 64, seed=3): sequences 0, 2, 3 (1 is empty) with advantages −1.03, 2.02,
+# −0.19, geometric-mean weights π_old/π_rollout 1.15, 1.025, 1.132, mean k3 0.073, 0.049, 0.028,
+# mean k1 −0.14, −0.024, −0.124 and token weights in [0.6, 2.27]: each bound below sits between
+# those values, so every rule drops (or truncates) some tokens and keeps others.
+RC = RolloutCorrectionConfig
+TOKEN_LOCAL_CORRECTIONS = {
+    "token-truncate": RC(is_level="token", is_mode="truncate", is_min=0.8, is_max=1.25),
+    "token-mask": RC(is_level="token", is_mode="mask", is_min=0.7, is_max=1.6),
+    "sequence-truncate": RC(is_level="sequence", is_mode="truncate", is_min=1.0, is_max=1.1),
+    "sequence-mask": RC(is_level="sequence", is_mode="mask", is_min=0.9, is_max=1.14),
+    "seq-mask-tis": RC(is_level="token", is_min=0.8, is_max=1.25, seq_mask_min=0.9, seq_mask_max=1.14),
+    "reject-k3": RC(reject_threshold=0.06),
+    "reject-k1": RC(reject_estimator="k1", reject_threshold=0.13),
+    "off-policy-old": RC(off_policy_threshold=-0.13),
+}
+DROP_METRICS = ("is_masked_tokens", "seq_masked_tokens", "rejected_tokens", "off_policy_tokens")
+
+
+def counting_three_gemm(monkeypatch) -> list[int]:
+    """Count calls of the three-GEMM pass made by fused_linear_grpo_loss."""
+    calls = []
+    real = grpo_loss_module.three_gemm_logprob_grads
+
+    def spy(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+    monkeypatch.setattr(grpo_loss_module, "three_gemm_logprob_grads", spy)
+    return calls
+
+
+def assert_rule_fired(metrics, rule: RolloutCorrectionConfig) -> None:
+    dropped = [metrics["rollout_corr/" + k].item() for k in DROP_METRICS if "rollout_corr/" + k in metrics]
+    assert all(0 < d < 1 for d in dropped), f"a rule must drop some tokens and keep others: {dropped}"
+    if rule.is_level is not None and rule.is_mode == "truncate":
+        assert metrics["rollout_corr/is_weight_max"] == pytest.approx(rule.is_max), "the upper bound must bind"
+    assert dropped or rule.is_level is not None
+
+
+@pytest.mark.parametrize("rule_name", TOKEN_LOCAL_CORRECTIONS)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_three_gemm_with_each_token_local_correction_matches_float64_reference(backend, rule_name, monkeypatch):
+    rule = TOKEN_LOCAL_CORRECTIONS[rule_name]
+    config = GRPOLossConfig(kl_coef=0.05, loss_agg="seq-mean-token-mean", rollout_correction=rule)
+    assert config.token_local
+    b = make_batch(37, 1000, 64, torch.float32, seed=3)
+    calls = counting_three_gemm(monkeypatch)
+    out, metrics = ours(b, config, backend, algorithm="auto", chunk_rows=16)
+    assert calls, "a token-local correction must take the three-GEMM path"
+    assert_matches_reference(out, reference(b, config)[0], torch.float32)
+    assert_rule_fired(metrics, rule)
+
+
+def test_three_gemm_tis_without_old_logp_weights_each_chunk_from_its_own_logp(monkeypatch):
+    # old = logp.detach(): the weight min(exp(logp − rollout), C) is per token but not a constant
+    config = GRPOLossConfig(kl_coef=0.05, tis_cap=1.1)
+    b = {**make_batch(37, 1000, 64, torch.float32, seed=3), "old_logp": None}
+    calls = counting_three_gemm(monkeypatch)
+    out, metrics = ours(b, config, "torch", algorithm="auto", chunk_rows=16)
+    assert calls
+    assert_matches_reference(out, reference(b, config)[0], torch.float32)
+    assert 0 < metrics["tis_weight_mean"] < 1.1
+
+
+SEQUENCE_CONFIGS = {
+    "gspo": GRPOLossConfig(kl_coef=0.05, ratio_level="sequence", loss_agg="seq-mean-token-mean"),
+    "gspo+token-mask": GRPOLossConfig(ratio_level="sequence", rollout_correction=TOKEN_LOCAL_CORRECTIONS["token-mask"]),
+    "off-policy-current": GRPOLossConfig(kl_coef=0.05, rollout_correction=RC(off_policy_threshold=-0.13,
+                                                                              off_policy_logp="current")),
+}
+
+
+@pytest.mark.parametrize("config_name", SEQUENCE_CONFIGS)
+def test_a_sequence_level_config_takes_the_four_gemm_path_and_matches(config_name, monkeypatch):
+    config = SEQUENCE_CONFIGS[config_name]
+    assert config.needs_sequence_logp
+    b = make_batch(37, 1000, 64, torch.float32, seed=3)
+    calls = counting_three_gemm(monkeypatch)
+    out, _ = ours(b, config, "torch", algorithm="auto")
+    assert not calls, "a loss that couples a sequence's tokens cannot be computed chunk by chunk"
+    assert_matches_reference(out, reference(b, config)[0], torch.float32)
+    with pytest.raises(ValueError, match=r"algorithm: 'three_gemm' needs each token's loss"):
+        ours(b, config, "torch", algorithm="three_gemm")
+
+
+def test_rollout_correction_without_old_logp_takes_the_four_gemm_path(monkeypatch):
+    # old = the current logp, which the sequence rules read across whole sequences
+    config = GRPOLossConfig(rollout_correction=TOKEN_LOCAL_CORRECTIONS["sequence-mask"])
+    b = {**make_batch(37, 1000, 64, torch.float32, seed=3), "old_logp": None}
+    calls = counting_three_gemm(monkeypatch)
+    out, _ = ours(b, config, "torch", algorithm="auto")
+    assert not calls
+    assert_matches_reference(out, reference(b, config)[0], torch.float32)

@@ -94,10 +94,11 @@ def batch(model_dir, tmp_path_factory):
     return trainer, inputs
 
 
-def _configure(trainer, loss_type="grpo", epsilon_high=0.2, delta=None, entropy_coef=0.0, is_correction=False,
-               training=True, bias_correction_kl=True):
+def _configure(trainer, loss_type="grpo", epsilon_high=0.2, epsilon_low=0.2, delta=None, entropy_coef=0.0, is_correction=False,
+               training=True, bias_correction_kl=True, level="token", off_policy=None):
     """Set every option the loss reads, so cases never leak into each other."""
-    trainer.loss_type, trainer.epsilon_low, trainer.epsilon_high = loss_type, 0.2, epsilon_high
+    trainer.loss_type, trainer.epsilon_low, trainer.epsilon_high = loss_type, epsilon_low, epsilon_high
+    trainer.importance_sampling_level, trainer.off_policy_mask_threshold = level, off_policy
     trainer.args.delta, trainer.args.use_bias_correction_kl = delta, bias_correction_kl
     trainer.entropy_coef, trainer._entropy_bonus_enabled = entropy_coef, entropy_coef != 0
     trainer.use_vllm = trainer.vllm_importance_sampling_correction = is_correction
@@ -116,6 +117,7 @@ def _loss_and_grads(trainer, inputs, loss_fn):
     return loss.detach(), grads, metrics
 
 
+GSPO_CLIP = dict(epsilon_low=0.05, epsilon_high=0.05)
 CASES = {
     "grpo": dict(loss_type="grpo"),                       # TRL's default KL: ratio-weighted (bias-corrected)
     "grpo_kl_unweighted": dict(loss_type="grpo", bias_correction_kl=False),
@@ -126,6 +128,16 @@ CASES = {
     "dapo_vllm_is_correction": dict(loss_type="dapo", is_correction=True),
     "bnpo_entropy_bonus": dict(loss_type="bnpo", entropy_coef=0.05),
     "dapo_eval_mode": dict(loss_type="dapo", training=False),
+    # GSPO: TRL's importance_sampling_level="sequence", with a narrow clip (GSPO's are 3e-4/4e-4)
+    # so that means of the ±0.6-nat perturbation leave it
+    "grpo_gspo": dict(loss_type="grpo", level="sequence", **GSPO_CLIP),
+    "grpo_gspo_kl_unweighted_delta": dict(loss_type="grpo", level="sequence", bias_correction_kl=False, delta=1.3,
+                                          **GSPO_CLIP),
+    "dapo_gspo": dict(loss_type="dapo", level="sequence", **GSPO_CLIP),
+    # DeepSeek-V3.2's off-policy sequence mask (sampling log-probs = the perturbed old ones here)
+    "grpo_off_policy_mask": dict(loss_type="grpo", off_policy=0.0),
+    "bnpo_off_policy_mask_vllm_is": dict(loss_type="bnpo", off_policy=0.02, is_correction=True),
+    "grpo_gspo_off_policy_mask": dict(loss_type="grpo", level="sequence", off_policy=0.0, **GSPO_CLIP),
 }
 
 
@@ -154,14 +166,98 @@ def test_prolix_loss_matches_trl_loss_and_gradients(batch, case):
 
 
 def test_cases_exercise_clipping_and_kl(batch):
-    """Guards the parity test: with the perturbed old log-probs the clip acts on both sides."""
+    """Guards the parity test: with the perturbed old log-probs the clip acts on both sides at
+    token level and on some sequences at sequence level, and the off-policy mask drops some sequences and keeps others."""
     from trl import GRPOTrainer
 
     trainer, inputs = batch
-    _configure(trainer, loss_type="grpo")
-    _, _, metrics = _loss_and_grads(trainer, inputs, GRPOTrainer._compute_loss)
-    assert metrics["clip_ratio/low_mean"] > 0 and metrics["clip_ratio/high_mean"] > 0
-    assert metrics["kl"] > 0
+    for level in ("token", "sequence"):
+        _configure(trainer, loss_type="grpo", level=level, **(GSPO_CLIP if level == "sequence" else {}))
+        _, _, metrics = _loss_and_grads(trainer, inputs, GRPOTrainer._compute_loss)
+        if level == "token":
+            assert metrics["clip_ratio/low_mean"] > 0 and metrics["clip_ratio/high_mean"] > 0
+        else:
+            assert 0 < metrics["clip_ratio/region_mean"] < 1, metrics
+        assert metrics["kl"] > 0
+    mask = inputs["completion_mask"]
+    with torch.no_grad():
+        logp, _, _ = trainer._get_per_token_logps_and_entropies(
+            trainer.model, torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], 1),
+            torch.cat([inputs["prompt_mask"], mask], 1), mask.shape[1])
+    for threshold in (0.0, 0.02):
+        keep = GRPOTrainer.get_off_policy_mask(inputs["advantages"][:, None], logp, inputs["old_per_token_logps"],
+                                               mask, threshold)
+        assert 0 < keep.sum() < keep.numel(), threshold
+
+
+# --- TRL's own vLLM importance weights, every vllm_importance_sampling_mode ------------------
+
+VLLM_MODES = {"token_truncate": (0.8, 1.5), "token_mask": (0.8, 1.5),
+              "sequence_truncate": (0.5, 2.0), "sequence_mask": (0.5, 2.0)}
+
+
+@pytest.fixture(scope="module")
+def vllm_batches(model_dir, tmp_path_factory):
+    """{mode: (trainer, inputs)}: TRL's `_generate_and_score_completions` with use_vllm and its
+    importance-sampling correction on, generation by transformers (vLLM is not needed) and
+    sampling log-probs that differ from the policy's by ±0.5 nats, so that TRL computes its own
+    weight for each mode."""
+    trainer = _trainer(model_dir, tmp_path_factory.mktemp("out-vllm"))
+    trainer.model.train()
+    trainer.current_gradient_accumulation_steps = 2
+    prompts = next(iter(trainer.get_train_dataloader()))
+    original = trainer._generate
+
+    def generate(prompts):
+        trainer.use_vllm = False            # transformers' generate; the rest of the batch is vLLM's path
+        try:
+            out = list(original(prompts))
+        finally:
+            trainer.use_vllm = True
+        g = torch.Generator().manual_seed(3)
+        out[4] = [(-3.7 + torch.rand(len(ids), generator=g) - 0.5).tolist() for ids in out[1]]
+        return tuple(out)
+
+    batches = {}
+    trainer._generate = generate
+    try:
+        for mode, (lo, hi) in VLLM_MODES.items():
+            trainer.use_vllm = trainer.vllm_importance_sampling_correction = True
+            trainer.vllm_importance_sampling_mode = mode
+            trainer.vllm_importance_sampling_clip_min, trainer.vllm_importance_sampling_clip_max = lo, hi
+            torch.manual_seed(0)
+            with torch.no_grad():
+                batches[mode] = trainer._generate_and_score_completions(prompts)
+    finally:
+        del trainer._generate
+    return trainer, batches
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "dapo"])
+@pytest.mark.parametrize("mode", list(VLLM_MODES))
+def test_prolix_loss_matches_trl_for_every_vllm_importance_sampling_mode(vllm_batches, mode, loss_type):
+    from trl import GRPOTrainer
+
+    from prolix.kernels.integrations.trl import compute_loss
+
+    trainer, batches = vllm_batches
+    inputs = batches[mode]
+    w, mask = inputs["importance_sampling_ratio"].expand_as(inputs["completion_mask"]), inputs["completion_mask"].bool()
+    lo, hi = VLLM_MODES[mode]
+    if mode.endswith("mask"):       # the weights TRL computed drop some tokens and keep others
+        assert (w[mask] == 0).any() and (w[mask] > 0).any(), mode
+    else:
+        assert ((w[mask] == lo) | (w[mask] == hi)).any() and ((w[mask] > lo) & (w[mask] < hi)).any(), mode
+    for case in (dict(loss_type=loss_type, is_correction=True),
+                 dict(loss_type=loss_type, is_correction=True, off_policy=0.0)):   # vLLM's sampling log-probs
+        _configure(trainer, **case)
+        ref_loss, ref_grads, ref_metrics = _loss_and_grads(trainer, inputs, GRPOTrainer._compute_loss)
+        loss, grads, metrics = _loss_and_grads(trainer, inputs, compute_loss)
+        assert_rel_close(loss, ref_loss, TOL["value"], f"{mode} {case}: loss")
+        flat = torch.cat([g.flatten() for g in grads.values()])
+        assert_rel_close(flat, torch.cat([ref_grads[n].flatten() for n in grads]), TOL["grad"], f"{mode}: grads")
+        for key in ("kl", "clip_ratio/region_mean"):
+            assert metrics[key] == pytest.approx(ref_metrics[key], rel=1e-4, abs=1e-6), f"{mode}: metric {key}"
 
 
 def _saved_bytes(fn, exclude: set[int]):
@@ -216,9 +312,9 @@ def test_prolix_saves_less_for_backward_than_trl(batch):
 
 @pytest.mark.parametrize("option, value, message", [
     ("loss_type", "sapo", "loss_type='sapo'"),
-    ("importance_sampling_level", "sequence", "importance_sampling_level"),
+    ("importance_sampling_level", "seq", "importance_sampling_level"),
     ("top_entropy_quantile", 0.5, "top_entropy_quantile"),
-    ("off_policy_mask_threshold", 0.5, "off_policy_mask_threshold"),
+    ("off_policy_mask_threshold", float("nan"), "off_policy_mask_threshold"),
     ("use_adaptive_entropy", True, "use_adaptive_entropy"),
     ("entropy_coef", 0.1, "entropy_coef"),
     ("delta", 1.1, "delta=1.1"),

@@ -12,6 +12,8 @@ fp32, so the project's fp32 tolerances apply.
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from kernel_testing import TOLERANCES, assert_rel_close, run_without
@@ -165,3 +167,64 @@ def test_module_imports_without_verl_and_fails_clearly_when_used():
                                "try:\n    m.register()\nexcept ImportError as e:\n    print('ERR', e)\n")
     assert out.returncode == 0, out.stderr
     assert "ERR" in out.stdout and "pip install" in out.stdout, out.stdout
+
+
+# --- rollout correction: verl's own weights and rejection masks vs prolix's rules --------------
+
+VERL_CORRECTIONS = {      # verl's options → what they must equal in prolix
+    "token-tis": dict(rollout_is="token", rollout_is_threshold=1.5),
+    "token-icepop": dict(rollout_is="token", rollout_is_threshold="0.7_1.5"),
+    "seq-mean-k3": dict(rollout_rs="seq_mean_k3", rollout_rs_threshold=0.03),
+    "seq-mean-k1": dict(rollout_rs="seq_mean_k1", rollout_rs_threshold=1.105),
+    "seq-mean-k1-range": dict(rollout_rs="seq_mean_k1", rollout_rs_threshold=f"{1 / 1.105}_1.105"),
+    "token-tis+seq-mean-k3": dict(rollout_is="token", rollout_is_threshold=2.0, rollout_rs="seq_mean_k3",
+                                  rollout_rs_threshold=0.03),
+}
+
+
+def _mismatch_batch(seed: int = 5):
+    """[B, T] old and rollout log-probs: per-sequence offsets (±0.3) plus per-token noise (±0.4)."""
+    g = torch.Generator().manual_seed(seed)
+    mask = torch.arange(T)[None, :] < torch.tensor(LENGTHS)[:, None]
+    old = -torch.rand(B, T, generator=g) * 3 - 0.1
+    rollout = old + (torch.rand(B, 1, generator=g) - 0.5) * 0.6 + (torch.rand(B, T, generator=g) - 0.5) * 0.8
+    return old, rollout, mask
+
+
+@pytest.mark.parametrize("name", VERL_CORRECTIONS)
+def test_prolix_rollout_correction_matches_verl_weights_and_rejection_masks(verl_modules, name):
+    from verl.trainer.ppo.rollout_corr_helper import compute_rollout_correction_and_rejection_mask
+
+    from prolix.kernels.integrations.verl import compute_rollout_correction_prolix
+
+    old, rollout, mask = _mismatch_batch()
+    options = VERL_CORRECTIONS[name]
+    ref_w, ref_mask, _ = compute_rollout_correction_and_rejection_mask(old, rollout, mask.float(), **options)
+    weights, new_mask, metrics = compute_rollout_correction_prolix(old, rollout, mask.float(), **options)
+    ref_w = None if ref_w is None else ref_w.batch["rollout_is_weights"]
+    assert (weights is None) == (ref_w is None)
+    if weights is not None:
+        assert_rel_close(weights, ref_w, TOL["value"], f"{name}: weights")
+    expected = ref_mask
+    if options.get("rollout_is_threshold") == "0.7_1.5":    # prolix also drops IcePop's zero-weight tokens
+        expected = ref_mask * (ref_w != 0)
+        assert ((ref_w == 0) & mask).any() and ((ref_w != 0) & mask).any(), "IcePop drops some tokens, not all"
+    torch.testing.assert_close(new_mask, expected.float(), rtol=0, atol=0)
+    if "rollout_rs" in options:          # the rule rejects some sequences and keeps others
+        rejected = (mask & (ref_mask == 0)).any(1)
+        assert rejected.any() and (~rejected & mask.any(1)).any(), name
+    assert all(math.isfinite(v) for v in metrics.values())
+
+
+@pytest.mark.parametrize("options, message", [
+    (dict(rollout_is="sequence"), "rollout_is='sequence'"),
+    (dict(rollout_is="token", rollout_is_batch_normalize=True), "rollout_is_batch_normalize"),
+    (dict(rollout_rs="token_k1", rollout_rs_threshold=2.0), "rollout_rs='token_k1'"),
+    (dict(rollout_rs="seq_mean_k3,seq_max_k2", rollout_rs_threshold=2.0), "rollout_rs="),
+    (dict(rollout_rs="seq_mean_k1", rollout_rs_threshold="0.5_1.5"), "symmetric"),
+])
+def test_verl_options_prolix_does_not_have_raise_naming_them(options, message):
+    from prolix.kernels.integrations.verl import rollout_correction_from_verl
+
+    with pytest.raises(ValueError, match=message):
+        rollout_correction_from_verl(options)

@@ -193,11 +193,16 @@ class AlgorithmConfig:
     loss: GRPOLossConfig = dataclasses.field(default_factory=lambda: GRPOLossConfig(**PRORL_LOSS),
                                              metadata={"tree_default": PRORL_LOSS})
     """The GRPO loss terms: the kernels' own `prolix.kernels.GRPOLossConfig` (clip_low, clip_high,
-    dual_clip, kl_coef, kl_estimator, entropy_coef, tis_cap, loss_agg, max_len; see its
-    docstring), with the ProRL recipe's defaults (`PRORL_LOSS`). Two of its fields come from
-    elsewhere at load: `temperature` is rollout.temperature (the loss divides the logits by the
-    sampling τ, whatever a file says), and `max_len` of seq-mean-token-sum-norm defaults to
-    rollout.max_tokens. kl_coef = 0 keeps no reference model at all."""
+    dual_clip, kl_coef, kl_estimator, entropy_coef, tis_cap, loss_agg, max_len, ratio_level,
+    rollout_correction; see its docstring), with the ProRL recipe's defaults (`PRORL_LOSS`). Two
+    of its fields come from elsewhere at load: `temperature` is rollout.temperature (the loss
+    divides the logits by the sampling τ, whatever a file says), and `max_len` of
+    seq-mean-token-sum-norm defaults to rollout.max_tokens. kl_coef = 0 keeps no reference model
+    at all. `rollout_correction` (the kernels' `RolloutCorrectionConfig`, off by default) is the
+    training–inference mismatch against the engine's log-probs; with any rule on, old_logp is
+    recomputed every step (one extra no-grad forward) and the dropped tokens leave the loss and
+    its global normaliser, counted before the loss from old_logp, so its off-policy mask must be
+    measured against it (off_policy_logp "old")."""
     advantage: AdvantageMethod = "grpo"
     """"grpo" (r − mean)/std over the group, or "dr_grpo" r − mean (Dr.GRPO)."""
     dynamic_sampling: bool = True
@@ -215,6 +220,10 @@ class AlgorithmConfig:
         check_literal_fields(self, "algorithm")
         _check(isinstance(self.loss, GRPOLossConfig), "algorithm.loss",
                f"expected a GRPOLossConfig, got {type(self.loss).__name__}")
+        rc = self.loss.rollout_correction
+        _check(rc is None or rc.off_policy_logp == "old", "algorithm.loss.rollout_correction.off_policy_logp",
+               "expected 'old' (the trainer counts the kept tokens of its normaliser before the loss, from "
+               f"old_logp), got {getattr(rc, 'off_policy_logp', None)!r}")
         _check(self.max_sampling_tries >= 1, "algorithm.max_sampling_tries",
                f"expected >= 1, got {self.max_sampling_tries}")
         _check(self.overlong_penalty >= 0, "algorithm.overlong_penalty", f"expected >= 0, got {self.overlong_penalty}")

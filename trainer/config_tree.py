@@ -222,7 +222,9 @@ def apply_overrides(tree: dict, overrides: Sequence[str], cls: type) -> dict:
                        f"index {idx} out of range: {'.'.join(parts[:depth])} has {len(node)} items")
                 node = node[idx]
             else:
-                node = node.setdefault(part, {})
+                if node.get(part) is None:        # an optional section left at None starts empty
+                    node[part] = {}
+                node = node[part]
         if isinstance(node, list):
             idx = int(parts[-1])
             check_field(idx < len(node), key, f"index {idx} out of range: the list has {len(node)} items")

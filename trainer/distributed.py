@@ -61,7 +61,7 @@ import torch
 import torch.distributed as dist
 
 from . import checkpoint
-from .metrics import SilentLogger
+from .metrics import SilentLogger, merge_extremes
 from .packing import attention_crossover, balance, plan_microbatches
 
 __all__ = [
@@ -280,12 +280,15 @@ class DataParallel:
 
     def reduce_update(self, stats):
         """An update's `parallel.UpdateStats` over all ranks: metric sums, tokens and loss summed,
-        ratio_max the max. Every rank passes the same metric keys."""
+        the *_max / *_min metrics (ratio_max, ...) by max / min. Every rank passes the same sum
+        keys; the extremes are gathered, so a rank whose micro-batches were all empty may lack one."""
         total = self.all_reduce({**{f"sum/{k}": v for k, v in stats.sums.items()}, "tokens": stats.tokens,
                                  "loss": stats.loss})
-        peak = self.all_reduce({"ratio_max": stats.ratio_max}, op="max")["ratio_max"]
+        extremes: dict[str, float] = {}
+        for rank_extremes in self.all_gather(stats.extremes):
+            extremes = merge_extremes(extremes, rank_extremes)
         return dataclasses.replace(stats, sums={k: total[f"sum/{k}"] for k in stats.sums}, tokens=total["tokens"],
-                                   loss=total["loss"], ratio_max=peak)
+                                   loss=total["loss"], extremes=extremes)
 
     # ------------------------------------------------------------------ models
 

@@ -5,11 +5,13 @@ One step (`Trainer.train_step`):
     groups  = collect_groups(step)        rollout → reward (+ overlong shaping) → group advantages,
                                           dynamic sampling refills the batch with informative groups
     records = make_records(groups)        prompt+response ids, the advantage broadcast per token,
-                                          the engine's log-probs (for the TIS correction)
-    records = attach_logps(records)       old_logp (no grad) when a rollout feeds > 1 update,
-                                          ref_logp from the frozen reference when kl_coef > 0
+                                          the engine's log-probs (for TIS / rollout correction)
+    records = attach_logps(records)       old_logp (no grad) when a rollout feeds > 1 update or
+                                          rollout correction is on, ref_logp from the frozen
+                                          reference when kl_coef > 0
     for mini_batch in mini_batches(records):
-        update(mini_batch)                pack → micro-batches → fused LM head + GRPO loss with the
+        update(mini_batch)                rollout correction over the mini-batch (kept counts) →
+                                          pack → micro-batches → fused LM head + GRPO loss with the
                                           mini-batch's global normaliser → backward → clip → AdamW
     engine.sync_weights(policy)           the rollout engine samples from the new weights
 
@@ -54,11 +56,14 @@ from typing import Any
 
 import torch
 
+from prolix.kernels.rollout_correction import PREFIX as CORRECTION_PREFIX
+from prolix.kernels.rollout_correction import kept_counts, rollout_correction
+
 from . import checkpoint, nvtx
 from .advantages import group_advantages, informative_groups, shape_overlong
 from .config import ConfigError, TrainConfig
 from .engines import Completion, SamplingConfig, make_engine
-from .metrics import MetricsLogger, SilentLogger, pass_at_k, peak_flops, train_flops
+from .metrics import MetricsLogger, SilentLogger, is_extreme, merge_extremes, pass_at_k, peak_flops, train_flops
 from .model import grpo_loss_from_hidden, head_inputs, load_policy, logprobs_from_hidden
 from .packing import SequenceRecord, pack_microbatch
 from .parallel import Parallelism, UpdateStats, init_parallelism
@@ -123,6 +128,15 @@ class Group:
     completions: list[Completion]
     rewards: torch.Tensor          # [n] fp32, after overlong shaping
     advantages: torch.Tensor       # [n] fp32
+
+
+@dataclasses.dataclass(frozen=True)
+class MiniBatchCorrection:
+    """Rollout correction over one mini-batch (`Trainer._correction`)."""
+
+    tokens: float                  # response tokens it keeps: token-mean's global normaliser
+    sequences: float               # sequences with a kept token: the seq-* aggregations' normaliser
+    metrics: dict[str, float]      # "rollout_corr/..." over the whole mini-batch
 
 
 @dataclasses.dataclass
@@ -359,7 +373,7 @@ class Trainer:
     def make_records(self, groups: list[Group]) -> list[SequenceRecord]:
         """One SequenceRecord per completion: the advantage is broadcast over its response by
         `pack`; overlong="mask" leaves truncated responses out of the loss (DAPO)."""
-        use_rollout_logp = self.cfg.algorithm.loss.tis_cap is not None
+        use_rollout_logp = self.loss_config.tis_cap is not None or self.loss_config.corrects_rollout
         records = []
         for group in groups:
             for c, adv in zip(group.completions, group.advantages.tolist()):
@@ -381,9 +395,12 @@ class Trainer:
     @torch.no_grad()
     def attach_logps(self, records: list[SequenceRecord]) -> list[SequenceRecord]:
         """old_logp from the policy before any update of this step (needed when the rollout
-        feeds several updates; with one, old = logp.detach() and the ratio is 1), and ref_logp
-        from the frozen reference (when kl_coef > 0). Both are constants of the loss."""
-        need_old = self.cfg.optim.updates_per_rollout > 1
+        feeds several updates, and by rollout correction; otherwise old = logp.detach() and the
+        ratio is 1), and ref_logp from the frozen reference (when kl_coef > 0). Both are constants
+        of the loss."""
+        # rollout correction compares old with rollout log-probs before the loss (its global
+        # normaliser counts the tokens it keeps), so it needs old_logp even for one update
+        need_old = self.cfg.optim.updates_per_rollout > 1 or self.loss_config.corrects_rollout
         if not records or not (need_old or self.reference is not None):
             return records
         old: list[Any] = [None] * len(records)
@@ -430,6 +447,32 @@ class Trainer:
         return grpo_loss_from_hidden(hidden, weight, batch, config=self.loss_config, normalizer=normalizer,
                                      kernel_backend=self.cfg.model.kernel_backend, entropy_metric=True)
 
+    def _correction(self, records: list[SequenceRecord]) -> MiniBatchCorrection | None:
+        """Rollout correction over the whole mini-batch (every rank holds all its records, their
+        old_logp merged by `attach_logps`): what it keeps and its metrics, or None when it is off.
+        The micro-batches apply the same per-sequence rules to the same values, so these counts
+        are their global normalisers, and the metrics are the same on every rank."""
+        if not self.loss_config.corrects_rollout or not records:
+            return None
+        lengths = torch.tensor([r.num_response_tokens for r in records])                     # [S]
+        cu = torch.nn.functional.pad(lengths.cumsum(0), (1, 0))                               # [S+1]
+        cat = lambda name: torch.cat([torch.as_tensor(getattr(r, name), dtype=torch.float32) for r in records])
+        adv = torch.repeat_interleave(torch.tensor([r.advantage for r in records], dtype=torch.float32), lengths)
+        mask = torch.ones(int(cu[-1]), dtype=torch.float32)                                   # [N] responses only
+        rules = self.loss_config.rollout_correction
+        corr = rollout_correction(cat("old_logp"), cat("rollout_logp"), adv, mask, cu, rules)
+        tokens, sequences = kept_counts(mask, corr.keep, cu)
+        return MiniBatchCorrection(tokens, sequences, {k: v.item() for k, v in corr.metrics.items()})
+
+    def _normalizer(self, records: list[SequenceRecord], correction: MiniBatchCorrection | None) -> float:
+        """The loss's global denominator for this mini-batch: response tokens (token-mean) or
+        sequences (the seq-mean aggregations); with rollout correction only those it keeps (at
+        least 1: everything dropped gives loss 0, gradient 0)."""
+        token_mean = self.loss_config.loss_agg == "token-mean"
+        if correction is not None:
+            return max(correction.tokens if token_mean else correction.sequences, 1.0)
+        return float(sum(r.num_response_tokens for r in records)) if token_mean else float(len(records))
+
     def update(self, records: list[SequenceRecord], step: int) -> dict[str, float]:
         """One optimizer step on a mini-batch: micro-batches planned by token budget, each
         loss normalised by the whole mini-batch's denominator, gradients accumulated.
@@ -438,26 +481,21 @@ class Trainer:
         weights and optimizer state stay as they were, `skipped_update` is 1, a warning names
         the step."""
         self.policy.train()
+        correction = self._correction(records)
         self.optimizer.zero_grad(set_to_none=True)
-        stats, skip = self._accumulate(records)
+        stats, skip = self._accumulate(records, self._normalizer(records, correction))
         stats = self.parallel.reduce_update(stats)                   # this rank's share → the mini-batch
         grad_norm, skip, lr = self._optimizer_step(step, skip)
         if skip is not None:
             self.log.write(f"step {step}: warning: {skip}; update skipped, weights unchanged")
         self.policy.eval()
         out = {k: v / max(stats.tokens, 1.0) for k, v in stats.sums.items()}
-        out.update(loss=stats.loss, ratio_max=stats.ratio_max, grad_norm=grad_norm, lr=lr,
-                   skipped_update=float(skip is not None))
+        out.update(stats.extremes)
+        out.update(loss=stats.loss, grad_norm=grad_norm, lr=lr, skipped_update=float(skip is not None),
+                   **(correction.metrics if correction is not None else {}))
         return out
 
-    def _normalizer(self, records: list[SequenceRecord]) -> float:
-        """The loss's global denominator for this mini-batch: response tokens (token-mean) or
-        sequences (the seq-mean aggregations)."""
-        if self.loss_config.loss_agg == "token-mean":
-            return float(sum(r.num_response_tokens for r in records))
-        return float(len(records))
-
-    def _accumulate(self, records: list[SequenceRecord]) -> tuple[UpdateStats, str | None]:
+    def _accumulate(self, records: list[SequenceRecord], normalizer: float) -> tuple[UpdateStats, str | None]:
         """Forward + backward of this process's micro-batches, gradients accumulated; returns the
         metric sums and why the update must be skipped (None: it may be applied).
 
@@ -465,7 +503,6 @@ class Trainer:
         NaN never propagates into the gradients; later micro-batches are moot. Under
         `parallel.lockstep` (FSDP) every rank must issue the same collectives: the backward runs
         anyway, the NaN reaches the global gradient norm, and every rank skips the step together."""
-        normalizer = self._normalizer(records)
         stats, skip = UpdateStats(sums=defaultdict(float)), None
         for idx in self._plan(records):
             with nvtx.range("pack"):
@@ -482,10 +519,12 @@ class Trainer:
                 loss.backward()
             count = m["num_tokens"].item()
             stats.tokens += count
-            stats.ratio_max = max(stats.ratio_max, m["ratio_max"].item())
-            for key, value in m.items():
-                if key not in ("num_tokens", "ratio_max"):
-                    stats.sums[key] += value.item() * count
+            values = {k: v.item() for k, v in m.items()   # correction metrics: the mini-batch's, in update
+                      if k != "num_tokens" and not k.startswith(CORRECTION_PREFIX)}
+            stats.extremes = merge_extremes(stats.extremes, {k: v for k, v in values.items() if is_extreme(k)})
+            for key, value in values.items():
+                if not is_extreme(key):
+                    stats.sums[key] += value * count
         stats.sums = dict(stats.sums)
         return stats, skip
 
@@ -528,15 +567,15 @@ class Trainer:
 
     @staticmethod
     def _reduce(stats: list[dict[str, float]]) -> dict[str, float]:
-        """Mean over the step's updates (max for ratio_max, sum for skipped_update). An update
-        skipped on its first micro-batch has no loss-term metrics: those average over the others."""
+        """Mean over the step's updates (max for *_max, min for *_min, sum for skipped_update). An
+        update skipped on its first micro-batch has no loss-term metrics: those average over the others."""
         if not stats:
             return {"updates": 0}
         out = {}
         for key in dict.fromkeys(k for s in stats for k in s):        # every key, in first-seen order
             values = [s[key] for s in stats if key in s]
-            out[key] = sum(values) / len(values)
-        out["ratio_max"] = max(s["ratio_max"] for s in stats)
+            reduce = max if key.endswith("_max") else min if key.endswith("_min") else (lambda v: sum(v) / len(v))
+            out[key] = reduce(values)
         out["skipped_update"] = sum(s["skipped_update"] for s in stats)
         out["updates"] = len(stats)
         return out

@@ -34,14 +34,28 @@ import torch
 
 from .sinks import MetricSink, SinkContext, SinkSettings, describe_error, open_sinks
 
-__all__ = ["MetricsLogger", "JsonlSink", "SilentLogger", "pass_at_k", "train_flops", "peak_flops", "plot_curves",
-           "read_metrics"]
+__all__ = ["MetricsLogger", "JsonlSink", "SilentLogger", "is_extreme", "merge_extremes", "pass_at_k", "train_flops",
+           "peak_flops", "plot_curves", "read_metrics"]
 
 METRICS_FILE = "metrics.jsonl"
 PLOT_FILE = "curves.png"
 
 # Dense bf16 tensor-core peaks (FLOP/s) by device-name fragment; MFU is not reported elsewhere.
 _PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12, "L4": 121e12}
+
+
+def is_extreme(key: str) -> bool:
+    """A metric reduced by max (*_max) or min (*_min) rather than averaged."""
+    return key.endswith(("_max", "_min"))
+
+
+def merge_extremes(a: dict[str, float], b: dict[str, float]) -> dict[str, float]:
+    """Two dicts of *_max / *_min metrics as one: max of the *_max keys, min of the *_min keys;
+    a key in one only is kept as it is."""
+    out = dict(a)
+    for key, value in b.items():
+        out[key] = value if key not in out else (max if key.endswith("_max") else min)(out[key], value)
+    return out
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:

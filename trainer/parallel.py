@@ -17,7 +17,8 @@ The protocol, in the order one RL step meets it:
                                    `packing.pack_microbatch`)
     forward(model, batch)          (hidden [N, H], LM-head weight [V, H]) for the fused kernels
     merge(values)                  per-record results each process filled for its share, whole
-    reduce_update(stats)           an update's `UpdateStats` over the whole mini-batch
+    reduce_update(stats)           an update's `UpdateStats` over the whole mini-batch (sums
+                                   summed, *_max / *_min metrics by max / min)
     lockstep                       every process must run every micro-batch's backward and the
                                    gradient norm even after a non-finite loss (collectives)
     sync_engine(engine, policy)    the rollout engine ← the new weights
@@ -58,8 +59,9 @@ class UpdateStats:
     """Response tokens the metrics were averaged over."""
     loss: float = 0.0
     """Σ of the micro-batch losses (each normalised by the whole mini-batch: this is its loss)."""
-    ratio_max: float = 0.0
-    """Largest importance ratio seen."""
+    extremes: dict[str, float] = dataclasses.field(default_factory=lambda: {"ratio_max": 0.0})
+    """Metrics named *_max / *_min (ratio_max, ...): the largest / smallest value seen over the
+    micro-batches (over the ranks too after `reduce_update`), never averaged."""
 
 
 class Parallelism(Protocol):

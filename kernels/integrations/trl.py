@@ -33,22 +33,38 @@ Option mapping (TRL 1.16 `GRPOConfig` → `GRPOLossConfig` + normalizer; GA = th
     delta                dual_clip = delta: for A < 0 both bound the loss at −δ·A, for A > 0 the
                          clamp never binds; equal only when delta > 1 + epsilon_high (checked)
     temperature          temperature (the logits are divided by it, as TRL's fused head does)
-    use_vllm + vllm_importance_sampling_correction (any vllm_importance_sampling_mode)
+    use_vllm + vllm_importance_sampling_correction (every vllm_importance_sampling_mode:
+                         token/sequence × truncate/mask)
                          TRL's own per-token weight w = inputs["importance_sampling_ratio"]
                          multiplies the surrogate: prolix's TIS weight min(exp(old − rollout), C)
-                         reproduces it exactly with rollout = old − log w and C = ∞
+                         reproduces it exactly with rollout = old − log w and C = ∞. TRL's
+                         weights are its own: its sequence modes take the product of the token
+                         ratios and its masked tokens stay in the normaliser with weight 0 —
+                         prolix's own rules (`GRPOLossConfig.rollout_correction`) take the
+                         geometric mean and drop masked tokens from the normaliser
+    importance_sampling_level="sequence" (GSPO)
+                         ratio_level="sequence": the clipped ratio is exp(mean over the sequence's
+                         tokens of (x − old)), TRL's log_importance_weights; with
+                         use_bias_correction_kl the KL is weighted by that sequence ratio too
+    off_policy_mask_threshold δ (DeepSeek-V3.2's off-policy sequence mask)
+                         computed by `prolix.kernels.rollout_correction` with
+                         off_policy_logp="current" from the packed log-probs (TRL's KL of
+                         sampling_per_token_logps — old_per_token_logps without vLLM — against the
+                         current policy, NaN sampling log-probs as no evidence); as in TRL the
+                         masked tokens' surrogate gets weight 0 (it joins w above), their KL term
+                         and their place in the normaliser stay
     entropy_coef         entropy_coef, with loss_type="bnpo" only (TRL's bonus is a local token
                          mean whatever the loss type; prolix aggregates it like the surrogate)
     cast_lm_head_to_fp32 hidden states and head in fp32; otherwise the autocast dtype, if any
 
 Not supported (ValueError naming the option): loss_type cispo / sapo / vespo / luspo;
-importance_sampling_level="sequence" (GSPO); top_entropy_quantile < 1; off_policy_mask_threshold;
-use_adaptive_entropy; entropy_coef with a loss_type other than bnpo; MoE router aux loss;
+top_entropy_quantile < 1; use_adaptive_entropy; entropy_coef with a loss_type other than bnpo; MoE router aux loss;
 multimodal inputs; an LM head with a bias, logit soft-capping or a logit scale; DeepSpeed
 ZeRO-3 (a partitioned LM head).
 
 Logged metrics: TRL's "kl", "entropy", "clip_ratio/low_mean", "clip_ratio/high_mean",
-"clip_ratio/region_mean" (global masked means, as TRL computes them); "clip_ratio/low_min" and
+"clip_ratio/region_mean" (global masked means, as TRL computes them; with
+importance_sampling_level="sequence" and [B] advantages, means over sequences, as TRL's); "clip_ratio/low_min" and
 "clip_ratio/high_max" (per-sequence extremes) are not logged.
 
 Shapes: B completions of C tokens (padded), P prompt tokens, N = Σ loss mask, H hidden, V vocab.
@@ -64,6 +80,7 @@ import torch
 from ..grpo_loss import GRPOLossConfig, grpo_loss
 from ..linear_logprob import linear_logprobs
 from ..lm_head import plain_lm_head_weight
+from ..rollout_correction import RolloutCorrectionConfig, rollout_correction
 
 # ProlixGRPOTrainer is made on first access by the module __getattr__ below (it subclasses trl's
 # trainer, and this module imports without trl), which pyflakes cannot see.
@@ -107,12 +124,13 @@ def loss_config_from_trainer(trainer) -> GRPOLossConfig:
         raise ValueError(f"loss_type={trainer.loss_type!r} is not supported by prolix; "
                          f"use one of {SUPPORTED_LOSS_TYPES}")
     unsupported = [
-        ("importance_sampling_level", trainer.importance_sampling_level, trainer.importance_sampling_level != "token",
-         "'token' (sequence-level ratios, GSPO, are not implemented)"),
+        ("importance_sampling_level", trainer.importance_sampling_level,
+         trainer.importance_sampling_level not in ("token", "sequence"), "'token' or 'sequence'"),
         ("top_entropy_quantile", trainer.top_entropy_quantile, trainer.top_entropy_quantile < 1.0,
          "1.0 (the entropy mask needs the entropies before the loss: a second pass)"),
-        ("off_policy_mask_threshold", trainer.off_policy_mask_threshold, trainer.off_policy_mask_threshold is not None,
-         "None (the mask needs the log-probs before the loss: a second pass)"),
+        ("off_policy_mask_threshold", trainer.off_policy_mask_threshold,
+         trainer.off_policy_mask_threshold is not None and not math.isfinite(trainer.off_policy_mask_threshold),
+         "a finite number or None"),
         ("use_adaptive_entropy", trainer.use_adaptive_entropy, bool(trainer.use_adaptive_entropy),
          "False (the controller needs window-global entropy statistics)"),
         ("entropy_coef", trainer.entropy_coef, trainer.entropy_coef != 0 and trainer.loss_type != "bnpo",
@@ -129,13 +147,15 @@ def loss_config_from_trainer(trainer) -> GRPOLossConfig:
                          "dual clip to equal TRL's two-sided clipping")
     if not 0 <= trainer.epsilon_low < 1:
         raise ValueError(f"epsilon={trainer.epsilon_low} must lie in [0, 1) (the ratio is clipped at 1 - epsilon)")
-    is_correction = bool(trainer.use_vllm and trainer.vllm_importance_sampling_correction)
+    # TRL's vLLM weight and its off-policy mask both scale the surrogate: one constant weight
+    weighted = bool(trainer.use_vllm and trainer.vllm_importance_sampling_correction) or \
+        trainer.off_policy_mask_threshold is not None
     return GRPOLossConfig(
         clip_low=trainer.epsilon_low, clip_high=trainer.epsilon_high, dual_clip=delta,
         kl_coef=trainer.beta, kl_estimator="k3", entropy_coef=trainer.entropy_coef,
-        tis_cap=math.inf if is_correction else None, loss_agg=_LOSS_AGG[trainer.loss_type],
+        tis_cap=math.inf if weighted else None, loss_agg=_LOSS_AGG[trainer.loss_type],
         max_len=trainer.max_completion_length if trainer.loss_type == "dr_grpo" else None,
-        temperature=trainer.temperature)
+        temperature=trainer.temperature, ratio_level=trainer.importance_sampling_level)
 
 
 def _normalizer(trainer, inputs, mask: torch.Tensor, training: bool):
@@ -209,13 +229,24 @@ def _head_weight(trainer, model, dtype_hint: torch.dtype):
 # --------------------------------------------------------------------------- the loss
 
 
+def _log_ratio(logp, old, seq_lens, config: GRPOLossConfig) -> torch.Tensor:
+    """TRL's log_importance_weights on packed rows [N]: x − old per token, or (GSPO) the mean
+    of x − old over each sequence broadcast to its rows; differentiable in logp."""
+    log_r = logp - (logp.detach() if old is None else old)
+    if config.ratio_level == "token":
+        return log_r
+    seq_id = torch.repeat_interleave(torch.arange(seq_lens.shape[0], device=logp.device), seq_lens)   # [N]
+    total = torch.zeros(seq_lens.shape[0], dtype=log_r.dtype, device=logp.device).index_add(0, seq_id, log_r)
+    return (total / seq_lens.clamp(min=1).to(log_r.dtype))[seq_id]
+
+
 def _ratio_weighted_kl(logp, old, ref, seq_lens, config: GRPOLossConfig, normalizer):
-    """TRL's bias-corrected KL, Σ c·r·k3 with r = exp(x − old), δ = ref − x (x = logp [N]).
+    """TRL's bias-corrected KL, Σ c·r·k3 with r = TRL's coef_1 (`_log_ratio`), δ = ref − x (x = logp [N]).
 
     c[n] are the surrogate's aggregation weights for packed rows (all in the loss mask):
     1/D (token-mean), 1/(L_s·D) (seq-mean-token-mean), 1/(max_len·D) (Dr.GRPO). Returns the
     term and the per-token r·k3 (detached) for the metric."""
-    r = torch.exp(logp - (logp.detach() if old is None else old))   # value 1 on-policy, gradient r
+    r = torch.exp(_log_ratio(logp, old, seq_lens, config))   # value 1 on-policy, gradient r
     delta = ref - logp
     kl = r * (torch.expm1(delta) - delta)                             # [N]
     if config.loss_agg == "token-mean":
@@ -258,12 +289,6 @@ def compute_loss(trainer, model, inputs) -> torch.Tensor:
     old = inputs.get("old_per_token_logps")
     old = None if old is None else old[rows]
     ref = inputs["ref_per_token_logps"][rows] if config.kl_coef != 0 else None
-    rollout = None
-    if config.tis_cap is not None:
-        if old is None:
-            raise ValueError("inputs: importance sampling correction needs old_per_token_logps, got none")
-        w = inputs["importance_sampling_ratio"].expand(B, C)[rows].to(old.dtype)                   # [N]
-        rollout = old - torch.log(w)        # exp(old − rollout) = w; w = 0 gives rollout = +inf, weight 0
     bias_corrected = ref is not None and getattr(trainer.args, "use_bias_correction_kl", False)
     kernel_config = dataclasses.replace(config, kl_coef=0.0) if bias_corrected else config
 
@@ -272,6 +297,7 @@ def compute_loss(trainer, model, inputs) -> torch.Tensor:
     with torch.autocast(h.device.type, enabled=False):      # the kernel picks its own precision
         logp, entropy = linear_logprobs(h.to(dtype), weight, targets, temperature=config.temperature,
                                         return_entropy=True)                                        # [N] fp32
+    rollout = _surrogate_weight(trainer, inputs, rows, logp, old, advantages, cu_seqlens, config)
     loss, metrics = grpo_loss(logp, advantages, torch.ones_like(targets), old_logp=old,
                               ref_logp=None if bias_corrected else ref, rollout_logp=rollout, entropy=entropy,
                               cu_seqlens=cu_seqlens, config=kernel_config, normalizer=normalizer)
@@ -279,8 +305,49 @@ def compute_loss(trainer, model, inputs) -> torch.Tensor:
         kl_loss, kl = _ratio_weighted_kl(logp, old, ref, seq_lens, config, normalizer)
         loss = loss + kl_loss
         metrics["kl"] = kl.mean() if kl.numel() else kl.new_zeros(())
+    if config.ratio_level == "sequence" and inputs["advantages"].dim() == 1:   # TRL: per-sequence clip means
+        metrics.update(_sequence_clip_fractions(logp, old, seq_lens, inputs["advantages"], config))
     _log_metrics(trainer, metrics, config, training, loss)
     return loss
+
+
+def _surrogate_weight(trainer, inputs, rows, logp, old, advantages, cu_seqlens, config: GRPOLossConfig):
+    """TRL's constant weight on the surrogate — its vLLM importance weight times its off-policy
+    mask — as rollout log-probs [N] for prolix's TIS weight with C = ∞: exp(old − rollout) = w
+    (w = 0 gives rollout = +inf, weight 0). None when TRL weights nothing."""
+    if config.tis_cap is None:
+        return None
+    B, C = rows.shape
+    x = logp.detach()
+    base = x if old is None else old.to(x.dtype)                                   # TRL's old (logp.detach())
+    w = torch.ones_like(x)
+    if trainer.use_vllm and trainer.vllm_importance_sampling_correction:
+        if old is None:
+            raise ValueError("inputs: importance sampling correction needs old_per_token_logps, got none")
+        w = inputs["importance_sampling_ratio"].expand(B, C)[rows].to(x.dtype)                    # [N]
+    if trainer.off_policy_mask_threshold is not None:
+        sampling = inputs.get("sampling_per_token_logps")
+        sampling = base if sampling is None else sampling[rows].to(x.dtype)
+        sampling = torch.where(torch.isnan(sampling), x, sampling)   # TRL: an unscored token is no evidence
+        rule = RolloutCorrectionConfig(off_policy_threshold=trainer.off_policy_mask_threshold, off_policy_logp="current")
+        w = w * rollout_correction(base, sampling, advantages, torch.ones_like(x), cu_seqlens, rule,
+                                   current_logp=x).keep
+    return base - torch.log(w)
+
+
+def _sequence_clip_fractions(logp, old, seq_lens, seq_adv, config: GRPOLossConfig) -> dict[str, torch.Tensor]:
+    """TRL's clip ratios at importance_sampling_level="sequence": per sequence (all B of them,
+    empty ones too), as sums with a count, for `_log_metrics`."""
+    seq_ratio = torch.exp(_log_ratio(logp.detach(), old, seq_lens, config))               # [N]
+    starts = torch.cumsum(seq_lens, 0) - seq_lens
+    r = torch.ones_like(seq_adv, dtype=seq_ratio.dtype)
+    has = seq_lens > 0
+    r[has] = seq_ratio[starts[has]]                    # an empty sequence: TRL's ratio exp(0) = 1
+    low = (r < 1 - config.clip_low) & (seq_adv < 0)
+    high = (r > 1 + config.clip_high) & (seq_adv > 0)
+    count = torch.tensor(float(seq_adv.shape[0]), device=r.device)
+    return {"seq_clip/low": low.float().sum(), "seq_clip/high": high.float().sum(),
+            "seq_clip/region": (low | high).float().sum(), "seq_clip/count": count}
 
 
 def _log_metrics(trainer, metrics, config, training: bool, loss) -> None:
@@ -289,7 +356,12 @@ def _log_metrics(trainer, metrics, config, training: bool, loss) -> None:
     count = metrics["num_tokens"]
 
     def global_mean(name: str) -> float:
-        totals = trainer.accelerator.reduce(torch.stack([metrics[name] * count, count]), reduction="sum")
+        if name.startswith("clip_frac") and "seq_clip/count" in metrics:   # sums over sequences
+            key = "seq_clip/" + {"clip_frac": "region", "clip_frac_low": "low", "clip_frac_high": "high"}[name]
+            pair = torch.stack([metrics[key], metrics["seq_clip/count"]])
+        else:
+            pair = torch.stack([metrics[name] * count, count])
+        totals = trainer.accelerator.reduce(pair, reduction="sum")
         return (totals[0] / totals[1].clamp(min=1.0)).item()
 
     logs = trainer._metrics[mode]

@@ -36,6 +36,30 @@ Option mapping (verl 0.9 `ActorConfig` → `GRPOLossConfig` + normalizer; D = th
                                        same name,   max_len = loss_scale_factor (T if None), D as above
     metrics actor/pg_clipfrac, actor/ppo_kl, actor/pg_clipfrac_lower: as verl computes them.
 
+Rollout correction. verl computes its options (`algorithm.rollout_correction`: rollout_is,
+rollout_is_threshold, rollout_rs, rollout_rs_threshold) in its driver, from the trainer's old
+and the engine's rollout log-probs, and hands the policy-loss hook only the results: the
+weights (`rollout_is_weights`, applied above) and a response_mask without the rejected tokens
+(the hook never sees rollout log-probs, except in verl's bypass mode, which runs verl's own
+"bypass_mode" loss). `rollout_correction_from_verl` maps those options onto prolix's
+`RolloutCorrectionConfig`, and `compute_rollout_correction_prolix` is a drop-in for verl's
+`compute_rollout_correction_and_rejection_mask` (same arguments, same outputs) that computes
+them with `prolix.kernels.rollout_correction`, for the modes both have:
+
+    rollout_is="token", rollout_is_threshold=C       is_level="token", is_mode="truncate", is_max=C
+    rollout_is="token", rollout_is_threshold="l_u"   is_level="token", is_mode="mask", [l, u]
+                                                     (IcePop; bounds inclusive in both)
+    rollout_rs="seq_mean_k3", threshold t            reject_estimator="k3", reject_threshold=t
+    rollout_rs="seq_mean_k1", threshold U (or "1/U_U")  reject_estimator="k1", threshold log U
+                                                     (verl keeps log(1/U) ≤ mean k1 ≤ log U)
+
+Not mapped (ValueError naming the option): rollout_is="sequence" (verl's weight is the product
+of the token ratios, exp(Σ λ), prolix's the geometric mean exp(mean λ): a different weight),
+rollout_is_batch_normalize, the token_k*, seq_sum_k*, seq_max_k* and seq_mean_k2 rejection
+modes, several comma-separated rejection modes, an asymmetric k1 range. Differences: an IcePop
+token is dropped from the returned response_mask as well as weighted 0 (prolix's rule: it
+leaves the normaliser; verl keeps it there with weight 0); verl clamps λ to [−20, 20].
+
 Differences from "vanilla", all below fp32 resolution in practice: verl clamps log r to
 [−20, 20] (prolix does not: there both sides are clipped or bounded by the dual clip, and the
 unclipped r < e⁻²⁰ branch differs by < 2e-9·|A|); verl adds 1e-8 to per-sequence token counts.
@@ -54,9 +78,10 @@ import torch
 
 from ..grpo_loss import GRPOLossConfig, grpo_loss
 from ..linear_logprob import linear_logprobs
+from ..rollout_correction import RolloutCorrectionConfig, rollout_correction
 
 __all__ = ["register", "compute_policy_loss_prolix", "linear_logprobs_rmpad", "forward_with_prolix_backend",
-           "patch_model_forward"]
+           "patch_model_forward", "rollout_correction_from_verl", "compute_rollout_correction_prolix"]
 
 TESTED_VERL = "0.9.1"
 LOSS_NAME = BACKEND_NAME = "prolix"
@@ -147,6 +172,86 @@ def compute_policy_loss_prolix(
     ppo_kl = (old - logp.detach()).mean() if logp.numel() else logp.new_zeros(())
     return loss, {"actor/pg_clipfrac": metrics["clip_frac"].item(), "actor/ppo_kl": ppo_kl.item(),
                   "actor/pg_clipfrac_lower": metrics["dual_clip_frac"].item()}
+
+
+# ------------------------------------------------------------------ rollout correction
+
+
+def _bounds(spec, name: str) -> tuple[float | None, float]:
+    """verl's threshold spec: a number / "u" (upper only) or "l_u" → (lower or None, upper)."""
+    if isinstance(spec, bool) or not isinstance(spec, (int, float, str)):
+        raise TypeError(f"{name}: expected a number or a 'lower_upper' string, got {spec!r}")
+    text = str(spec).strip()
+    try:
+        lower, upper = text.split("_", 1) if "_" in text else (None, text)
+        return (None if lower is None else float(lower)), float(upper)
+    except ValueError:
+        raise ValueError(f"{name}: expected a number or a 'lower_upper' string, got {spec!r}") from None
+
+
+def rollout_correction_from_verl(config) -> RolloutCorrectionConfig | None:
+    """prolix's RolloutCorrectionConfig for verl's rollout-correction options (a verl
+    RolloutCorrectionConfig, DictConfig or dict); None when none is on. ValueError naming an
+    option prolix does not have (module docstring)."""
+    level = _cfg(config, "rollout_is", None)
+    rs = _cfg(config, "rollout_rs", None)
+    if _cfg(config, "rollout_is_batch_normalize", False):
+        raise ValueError("rollout_is_batch_normalize=True is not supported by prolix's rollout correction")
+    kw = {}
+    if level is not None:
+        if level != "token":
+            raise ValueError(f"rollout_is={level!r}: verl's sequence weight is the product of the token ratios, "
+                             "prolix's (is_level='sequence') their geometric mean; only 'token' maps")
+        lower, upper = _bounds(_cfg(config, "rollout_is_threshold", 2.0), "rollout_is_threshold")
+        kw.update(is_level="token", is_mode="truncate" if lower is None else "mask", is_min=lower, is_max=upper)
+    if rs is not None:
+        options = [o.strip() for o in str(rs).split(",") if o.strip()]
+        if options not in (["seq_mean_k1"], ["seq_mean_k3"]):
+            raise ValueError(f"rollout_rs={rs!r}: prolix rejects by one of 'seq_mean_k1', 'seq_mean_k3'")
+        lower, upper = _bounds(_cfg(config, "rollout_rs_threshold", None), "rollout_rs_threshold")
+        if options == ["seq_mean_k3"]:
+            if lower is not None:
+                raise ValueError(f"rollout_rs_threshold: seq_mean_k3 takes one upper bound, got lower {lower}")
+            kw.update(reject_estimator="k3", reject_threshold=upper)
+        else:
+            if lower is not None and not math.isclose(lower * upper, 1.0, rel_tol=1e-9):
+                raise ValueError(f"rollout_rs_threshold: prolix's k1 rule is symmetric (lower = 1/upper), got "
+                                 f"{lower}_{upper}")
+            kw.update(reject_estimator="k1", reject_threshold=math.log(upper))
+    rc = RolloutCorrectionConfig(**kw)
+    return rc if rc.enabled else None
+
+
+def compute_rollout_correction_prolix(old_log_prob, rollout_log_prob, response_mask, rollout_is=None,
+                                      rollout_is_threshold=2.0, rollout_is_batch_normalize=False, rollout_rs=None,
+                                      rollout_rs_threshold=None):
+    """verl's `compute_rollout_correction_and_rejection_mask` computed by prolix's rules.
+
+    old_log_prob, rollout_log_prob: [B, T] float; response_mask: [B, T] bool/0-1.
+    Options as verl's (module docstring for the mapping).
+    Returns (weights [B, T] fp32 — 0 on padding and dropped tokens — or None without rollout_is,
+    response_mask [B, T] in its dtype without the dropped tokens, metrics {"rollout_corr/…": float}).
+    """
+    rc = rollout_correction_from_verl(dict(
+        rollout_is=rollout_is, rollout_is_threshold=rollout_is_threshold, rollout_rs=rollout_rs,
+        rollout_is_batch_normalize=rollout_is_batch_normalize, rollout_rs_threshold=rollout_rs_threshold))
+    if old_log_prob.shape != rollout_log_prob.shape or old_log_prob.shape != response_mask.shape:
+        raise ValueError(f"old_log_prob/rollout_log_prob/response_mask: expected equal [B, T] shapes, got "
+                         f"{tuple(old_log_prob.shape)}, {tuple(rollout_log_prob.shape)}, {tuple(response_mask.shape)}")
+    if rc is None:
+        return None, response_mask, {}
+    rows = response_mask.bool()                                                           # [B, T]
+    cu_seqlens = torch.nn.functional.pad(rows.sum(1).cumsum(0), (1, 0))                  # [B+1]
+    ones = torch.ones(int(rows.sum()), dtype=torch.float32, device=rows.device)         # [N]
+    corr = rollout_correction(old_log_prob[rows].float(), rollout_log_prob[rows].float(), torch.zeros_like(ones),
+                              ones, cu_seqlens, rc)
+    weights = None
+    if corr.weight is not None:
+        weights = torch.zeros(rows.shape, dtype=torch.float32, device=rows.device)
+        weights[rows] = corr.weight
+    keep = torch.zeros(rows.shape, dtype=torch.float32, device=rows.device)
+    keep[rows] = corr.keep
+    return weights, (response_mask * keep).to(response_mask.dtype), {k: v.item() for k, v in corr.metrics.items()}
 
 
 # --------------------------------------------------------------- log-probs for the actor
