@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 import types
 import typing
 from collections.abc import Mapping, Sequence
@@ -27,6 +28,7 @@ import yaml
 
 from prolix.kernels import GRPOLossConfig
 
+from .engines import ENGINES
 from .tasks import SourceConfig
 
 __all__ = ["ConfigError", "ModelConfig", "DemoConfig", "DataConfig", "RolloutConfig", "AlgorithmConfig",
@@ -173,6 +175,7 @@ class RolloutConfig:
     """Extra keyword arguments of the engine (e.g. vLLM's gpu_memory_utilization)."""
 
     def __post_init__(self) -> None:
+        _choice(self.engine, "rollout.engine", tuple(ENGINES))
         _check(self.n >= 2, "rollout.n", f"expected >= 2 (group advantages need 2 samples per prompt), got {self.n}")
         _check(self.temperature > 0, "rollout.temperature", f"expected > 0, got {self.temperature}")
         _check(0 < self.top_p <= 1, "rollout.top_p", f"expected in (0, 1], got {self.top_p}")
@@ -270,7 +273,10 @@ class OptimConfig:
     steps the run stops with an error, without checkpointing, so `latest` stays the last good one."""
 
     def __post_init__(self) -> None:
-        _check(self.lr > 0, "optim.lr", f"expected > 0, got {self.lr}")
+        _check(math.isfinite(self.lr) and self.lr > 0, "optim.lr", f"expected a finite value > 0, got {self.lr}")
+        for name in ("eps", "weight_decay", "grad_clip"):        # inf or nan would reach every weight
+            _check(math.isfinite(getattr(self, name)), f"optim.{name}", f"expected a finite value, got "
+                   f"{getattr(self, name)}")
         _check(self.warmup_steps >= 0, "optim.warmup_steps", f"expected >= 0, got {self.warmup_steps}")
         _check(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "optim.betas",
                f"expected two values in [0, 1), got {self.betas}")

@@ -57,10 +57,13 @@ from . import checkpoint, distributed, nvtx
 from .advantages import group_advantages, informative_groups, shape_overlong
 from .config import ConfigError, TrainConfig
 from .engines import Completion, SamplingConfig, make_engine
+from .guards import NonFiniteLogitsError, all_finite
 from .metrics import MetricsLogger, peak_flops, train_flops
 from .model import forward_hidden, lm_head_weight, load_policy
 from .packing import SequenceRecord, pack, plan_microbatches
+from .preflight import check_model_path
 from .rewards import pop_reward_errors, score
+from .signals import RunStopped, StopRequest, close_run
 from .tasks import MixedSource, Problem, ProblemSource, make_source
 from .tokenizer import format_prompt
 
@@ -201,6 +204,8 @@ class Trainer:
         source = Path(resume_from) if resume_from else Path(cfg.model.path)
         if not cfg.model.path and not resume_from:
             raise ConfigError("model.path: empty (the demo builds its model before the trainer starts)")
+        if not resume_from:
+            check_model_path(cfg.model.path)           # one line naming model.path, not a Hub error
         if resume_from and not resume_verified:
             checkpoint.verify_checkpoint(resume_from)      # before any of its files is read
 
@@ -305,35 +310,60 @@ class Trainer:
 
     # ------------------------------------------------------------------ the loop
 
-    def fit(self) -> TrainResult:
-        """Train until run.steps; evaluate, reset, log and checkpoint along the way."""
+    def fit(self, stop: StopRequest | None = None) -> TrainResult:
+        """Train until run.steps; evaluate, reset, log and checkpoint along the way.
+
+        `stop` (signals.py): when it reports a signal, the step in progress finishes, is logged
+        and checkpointed, and `RunStopped` is raised. Only scheduled evaluations (eval.every)
+        count toward reference.patience; the one after the last step does not, so a run stopped
+        and resumed resets the reference where an uninterrupted run does."""
         cfg = self.cfg
         try:
             if self.state.first_eval is None and cfg.eval.at_start:
                 self.state.first_eval = self.state.last_eval = self.evaluate()
                 self._track_validation(self.state.first_eval["eval/score"])
                 self.log.log(0, self.state.first_eval)
+            self._check_stop(stop, saved=checkpoint.latest_checkpoint(self.run_dir))   # resumed: saved
             while self.state.step < cfg.run.steps:
                 metrics = self.train_step()
                 step = self.state.step
-                evaluated = (cfg.eval.every and step % cfg.eval.every == 0) or step == cfg.run.steps
-                if evaluated:
+                scheduled = bool(cfg.eval.every) and step % cfg.eval.every == 0
+                if scheduled or step == cfg.run.steps:
                     self.state.last_eval = self.evaluate()
                     self.state.first_eval = self.state.first_eval or self.state.last_eval
                     metrics.update(self.state.last_eval)
-                    self._track_validation(self.state.last_eval["eval/score"])
-                reason = self.reset_reason(step, evaluated)
+                    if scheduled:
+                        self._track_validation(self.state.last_eval["eval/score"])
+                reason = self.reset_reason(step, scheduled)
                 if reason:
                     self.reset_reference(reason)
                     metrics["reference/reset_reason"] = reason
                 metrics["reference/resets"] = len(self.state.resets)
                 self.log.log(step, metrics)
+                saved = None
                 if step == cfg.run.steps or (cfg.run.checkpoint_every and step % cfg.run.checkpoint_every == 0):
-                    self.save()
-        finally:
-            self.log.close()
-            self.engine.close()
+                    saved = self.save()
+                self._check_stop(stop, saved=saved)
+        except NonFiniteLogitsError as e:
+            close_run(self.log, self.engine, failure=e)
+            raise self._diverged(f"step {self.state.step + 1}: {e}") from None
+        except BaseException as e:
+            close_run(self.log, self.engine, failure=e)
+            raise
+        close_run(self.log, self.engine)
         return TrainResult(self.run_dir, self.state.first_eval, self.state.last_eval, self.state.step)
+
+    def _check_stop(self, stop: StopRequest | None, *, saved: Path | None) -> None:
+        """Raise RunStopped when a stop was requested (on any rank): after checkpointing the
+        completed step unless it was just saved; before the first step there is nothing to save."""
+        signum = stop.signum if stop is not None else None
+        if self.dp is not None:
+            signum = max(s or 0 for s in self.dp.all_gather(signum)) or None
+        if signum is None:
+            return
+        if saved is None and self.state.step > 0:
+            saved = self.save()
+        raise RunStopped(signum, self.state.step, saved)
 
     def train_step(self) -> dict[str, float]:
         """One RL step: rollout → reward → advantage → pack → loss → AdamW → sync. Returns metrics."""
@@ -550,6 +580,7 @@ class Trainer:
                     skip = f"non-finite gradient norm ({grad_norm})"
             if skip is None:
                 self.optimizer.step()
+                self._check_weights(step, lr)                       # before anything can save them
             self.optimizer.zero_grad(set_to_none=True)
         if skip is not None:
             self.log.write(f"step {step}: warning: {skip}; update skipped, weights unchanged")
@@ -558,6 +589,22 @@ class Trainer:
         out.update(loss=loss_total, ratio_max=ratio_max, grad_norm=grad_norm, lr=lr,
                    skipped_update=float(skip is not None))
         return out
+
+    def _check_weights(self, step: int, lr: float) -> None:
+        """Raise TrainingDivergedError when the update left a weight NaN or ±inf (a finite but
+        far too large lr does, from finite gradients): one fused reduction and host sync
+        (`guards.all_finite`), agreed on by every rank under FSDP."""
+        bad = not all_finite(self.policy.parameters())
+        if self.dp is not None:
+            bad = self.dp.all_reduce({"bad": float(bad)}, op="max")["bad"] > 0
+        if bad:
+            raise self._diverged(f"step {step}: the weights are not finite after the optimizer update "
+                                 f"(optim.lr={lr:g})")
+
+    def _diverged(self, what: str) -> TrainingDivergedError:
+        latest = checkpoint.latest_checkpoint(self.run_dir)
+        return TrainingDivergedError(f"{what}; stopped without saving this state; last good checkpoint: "
+                                     f"{latest if latest is not None else 'none'}")
 
     def _track_skips(self, step: int, stats: list[dict[str, float]]) -> None:
         """Count consecutive steps in which no update was applied (a step with no update at all

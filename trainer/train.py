@@ -27,9 +27,18 @@ Resume: `--resume RUN_DIR` (or a checkpoint folder) reloads the run's saved conf
 and RNG as an uninterrupted run. Every checkpoint carries a manifest of sha256 checksums; when
 the newest one of RUN_DIR fails it, the run resumes from the newest one that passes (warning).
 
-Exit status: 0 on success; 2 on a configuration error or when no checkpoint to resume from
-verifies; 3 when training diverged (optim.max_consecutive_skips steps in a row without a finite
-update: the run stops without checkpointing, so `--resume` restarts from the last good state).
+Stopping: Ctrl-C (SIGINT) or `kill PID` (SIGTERM, what a cluster scheduler sends) lets the step in
+progress finish, writes a checkpoint and exits with 130 / 143; `--resume RUN` then continues as
+if uninterrupted. A second signal stops at once, without checkpointing that step.
+
+Exit status: 0 on success; 2 on an expected failure, in one line naming the key or path: a
+configuration error, a missing model or file, no CUDA for run.device=cuda, vLLM not installed
+for rollout.engine=vllm, no checkpoint to resume from that verifies, a run directory that cannot
+be written or a disk that fills up (a failed checkpoint write leaves `latest` and the previous
+checkpoints as they were); 3 when training diverged (optim.max_consecutive_skips steps in a row
+without a finite update, weights that are not finite after an update, or non-finite logits while
+sampling: the run stops without checkpointing, so `--resume` restarts from the last good state);
+130 / 143 after SIGINT / SIGTERM. Unexpected errors keep their traceback.
 
 Many GPUs: under torchrun every rank runs this entry point; rank 0 alone creates the run
 directory, builds the demo model and prints, and `distributed.py` does the rest. A checkpoint
@@ -112,6 +121,13 @@ def main(argv: list[str] | None = None) -> int:
     from .checkpoint import CheckpointError, resolve_checkpoint
     from .config import ConfigError, load_config, save_config
     from .loop import Trainer, TrainingDivergedError, prepare_data
+    from .metrics import MetricsFileError
+    from .preflight import check_run, os_error_line
+    from .signals import GracefulStop, RunStopped
+
+    def fail(message: str, status: int = 2) -> int:
+        print(f"prolix train: error: {message}", file=sys.stderr, flush=True)
+        return status
 
     try:
         ckpt = None
@@ -121,6 +137,7 @@ def main(argv: list[str] | None = None) -> int:
             cfg = load_config(args.config or run_dir / "config.yaml", args.overrides)
         else:
             cfg = load_config(args.config, args.overrides)
+        check_run(cfg, run_dir if ckpt is not None else None)     # device, engine, model.path, disk
         data = prepare_data(cfg)                          # unknown task, bad file: before anything heavy
         dp = init_from_env(cfg.run.device)                # None in a plain process
         if ckpt is None:
@@ -128,18 +145,33 @@ def main(argv: list[str] | None = None) -> int:
         if dp is None or dp.is_main:
             save_config(cfg, run_dir / "config.yaml")
         trainer = Trainer(cfg, run_dir, data=data, resume_from=ckpt, resume_verified=True)   # resolve_checkpoint
-    except (ConfigError, FileNotFoundError, CheckpointError) as e:
-        print(f"prolix train: error: {e}", file=sys.stderr)
-        return 2
+    except (ConfigError, FileNotFoundError, CheckpointError, MetricsFileError) as e:
+        return fail(str(e))
+    except KeyboardInterrupt:
+        return fail("interrupted (SIGINT) before training started; nothing was saved", 130)
+    except OSError as e:
+        if os_error_line(e) is None:
+            raise
+        return fail(os_error_line(e))
     quiet = dp is not None and not dp.is_main
     if ckpt is not None and not quiet:
         print(f"resuming {run_dir} from {ckpt.name} (step {trainer.state.step})", flush=True)
     try:
-        result = trainer.fit()
+        with GracefulStop() as stop:
+            result = trainer.fit(stop=stop)
     except TrainingDivergedError as e:
+        return 3 if quiet else fail(str(e), 3)
+    except RunStopped as e:
         if not quiet:
-            print(f"prolix train: error: {e}", file=sys.stderr)
-        return 3
+            again = f"; continue with --resume {run_dir}" if e.checkpoint is not None else ""
+            print(f"prolix train: {e}{again}", file=sys.stderr, flush=True)
+        return e.exit_status
+    except CheckpointError as e:                          # a write error while saving (full disk, ...)
+        return 2 if quiet else fail(str(e))
+    except OSError as e:
+        if os_error_line(e) is None:
+            raise
+        return 2 if quiet else fail(os_error_line(e))
     finally:
         if dp is not None:
             dp.close()
