@@ -245,7 +245,7 @@ class OptimConfig:
     """Batch shape and the optimizer."""
 
     lr: float = 1e-4
-    """AdamW learning rate, constant after warmup. ProRL: 2e-6 (1.5B). The demo's 1e-4 is about
+    """AdamW learning rate (finite, > 0), constant after warmup. ProRL: 2e-6 (1.5B). The demo's 1e-4 is about
     the largest its tiny model tolerates: at 2e-4 and above its held-out accuracy fell in every
     run we measured (AdamW moves every weight by about lr per step)."""
     warmup_steps: int = 0
@@ -304,7 +304,9 @@ class ReferenceConfig:
     """When to reset: "off", "patience" (validation stopped improving — ProRL), "every"
     (a fixed period — ProRL v2) or "both". A file `watch_file` in the run dir always triggers one."""
     patience: int = 3
-    """Evaluations without a new best validation score before a reset."""
+    """Scheduled evaluations (`eval.every`) without a new best validation score before a reset.
+    The evaluation after the last step does not count, so a run stopped and resumed resets
+    where an uninterrupted one does."""
     min_improvement: float = 0.0
     """A validation score must beat the best by more than this to count as an improvement."""
     every: int = 0

@@ -22,6 +22,9 @@ gradient norm is not finite before AdamW; either way the weights and the optimiz
 left as they were, `skipped_update` counts it and a warning names the step. A step none of whose
 updates was applied is a skipped step; `optim.max_consecutive_skips` of them in a row raise
 `TrainingDivergedError` before anything is saved, so `latest` stays the last good checkpoint.
+So do weights that an applied update left non-finite (checked after every AdamW step with one
+fused reduction, `guards.all_finite`: a finite but far too large lr does this from finite
+gradients) and non-finite logits met by the torch sampler.
 Each phase runs inside an NVTX range (`nvtx.py`: "prolix/rollout", ...; free without CUDA).
 
 Deviations from textbook GRPO, all from the ProRL/DAPO recipe and all configurable:
