@@ -249,35 +249,90 @@ def test_resume_keeps_one_line_per_step(tmp_path):
 # ----------------------------------------------------------------------------- write failures during a save
 
 
-def test_a_full_disk_during_a_save_leaves_latest_and_the_previous_checkpoint(base_model, problems, tmp_path,  # noqa: F811
-                                                                            capsys, monkeypatch):
-    real_save, saves = torch.save, []
+FULL = os.strerror(errno.ENOSPC)
 
-    def save_until_the_disk_fills(obj, f, *args, **kwargs):
-        if Path(str(f)).name == "optimizer.pt":
-            saves.append(f)
-            if len(saves) == 2:                            # the second checkpoint: the disk is full
-                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(f))
-        return real_save(obj, f, *args, **kwargs)
 
+def fill_the_disk_at(writer: str, monkeypatch) -> None:
+    """From the second checkpoint on, `writer` fails the way it does on a full file system:
+    Python's file writes with an OSError (no file name), safetensors with a SafetensorError
+    carrying the os error, torch.save's zip writer with a RuntimeError and no errno (the free
+    space then says why). Seen on a real 3 MiB tmpfs: each of the three, depending on where the
+    space ran out."""
+    calls = []
+
+    def second_call() -> bool:
+        calls.append(1)
+        return len(calls) >= 2
+
+    if writer == "torch.save":
+        real = torch.save
+
+        def save(obj, f, *args, **kwargs):
+            if Path(str(f)).name == "optimizer.pt" and second_call():
+                monkeypatch.setattr(checkpoint.shutil, "disk_usage", lambda path: shutil_usage(0))
+                raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")
+            return real(obj, f, *args, **kwargs)
+
+        monkeypatch.setattr(torch, "save", save)
+    elif writer == "safetensors":
+        from safetensors import SafetensorError
+
+        real = checkpoint.save_model
+
+        def save_model(model, filename, *args, **kwargs):
+            if second_call():
+                raise SafetensorError(f"Error while serializing: I/O error: {FULL} (os error {errno.ENOSPC})")
+            return real(model, filename, *args, **kwargs)
+
+        monkeypatch.setattr(checkpoint, "save_model", save_model)
+    else:
+        real = checkpoint._write_manifest
+
+        def write_manifest(folder, step):
+            if second_call():
+                raise OSError(errno.ENOSPC, FULL)
+            return real(folder, step)
+
+        monkeypatch.setattr(checkpoint, "_write_manifest", write_manifest)
+
+
+def shutil_usage(free: int):
+    import shutil
+
+    return shutil._ntuple_diskusage(total=3 << 20, used=(3 << 20) - free, free=free)
+
+
+@pytest.mark.parametrize("writer", ["torch.save", "safetensors", "python"])
+def test_a_full_disk_during_a_save_leaves_latest_and_the_previous_checkpoint(  # noqa: F811
+        base_model, problems, tmp_path, capsys, monkeypatch, writer):  # noqa: F811
     def plot_on_a_full_disk(run_dir):                      # what the end-of-run plot meets next
-        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(Path(run_dir) / metrics.PLOT_FILE))
+        raise OSError(errno.ENOSPC, FULL, str(Path(run_dir) / metrics.PLOT_FILE))
 
-    monkeypatch.setattr(torch, "save", save_until_the_disk_fills)
+    fill_the_disk_at(writer, monkeypatch)
     monkeypatch.setattr(metrics, "plot_curves", plot_on_a_full_disk)
     argv = tiny_overrides(base_model, problems, tmp_path, **{"run.checkpoint_every": 1})
     assert train_main(argv) == 2
     run = tmp_path / "run"
     root = run / "checkpoints"
-    assert_one_error_line(capsys, "prolix train: error: cannot write checkpoint step_000002: ",
-                          f"{root}/.tmp-step_000002-", "optimizer.pt: No space left on device (ENOSPC)",
-                          "`latest` still names step_000001")
+    assert_one_error_line(capsys, f"prolix train: error: cannot write checkpoint step_000002: {root}/.tmp-step_000002-",
+                          f"{FULL} (ENOSPC); `latest` still names step_000001")
     assert sorted(p.name for p in root.iterdir()) == ["latest", "step_000001"]     # the partial folder removed
     assert latest_name(run) == "step_000001"
     checkpoint.verify_checkpoint(root / "step_000001")
     # the run resumes from it once there is room again
     monkeypatch.undo()
     assert train_main(["--resume", str(run)]) == 0 and latest_name(run) == "step_000004"
+
+
+def test_an_unexpected_error_during_a_save_keeps_its_traceback(base_model, problems, tmp_path,  # noqa: F811
+                                                               monkeypatch):
+    def broken(folder, step):
+        raise KeyError("a bug, not a full disk")
+
+    monkeypatch.setattr(checkpoint, "_write_manifest", broken)
+    with pytest.raises(KeyError, match="a bug"):
+        train_main(tiny_overrides(base_model, problems, tmp_path, **{"run.steps": 1}))
+    assert not any((tmp_path / "run" / "checkpoints").iterdir())
 
 
 # ----------------------------------------------------------------------------- stop and resume

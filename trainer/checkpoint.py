@@ -40,6 +40,7 @@ import hashlib
 import json
 import os
 import random
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -215,15 +216,43 @@ def save_checkpoint(run_dir: str | Path, step: int, **kwargs: Any) -> Path:
     or unwritable folder) CheckpointWriteError naming the path and the cause, after removing the
     partial `.tmp-*` folder: the previous checkpoints and `latest` are as they were."""
     root = Path(run_dir) / CHECKPOINT_DIR
+    partial = root / f".tmp-{_step_name(step)}-{os.getpid()}"
     try:
         return _save_checkpoint(run_dir, step, **kwargs)
-    except OSError as e:
+    except Exception as failure:
+        cause = _write_error(failure, root)
         _discard_partial(root, _step_name(step))
+        if cause is None:
+            raise
         latest = latest_checkpoint(run_dir)
         raise CheckpointWriteError(
-            f"cannot write checkpoint {_step_name(step)}: {e.filename or root}: {e.strerror or e} "
-            f"({errno.errorcode.get(e.errno, e.errno)}); `latest` still names "
-            f"{latest.name if latest is not None else 'no checkpoint'}") from e
+            f"cannot write checkpoint {_step_name(step)}: {cause.filename or partial}: {cause.strerror} "
+            f"({errno.errorcode.get(cause.errno, cause.errno)}); `latest` still names "
+            f"{latest.name if latest is not None else 'no checkpoint'}") from cause
+
+
+def _write_error(failure: Exception, root: Path) -> OSError | None:
+    """The OSError behind a failed checkpoint write, or None when the failure was something else.
+    Only Python's own writes raise OSError: safetensors reports an I/O error as a SafetensorError
+    ("I/O error: No space left on device (os error 28)") and torch.save's zip writer as a
+    RuntimeError ("[enforce fail at inline_container.cc] ... unexpected pos" or "file write
+    failed"), with no errno; a full file system is then read from its free space."""
+    if isinstance(failure, OSError):
+        return failure
+    text = str(failure)
+    found = re.search(r"os error (\d+)", text)
+    if found:
+        code = int(found.group(1))
+    elif "inline_container" in text or "PytorchStreamWriter" in text:
+        try:
+            code = errno.ENOSPC if shutil.disk_usage(root).free < 2**20 else errno.EIO
+        except OSError:
+            code = errno.EIO
+    else:
+        return None
+    error = OSError(code, os.strerror(code))
+    error.__cause__ = failure                     # the writer's own report stays in the chain
+    return error
 
 
 def _discard_partial(root: Path, name: str) -> None:

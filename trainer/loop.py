@@ -349,7 +349,7 @@ class Trainer:
                 self._check_stop(stop, saved=saved)
         except NonFiniteLogitsError as e:
             close_run(self.log, self.engine, failure=e)
-            raise self._diverged(f"step {self.state.step + 1}: {e}") from None
+            raise self._diverged(f"after step {self.state.step}: {e}") from None
         except BaseException as e:
             close_run(self.log, self.engine, failure=e)
             raise

@@ -69,7 +69,7 @@ def check_writable(folder: Path, key: str) -> None:
         os.close(fd)
         os.unlink(probe)
     except OSError as e:
-        raise ConfigError(f"{key}: cannot write to {e.filename or folder}: {e.strerror or e}") from None
+        raise ConfigError(f"{key}: cannot write to {folder}: {e.strerror or e}") from None
 
 
 def check_run(cfg: TrainConfig, run_dir: Path | None) -> None:
