@@ -604,6 +604,25 @@ class Trainer:
             raise self._diverged(f"step {step}: the weights are not finite after the optimizer update "
                                  f"(optim.lr={lr:g})")
 
+    @torch.no_grad()
+    def _check_outputs(self) -> None:
+        """Raise TrainingDivergedError when the policy's log-probs on one held-out prompt are not
+        finite. Weights can be finite and still overflow the forward (optim.lr=1e20 leaves them
+        near 1e20: RMSNorm's mean square is inf): such a state is not saved. One forward of one
+        short sequence, at each checkpoint."""
+        problems = next(iter(self.data.heldout.values()), None) or \
+            self.data.train.sample(1, random.Random(self.cfg.run.seed + 3))      # its own rng
+        ids = self.prompt_ids(problems[0])
+        if len(ids) < 2:
+            return
+        batch = pack([SequenceRecord(token_ids=ids, response_start=1, advantage=0.0)]).to(self.device)
+        bad = not all_finite([self._logps(self.policy, batch)])
+        if self.dp is not None:
+            bad = self.dp.all_reduce({"bad": float(bad)}, op="max")["bad"] > 0
+        if bad:
+            raise self._diverged(f"step {self.state.step}: the policy's log-probs are not finite (its weights "
+                                 f"overflow the forward; optim.lr={self._lr(self.state.step):g})")
+
     def _diverged(self, what: str) -> TrainingDivergedError:
         latest = checkpoint.latest_checkpoint(self.run_dir)
         return TrainingDivergedError(f"{what}; stopped without saving this state; last good checkpoint: "
@@ -730,6 +749,7 @@ class Trainer:
         self.state.sampler = self.rng.getstate()
         save = self.dp.save_checkpoint if self.dp is not None else checkpoint.save_checkpoint
         with nvtx.range("checkpoint"):
+            self._check_outputs()                                   # nothing that cannot sample is saved
             return save(
                 self.run_dir, self.state.step, policy=self.policy, tokenizer=self.tokenizer,
                 optimizer=self.optimizer, reference=self.reference, trainer_state=dataclasses.asdict(self.state),
