@@ -265,7 +265,7 @@ PROVIDERS: dict[str, tuple[Provider, ...]] = {
         Provider("trl+prolix", "trl", _skip(T.SKIPS["trl+prolix-loss"])),
     ),
     "fused-grpo": (
-        Provider("prolix", None, _prolix_fused),
+        Provider("prolix", None, _prolix_fused, "three-GEMM default; " + _GRADS_IN_FWD),
         Provider("eager", "eager", lambda i, c: lambda: eager_loss(
             eager_logprobs(i.hidden, i.weight, i.targets), i, c.config)),
         Provider("compile", "compile", lambda i, c: lambda: compiled_loss(
@@ -284,7 +284,7 @@ PROVIDERS: dict[str, tuple[Provider, ...]] = {
 # The trainer step: the backbone, then one of the fused-grpo heads on its hidden states.
 PROVIDERS["train"] = (
     Provider("prolix", None, _prolix_trainer_head,
-             "fused_linear_grpo_loss as Trainer.update calls it (entropy metric on)"),
+             "fused_linear_grpo_loss as Trainer.update calls it (entropy metric on); " + _GRADS_IN_FWD),
     *(p for p in PROVIDERS["fused-grpo"] if p.name != "prolix"),
 )
 

@@ -1,4 +1,4 @@
-"""Token-level GRPO loss with KL, on packed rows, fused with the LM-head log-prob kernel.
+"""Token-level GRPO loss with KL, on packed rows, fused with the LM head (kernels/fused_grpo.py).
 
 Math (shared/DESIGN.md, "Kernel math"). Per packed token n with mask m, advantage A,
 log-prob x = logp[n], ratio r = exp(x − old_logp):
@@ -31,11 +31,22 @@ Analytic per-token derivatives, computed in the forward pass (fp32, or fp64 for 
     ∂loss/∂x[n] = c[n]·(w·∂pg/∂x + β·∂kl/∂x),   ∂loss/∂H[n] = −c[n]·c_ent
 
 so the autograd node saves two [N] vectors and its backward is one multiply by grad_output.
-In `fused_linear_grpo_loss` that vector is the `grad_logp` fed to the linear log-prob
-backward: one forward over the vocabulary (logp, entropy, loss, ∂loss/∂logp), one backward
-(∂hidden, ∂weight), and never an [N, V] tensor. The loss itself is O(N) elementwise work —
-about 10 reads/writes of [N] fp32 vectors, 40·N bytes — next to the 2·N·H·V-FLOP GEMMs of
-the LM head, so it runs as plain torch ops on every device and needs no kernel of its own.
+`_grpo_forward` is the one place these derivatives are defined; both fused algorithms call it.
+
+Cost of `fused_linear_grpo_loss` (N tokens, H hidden, V vocabulary; no [N, V] tensor in either):
+- algorithm="three_gemm" (the default, kernels/fused_grpo.py): because a token's loss depends
+  only on its own logp and entropy, ∂loss/∂logp is known chunk by chunk inside the forward, so
+  the forward also computes ∂hidden and ∂weight: GEMM 1 writes E = exp(z − z_y) for a chunk of
+  C rows, then two cuBLAS GEMMs (dh, dW) read it. 3 GEMMs of 2·N·H·V FLOP, the backward a
+  multiply by grad_output; extra memory C·V·2 B (E, ≈ 1.25 GB by default) + V·H·4 B (fp32 dW).
+  Rows with zero loss weight (prompt tokens) are skipped.
+- algorithm="four_gemm": `linear_logprobs` (forward over the vocabulary) then its backward fed
+  with this node's ∂loss/∂logp (logit recompute, dh, dW): 4 GEMMs, extra memory the 3% dz buffer.
+Verified on CPU (torch backend, and the Triton kernels under the interpreter) against float64
+references, and compiled offline for sm_90/sm_80; GPU timings are the device check's to give.
+The loss itself is O(N) elementwise work — about 10 reads/writes of [N] fp32 vectors, 40·N
+bytes — next to the 2·N·H·V-FLOP GEMMs of the LM head, so it runs as plain torch ops on every
+device and needs no kernel of its own.
 
 Shapes: N packed tokens, S sequences, H hidden, V vocabulary.
 """
@@ -48,11 +59,13 @@ import torch
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-from .linear_logprob import linear_logprobs
+from .fused_grpo import attach_gradients, three_gemm_logprob_grads
+from .linear_logprob import _check_inputs, linear_logprobs
 
 __all__ = ["GRPOLossConfig", "grpo_loss", "fused_linear_grpo_loss", "FusedLinearGRPOLoss"]
 
 KL_ESTIMATORS = ("k1", "k2", "k3")
+ALGORITHMS = ("auto", "three_gemm", "four_gemm")
 LOSS_AGGREGATIONS = (
     "token-mean",
     "seq-mean-token-mean",
@@ -384,8 +397,10 @@ def fused_linear_grpo_loss(
     ignore_index: int = -100,
     entropy_metric: bool = False,
     backend: str = "auto",
+    algorithm: str = "auto",
+    chunk_rows: int | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """LM head → log-probs → GRPO loss in one pass over the vocabulary; never holds [N, V].
+    """LM head → log-probs → GRPO loss, the gradients computed in the forward; never holds [N, V].
 
     hidden:   [N, H] fp32/bf16/fp16, final hidden states of the packed tokens.
     weight:   [V, H] same dtype, the LM-head weight.
@@ -396,7 +411,16 @@ def fused_linear_grpo_loss(
     entropy_metric: also compute the entropy for `metrics["entropy"]` when entropy_coef == 0
               (a cheap extra accumulator in the forward; it gets no gradient). With
               entropy_coef != 0 the entropy is always computed and differentiated.
-    backend:  "auto" | "torch" | "triton", passed to `linear_logprobs`.
+    backend:  "auto" | "torch" | "triton": Triton kernels for CUDA tensors, torch ops otherwise.
+    algorithm: "auto" | "three_gemm" | "four_gemm". three_gemm (kernels/fused_grpo.py) computes
+              the hidden and weight gradients inside the forward (three GEMMs, the backward only
+              scales them); it requires each token's loss to depend only on its own logp and
+              entropy (true of every GRPOLossConfig: the normaliser and per-sequence counts come
+              from mask/cu_seqlens). four_gemm is `linear_logprobs` + `grpo_loss` under autograd
+              (forward, logit recompute, dh, dW), for losses that couple tokens (a future
+              sequence-level ratio, GSPO) and for parity tests. "auto" = three_gemm.
+    chunk_rows: three_gemm only: token rows per chunk, C; its [C, V] buffer is the extra memory
+              (None: E ≈ 1.25 GB, `fused_grpo.default_chunk_rows`).
 
     Returns (loss, metrics) as `grpo_loss`: loss 0-d fp32, differentiable w.r.t. hidden and weight.
     """
@@ -404,6 +428,11 @@ def fused_linear_grpo_loss(
     for name, t in (("hidden", hidden), ("weight", weight)):
         if not isinstance(t, torch.Tensor) or t.dim() != 2:
             raise ValueError(f"{name}: expected a 2-D tensor ([N, H] / [V, H]), got {getattr(t, 'shape', t)!r}")
+    if algorithm not in ALGORITHMS:
+        raise ValueError(f"algorithm: expected one of {ALGORITHMS}, got {algorithm!r}")
+    if chunk_rows is not None and (isinstance(chunk_rows, bool) or not isinstance(chunk_rows, int)
+                                   or chunk_rows <= 0):
+        raise ValueError(f"chunk_rows: expected a positive int or None, got {chunk_rows!r}")
     _check_vector("targets", targets, hidden.shape[0], hidden.device, floating=False, ref="hidden")
     # has_entropy=True: the entropy is computed below whenever entropy_coef needs it
     checks = _validate(hidden.shape[0], hidden.device, advantages, mask, old_logp, ref_logp, rollout_logp,
@@ -413,11 +442,46 @@ def fused_linear_grpo_loss(
     _raise_failed(checks)
 
     want_entropy = config.entropy_coef != 0 or entropy_metric
-    out = linear_logprobs(hidden, weight, targets, temperature=config.temperature,
-                          ignore_index=ignore_index, return_entropy=want_entropy, backend=backend)
-    logp, entropy = out if want_entropy else (out, None)
-    return _grpo_loss(logp, advantages, mask, old_logp, ref_logp, rollout_logp, entropy, cu_seqlens,
-                      config, normalizer)
+    if algorithm == "four_gemm":
+        out = linear_logprobs(hidden, weight, targets, temperature=config.temperature,
+                              ignore_index=ignore_index, return_entropy=want_entropy, backend=backend)
+        logp, entropy = out if want_entropy else (out, None)
+        return _grpo_loss(logp, advantages, mask, old_logp, ref_logp, rollout_logp, entropy, cu_seqlens,
+                          config, normalizer)
+    backend = _check_inputs(hidden, weight, targets, config.temperature, ignore_index, backend)
+    return _three_gemm_loss(hidden, weight, targets.to(torch.int64), advantages, mask, old_logp, ref_logp,
+                            rollout_logp, cu_seqlens, config, normalizer, want_entropy, backend, chunk_rows)
+
+
+def _three_gemm_loss(hidden, weight, targets, advantages, mask, old_logp, ref_logp, rollout_logp,
+                     cu_seqlens, config, normalizer, want_entropy, backend, chunk_rows):
+    """fused_linear_grpo_loss, algorithm="three_gemm", on validated inputs."""
+    m = mask.detach().to(torch.float32)                                   # [N] fp32
+    weights = _aggregation_weights(m, cu_seqlens, config, normalizer)     # [N] fp32
+    rows = torch.nonzero(weights != 0).squeeze(1)    # only these rows enter the loss or a gradient
+    grad_on = torch.is_grad_enabled()
+    need_dh = grad_on and hidden.requires_grad
+    need_dw = grad_on and weight.requires_grad
+
+    def per_token(t, sel):
+        return None if t is None else t[sel]
+
+    def token_grads(logp_c, ent_c, sel):
+        # the one definition of the per-token loss: _grpo_forward on the chunk's rows
+        _, dlogp, dent, _ = _grpo_forward(
+            logp_c, ent_c, advantages[sel], m[sel], per_token(old_logp, sel), per_token(ref_logp, sel),
+            per_token(rollout_logp, sel), weights[sel], config)
+        return dlogp, dent
+
+    with torch.no_grad():
+        logp, entropy, dh, dw = three_gemm_logprob_grads(
+            hidden.detach(), weight.detach(), targets, rows, token_grads, inv_temp=1.0 / config.temperature,
+            with_entropy=want_entropy, need_dh=need_dh, need_dw=need_dw, backend=backend, chunk_rows=chunk_rows)
+        loss, _, _, metrics = _grpo_forward(logp, entropy, advantages, m, old_logp, ref_logp, rollout_logp,
+                                            weights, config)
+    loss = attach_gradients(loss, hidden, weight, dh, dw)
+    names = _metric_names(config, ref_logp is not None, entropy is not None)
+    return loss, dict(zip(names, metrics.unbind(0)))
 
 
 class FusedLinearGRPOLoss(nn.Module):
@@ -428,16 +492,20 @@ class FusedLinearGRPOLoss(nn.Module):
     """
 
     def __init__(self, config: GRPOLossConfig = GRPOLossConfig(), *, ignore_index: int = -100,
-                 backend: str = "auto") -> None:
+                 backend: str = "auto", algorithm: str = "auto") -> None:
         super().__init__()
         if not isinstance(config, GRPOLossConfig):
             raise TypeError(f"config: expected a GRPOLossConfig, got {type(config).__name__}")
-        self.config, self.ignore_index, self.backend = config, ignore_index, backend
+        if algorithm not in ALGORITHMS:
+            raise ValueError(f"algorithm: expected one of {ALGORITHMS}, got {algorithm!r}")
+        self.config, self.ignore_index, self.backend, self.algorithm = config, ignore_index, backend, algorithm
 
     def forward(self, hidden, weight, targets, advantages, mask, **kw):
         kw.setdefault("ignore_index", self.ignore_index)
         kw.setdefault("backend", self.backend)
+        kw.setdefault("algorithm", self.algorithm)
         return fused_linear_grpo_loss(hidden, weight, targets, advantages, mask, config=self.config, **kw)
 
     def extra_repr(self) -> str:
-        return f"{self.config}, ignore_index={self.ignore_index}, backend={self.backend!r}"
+        return (f"{self.config}, ignore_index={self.ignore_index}, backend={self.backend!r}, "
+                f"algorithm={self.algorithm!r}")

@@ -9,7 +9,7 @@ checked on any machine:
 
 prints, per kernel × dtype × flag combination: registers per thread, stack and local memory
 (spills), shared memory, and on sm_90 whether the SASS uses Hopper's wgmma (`HGMMA`).
-The launches mirror what the launchers in `linear_logprob.py` do: the same tile configs and
+The launches mirror what the launchers in `linear_logprob.py` and `fused_grpo.py` do: the same tile configs and
 warps/stages, unit inner strides specialised to 1 and 16-divisible sizes and pointers, as the
 JIT specialises them for the reference shapes.
 """
@@ -31,6 +31,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
+from . import fused_grpo as fg
 from . import linear_logprob as llp
 
 _PTR = {torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.float32: "*fp32"}
@@ -50,6 +51,7 @@ class Launch:
     divisible: tuple  # argument names specialised as divisible by 16
     num_warps: int
     num_stages: int
+    has_dot: bool = True  # False for elementwise kernels: no wgmma to look for
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,7 +62,7 @@ class Resources:
     stack: int
     local: int
     shared: int
-    wgmma: bool | None  # None where the target has no wgmma (sm_80)
+    wgmma: bool | None  # None where the target has no wgmma (sm_80) or the kernel no dot
 
     @property
     def spills(self) -> bool:
@@ -81,6 +83,44 @@ def production_launches(sm: int = 90) -> list[Launch]:
                     seen.add(key)
                     launches.append(launch)
             launches.append(_dlogits_launch(dtype, entropy, sm))
+        launches += _fused_grpo_launches(dtype, sm)
+    return launches
+
+
+def _fused_grpo_launches(dtype: torch.dtype, sm: int) -> list[Launch]:
+    """The three-GEMM loss's kernels (kernels/fused_grpo.py): GEMM 1 with and without T, and
+    the in-place entropy fold (E in the input dtype)."""
+    t = _PTR[dtype]
+    launches = [Launch(
+        name=f"exp_shifted[{t[1:]},entropy={int(entropy)}]",
+        fn=fg._exp_shifted_kernel,
+        signature={
+            "h_ptr": t, "w_ptr": t, "c_ptr": "*fp32", "e_ptr": t,
+            "s_ptr": "*fp32", "t_ptr": "*fp32", "m_ptr": "*fp32",
+            "C": "i32", "V": "i32", "H": "i32",
+            "stride_hn": "i32", "stride_hk": "constexpr", "stride_wv": "i32", "stride_wk": "constexpr",
+            "stride_en": "i32", "inv_temp": "fp32", "bound": "fp32",
+            "HAS_ENTROPY": "constexpr", "DOT_PRECISION": "constexpr",
+            "BLOCK_N": "constexpr", "BLOCK_V": "constexpr", "BLOCK_K": "constexpr", "GROUP_N": "constexpr",
+        },
+        constexprs={
+            "stride_hk": 1, "stride_wk": 1, "HAS_ENTROPY": entropy,
+            "DOT_PRECISION": "ieee" if dtype == torch.float32 else "tf32",
+            "BLOCK_N": cfg.block_n, "BLOCK_V": cfg.block_v, "BLOCK_K": cfg.block_k, "GROUP_N": 8,
+        },
+        divisible=("h_ptr", "w_ptr", "c_ptr", "e_ptr", "s_ptr", "t_ptr", "m_ptr", "H",
+                   "stride_hn", "stride_wv"),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    ) for entropy in (False, True) for cfg in [fg.gemm1_config(dtype, sm, entropy)]]
+    launches.append(Launch(
+        name=f"fold_entropy[{t[1:]}]",
+        fn=fg._fold_entropy_kernel,
+        signature={"e_ptr": t, "a_ptr": "*fp32", "b_ptr": "*fp32", "C": "i32", "V": "i32",
+                   "stride_en": "i32", "BLOCK_R": "constexpr", "BLOCK_C": "constexpr"},
+        constexprs={"BLOCK_R": fg._FOLD_BLOCK[0], "BLOCK_C": fg._FOLD_BLOCK[1]},
+        divisible=("e_ptr", "a_ptr", "b_ptr"),
+        num_warps=4, num_stages=1, has_dot=False,
+    ))
     return launches
 
 
@@ -168,7 +208,7 @@ def read_resources(launch: Launch, arch: int) -> Resources:
         usage = subprocess.run([_nvidia_tool("cuobjdump"), "--dump-resource-usage", str(cubin)],
                                check=True, capture_output=True, text=True).stdout
         wgmma = None
-        if arch >= 90:
+        if arch >= 90 and launch.has_dot:
             sass = subprocess.run([_nvidia_tool("nvdisasm"), str(cubin)],
                                   check=True, capture_output=True, text=True).stdout
             wgmma = "HGMMA" in sass

@@ -178,3 +178,13 @@ def test_a_loss_temperature_other_than_the_rollouts_is_refused_in_code(jsonl):
     loss = dataclasses.replace(cfg.algorithm.loss, temperature=0.5)
     with pytest.raises(ConfigError, match=r"algorithm.loss.temperature: expected rollout.temperature \(1.0\)"):
         dataclasses.replace(cfg, algorithm=dataclasses.replace(cfg.algorithm, loss=loss))
+
+
+def test_off_is_a_choice_not_a_yaml_boolean(tmp_path, jsonl):
+    # YAML 1.1 reads a bare `off` as False; a choice among strings takes what the user wrote.
+    assert load_config(None, ["reference.mode=off"]).reference.mode == "off"
+    path = tmp_path / "run.yaml"
+    path.write_text("reference:\n  mode: off\n")
+    assert load_config(path, []).reference.mode == "off"
+    with pytest.raises(ConfigError, match=r"reference\.mode: expected one of"):
+        load_config(None, ["reference.mode=of"])

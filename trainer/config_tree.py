@@ -78,12 +78,21 @@ def _coerce_scalar(tp: type, value: Any, field: str) -> Any:
     return int(number) if tp is int else number
 
 
+def _is_text(tp: Any) -> bool:
+    """A str field, or a choice among strings: its command-line value is taken verbatim."""
+    args = typing.get_args(tp)
+    return tp is str or (typing.get_origin(tp) is typing.Literal and all(isinstance(a, str) for a in args))
+
+
 def _coerce(tp: Any, value: Any, field: str) -> Any:
     """`value` (from YAML or a command line) as type `tp`; ConfigError naming `field` otherwise."""
     origin, args = typing.get_origin(tp), typing.get_args(tp)
     if tp is Any:
         return value
     if origin is typing.Literal:
+        if isinstance(value, bool) and _is_text(tp):
+            # YAML 1.1 reads a bare `off` / `on` as a bool: the choice the user wrote
+            value = {False: "off", True: "on"}[value] if {False: "off", True: "on"}[value] in args else value
         choice = _coerce(type(args[0]), value, field) if args and type(args[0]) in (bool, int, float, str) else value
         check_choice(choice, field, args)
         return choice
@@ -204,7 +213,7 @@ def apply_overrides(tree: dict, overrides: Sequence[str], cls: type) -> dict:
         check_field(bool(sep) and bool(key), item, "expected key=value (e.g. optim.lr=1e-6)")
         parts = key.split(".")
         tp = _field_type_at(cls, parts, key)
-        value = raw if tp is str else yaml.safe_load(raw) if raw.strip() else ""
+        value = raw if _is_text(tp) else yaml.safe_load(raw) if raw.strip() else ""
         node: Any = tree
         for depth, part in enumerate(parts[:-1]):
             if isinstance(node, list):

@@ -1,0 +1,386 @@
+r"""LM head + a per-token loss with the gradients computed in the forward: three GEMMs, no recompute.
+
+`fused_linear_grpo_loss` (kernels/grpo_loss.py) knows g = ∂L/∂logp and g_H = ∂L/∂H of every
+token inside its forward, because each token's loss depends only on its own log-prob, entropy
+and given tensors (the global normaliser and per-sequence token counts come from the mask and
+`cu_seqlens`, known before the pass). So the hidden and weight gradients are computed here, in
+the forward, and the backward only scales them by the incoming gradient. A loss that couples
+tokens through their log-probs (a sequence-level ratio, GSPO) breaks that premise and must take
+the four-GEMM path (`linear_logprobs` + autograd), which `algorithm="four_gemm"` selects.
+
+Math (z = h·Wᵀ/τ, rows n of a chunk of C tokens, y[n] the target):
+
+    c[n] = z[n, y[n]] = h[n]·W[y[n]]/τ              gather-dot, O(C·H)
+    E    = exp(z − c)                                GEMM 1 (Triton), stored [C, V] (bf16 for 16-bit
+    S    = Σ_v E,  T = Σ_v E·(z − c)                 inputs), S and T in fp32 per (row, vocabulary
+    logp = z_y − lse = −log S                        tile), merged by a plain sum (no atomics)
+    H    = lse − E_p[z] = log S − T/S
+    dz   = g·1[y] − p·(g + g_H·(z − E_p[z])),  p = E/S,  z − E_p[z] = ln E − T/S
+         = g·1[y] + E·(α + β·ln E),  α = −(g − g_H·T/S)/S,  β = −g_H/S
+    dh   = dz·W/τ = (α⊙(E·W) + g·W[y]) / τ          GEMM 2 (cuBLAS; with β ≠ 0 E is first turned
+    dW  += dzᵀ·h/τ = (Eᵀ·(α⊙h) + Σ_y g·h) / τ        into E·(α + β ln E) in place)  GEMM 3, fp32 dW
+
+Overflow: exp(z − c) passes 2^64 only where the target sits more than 44 nats below the row
+maximum (p(target) < e^-44). The kernel clamps z − c at 64·ln 2 (so S and the GEMMs stay
+finite) and records the row maximum of z − c; rows with S > 2^63 are recomputed with the shift
+c' = c + max (any shift is exact: logp = (c − c') − log S', H = log S' − T'/S').
+
+Cost per token row (FLOP; bytes beyond the inputs, their gradients and O(N) vectors):
+    GEMM 1 2·H·V, GEMM 2 2·H·V, GEMM 3 2·H·V: three GEMMs of 2·N·H·V, against four (forward,
+    recompute, dh, dW) for the generic `linear_logprobs`; 30.6 → 23 TFLOP at N = 16384,
+    H = 1536, V = 151936. E is written once and read twice (2·C·V·2 B per chunk, 15 GB in all at
+    that shape: ~5 ms of HBM traffic, overlapped by nothing but small next to the GEMMs).
+Memory: E [C, V] (C·V·2 B; fp32, C·V·4 B, for fp32 inputs and the torch backend), the fp32 dW
+    accumulator V·H·4 B, the gathered rows of a chunk, and O(N) vectors. C defaults to the row
+    count that makes E ≈ 1.25 GB (`E_BUDGET_BYTES`: 4096 rows at V = 152k in bf16; the torch
+    backend 0.25 GB, `TORCH_E_BUDGET_BYTES`), and is set by `chunk_rows`. At N = 16384,
+    qwen-1.5b: 1.25 + 0.93 GB, flat in N.
+Rows with zero loss weight (prompt tokens, masked rows) are dropped before the GEMMs: they
+    contribute nothing to the loss or either gradient.
+
+The torch backend (CPU tensors) runs the same algorithm with torch ops in fp32 (16-bit inputs
+are upcast once): GEMM 1 is `addmm` writing z − c straight into E, then `exp_` in place.
+Verified on CPU (torch backend, and the Triton kernels under TRITON_INTERPRET=1) against float64
+references, and compiled offline for sm_90/sm_80 (`kernels/resources.py`); GPU timings come
+from the device check, not from here.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from .linear_logprob import KernelConfig, _dot_precision, _has_fp32_out_addmm, _sm
+
+__all__ = ["E_BUDGET_BYTES", "TORCH_E_BUDGET_BYTES", "gemm1_config", "default_chunk_rows", "three_gemm_logprob_grads",
+           "attach_gradients"]
+
+E_BUDGET_BYTES = 1.25e9        # the E buffer [C, V] of one chunk (Triton backend)
+TORCH_E_BUDGET_BYTES = 0.25e9  # the torch backend's (CPU): see default_chunk_rows
+_SHIFT_BOUND = 64 * math.log(2.0)   # exp(z − c) is clamped at 2^64: S, E·W, Eᵀ·h stay finite
+_REDO_ABOVE = 2.0 ** 63        # S above this: the row may have hit the clamp, redo with the max
+_FOLD_BLOCK = (4, 1024)        # [rows, cols] tile of the in-place entropy fold
+_DW_SLICE = 32768              # vocabulary rows per fp32-output addmm (bounds its temporary)
+
+
+# ----------------------------------------------------------------------------- kernels
+
+
+@triton.jit
+def _exp_shifted_kernel(
+    h_ptr, w_ptr, c_ptr,                # data ptrs: hidden rows [C, H], weight [V, H], shift c [C] fp32
+    e_ptr, s_ptr, t_ptr, m_ptr,         # out ptrs: E [C, V]; partials S, T, max(z − c) [V_TILES, C] fp32
+    C, V, H,                            # shapes
+    stride_hn, stride_hk, stride_wv, stride_wk, stride_en,  # strides
+    inv_temp, bound,
+    HAS_ENTROPY: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_N: tl.constexpr,
+):
+    # Grouped tile order: GROUP_N row tiles walk the same weight tiles together (L2 reuse).
+    pid = tl.program_id(0)
+    n_tiles_n = tl.cdiv(C, BLOCK_N)
+    n_tiles_v = tl.cdiv(V, BLOCK_V)
+    group = pid // (GROUP_N * n_tiles_v)
+    first_n = group * GROUP_N
+    group_size = tl.minimum(n_tiles_n - first_n, GROUP_N)
+    pid_n = first_n + (pid % (GROUP_N * n_tiles_v)) % group_size
+    pid_v = (pid % (GROUP_N * n_tiles_v)) // group_size
+
+    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    cols = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
+    row_ok, col_ok = rows < C, cols < V
+    # int64 offsets: C·V and V·H pass 2^31 at real shapes (4096 × 152k)
+    h_rows = h_ptr + rows.to(tl.int64)[:, None] * stride_hn
+    w_rows = w_ptr + cols.to(tl.int64)[:, None] * stride_wv
+    acc = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32)
+    for k0 in range(0, H, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        h = tl.load(h_rows + ks[None, :] * stride_hk, mask=row_ok[:, None] & (ks < H)[None, :], other=0.0)
+        w = tl.load(w_rows + ks[None, :] * stride_wk, mask=col_ok[:, None] & (ks < H)[None, :], other=0.0)
+        acc = tl.dot(h, tl.trans(w), acc, input_precision=DOT_PRECISION)
+
+    c = tl.load(c_ptr + rows, mask=row_ok, other=0.0)
+    d = acc * inv_temp - c[:, None]                  # z − c; finite on padded columns (z = 0 there)
+    dmax = tl.max(tl.where(col_ok[None, :], d, float("-inf")), axis=1)
+    d = tl.minimum(d, bound)
+    e = tl.where(col_ok[None, :], tl.exp(d), 0.0)
+    part = pid_v.to(tl.int64) * C + rows
+    tl.store(s_ptr + part, tl.sum(e, axis=1), mask=row_ok)
+    tl.store(m_ptr + part, dmax, mask=row_ok)
+    if HAS_ENTROPY:
+        tl.store(t_ptr + part, tl.sum(e * d, axis=1), mask=row_ok)
+    out = e_ptr + rows.to(tl.int64)[:, None] * stride_en + cols[None, :]
+    tl.store(out, e.to(e_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+
+
+@triton.jit
+def _fold_entropy_kernel(
+    e_ptr, a_ptr, b_ptr,                # data ptrs: E [C, V] (in place), α [C], β [C] fp32
+    C, V, stride_en,                    # shapes, strides
+    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """E ← E·(α + β·ln E): the full dz coefficient when the entropy is in the graph."""
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    ok = (rows < C)[:, None] & (cols < V)[None, :]
+    ptrs = e_ptr + rows.to(tl.int64)[:, None] * stride_en + cols[None, :]
+    e = tl.load(ptrs, mask=ok, other=0.0).to(tl.float32)
+    a = tl.load(a_ptr + rows, mask=rows < C, other=0.0)
+    b = tl.load(b_ptr + rows, mask=rows < C, other=0.0)
+    # E = 0 (underflow) contributes 0; the max keeps ln finite so 0·ln 0 is not NaN
+    coef = a[:, None] + b[:, None] * tl.log(tl.maximum(e, 1e-38))
+    tl.store(ptrs, (e * coef).to(e_ptr.dtype.element_ty), mask=ok)
+
+
+# ----------------------------------------------------------------------------- configuration
+
+
+def gemm1_config(dtype: torch.dtype, sm: int = 90, with_entropy: bool = False) -> KernelConfig:
+    """Tiles of `_exp_shifted_kernel`, a GEMM tile with an exp/sum epilogue and a [C, V] store,
+    read off the offline compile (`python -m prolix.kernels.resources`, registers/stack per thread):
+
+        sm_90, 16-bit, 8 warps   128×256 K64: 255 regs + 8 B stack (T: + 80 B);  128×256 K32:
+                                 200 regs, no stack (T: 88 B);  128×128 K64: 140 / 150 regs, none
+        sm_80, 16-bit            128×128 K64, 8 warps: 176 regs, none
+
+    so the widest tile that does not spill: 128×256 K32 without the entropy's T, 128×128 with it
+    (T = Σ E·(z − c) keeps both tiles live). fp32 inputs (no 16-bit tensor cores): 64×128.
+    Not yet timed on a GPU: the device check measures them."""
+    if dtype == torch.float32:
+        return KernelConfig(64, 128, 32, 8, 2)
+    if sm >= 90 and not with_entropy:
+        return KernelConfig(128, 256, 32, 8, 3)
+    return KernelConfig(128, 128, 64, 8, 3)
+
+
+def default_chunk_rows(V: int, e_bytes: int, budget: float = E_BUDGET_BYTES) -> int:
+    """Rows per chunk so that E [C, V] holds about `budget` bytes; a multiple of 128, ≥ 128.
+
+    Triton: 1.25 GB (4096 rows at V = 152k in bf16), few enough chunks that the per-chunk
+    host work and syncs vanish next to the GEMMs. torch backend: 0.25 GB (384 fp32 rows at
+    V = 152k), which keeps the CPU peak below that of Liger's chunked-torch loss
+    (benchmarks/cpu_fused_grpo.py: ~0.5 GB above the inputs at N = 4096, H = 256); measured on
+    the shared 2-core machine, 384 rows took 30–35 s against 23–29 s for 1024 and 25 s for
+    2048 rows (N = 4096, H = 256, noisy): memory parity costs up to ~25% of CPU time."""
+    return max(128, int(budget // (V * e_bytes)) // 128 * 128)
+
+
+# ----------------------------------------------------------------------------- GEMM 1
+
+
+def _gemm1_triton(h, w, c, inv_temp, with_entropy, e):
+    """E ← exp(z − c) into `e` [C, V]; returns merged (S, T or None, max(z − c)), each [C] fp32."""
+    C, H = h.shape
+    V = w.shape[0]
+    cfg = gemm1_config(h.dtype, _sm(h.device), with_entropy)
+    v_tiles = triton.cdiv(V, cfg.block_v)
+    part = torch.empty((3 if with_entropy else 2, v_tiles, C), device=h.device, dtype=torch.float32)
+    s, m = part[0], part[1]
+    t = part[2] if with_entropy else s   # unused pointer when HAS_ENTROPY is False
+    grid = (triton.cdiv(C, cfg.block_n) * v_tiles,)
+    _exp_shifted_kernel[grid](
+        h, w, c, e, s, t, m,
+        C, V, H,
+        h.stride(0), h.stride(1), w.stride(0), w.stride(1), e.stride(0),
+        inv_temp, _SHIFT_BOUND,
+        HAS_ENTROPY=with_entropy, DOT_PRECISION=_dot_precision(h.dtype),
+        BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_K=cfg.block_k, GROUP_N=8,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    # a fixed-order sum over the vocabulary tiles: deterministic, no atomics
+    return s.sum(0), (t.sum(0) if with_entropy else None), m.max(0).values
+
+
+def _gemm1_torch(h, w, c, inv_temp, with_entropy, e):
+    """The same in fp32 torch ops: addmm writes z − c into `e`, exp in place. No max: the
+    overflow redo finds it (rows with S > 2^63 are rare; the clamp is not needed in fp32,
+    whose exp overflows only past 88 nats, and such rows are redone before any GEMM reads E)."""
+    torch.addmm(-c[:, None], h, w.T, alpha=inv_temp, out=e)
+    t = None
+    if with_entropy:   # T = Σ E·(z − c) needs z − c and E together: row blocks bound the temporary
+        t = torch.empty_like(c)
+        for r0 in range(0, e.shape[0], 256):
+            d = e[r0 : r0 + 256]
+            ex = torch.exp(d)
+            t[r0 : r0 + 256] = torch.bmm(ex[:, None, :], d[:, :, None]).view(-1)
+            d.copy_(ex)
+    else:
+        e.exp_()
+    return e.sum(1), t, None
+
+
+def _redo_overflow(h, w, c, inv_temp, with_entropy, e, s, t, dmax, gemm1):
+    """Recompute rows whose S passed 2^63 with the shift c + max(z − c). Returns the per-row
+    shift added to c ([C] fp32, 0 on other rows); updates e, s, t in place."""
+    shift = torch.zeros_like(c)
+    redo = torch.nonzero(~(s <= _REDO_ABOVE)).squeeze(1)   # NaN-safe: a NaN row is redone too
+    if redo.numel() == 0:
+        return shift
+    for i0 in range(0, redo.numel(), 256):   # blocks bound the extra [rows, V] buffer
+        idx = redo[i0 : i0 + 256]
+        h_r = h[idx]
+        if dmax is None:   # torch backend: the row max from the logits of these rows
+            dm = (torch.mm(h_r, w.T) * inv_temp - c[idx, None]).max(1).values
+        else:
+            dm = dmax[idx]
+        c_r = c[idx] + dm
+        e_r = torch.empty((idx.numel(), e.shape[1]), device=e.device, dtype=e.dtype)
+        s_r, t_r, _ = gemm1(h_r, w, c_r, inv_temp, with_entropy, e_r)
+        e.index_copy_(0, idx, e_r)
+        s.index_copy_(0, idx, s_r)
+        if with_entropy:
+            t.index_copy_(0, idx, t_r)
+        shift.index_copy_(0, idx, dm)
+    return shift
+
+
+# ----------------------------------------------------------------------------- GEMMs 2 and 3
+
+
+def _fold_entropy(e, alpha, beta, use_triton: bool):
+    """E ← E·(α + β·ln E) in place: the Triton kernel, or row blocks of torch ops."""
+    if use_triton:
+        grid = (triton.cdiv(e.shape[0], _FOLD_BLOCK[0]), triton.cdiv(e.shape[1], _FOLD_BLOCK[1]))
+        _fold_entropy_kernel[grid](e, alpha, beta, e.shape[0], e.shape[1], e.stride(0),
+                                   BLOCK_R=_FOLD_BLOCK[0], BLOCK_C=_FOLD_BLOCK[1], num_warps=4)
+        return
+    for r0 in range(0, e.shape[0], 256):   # row blocks bound the ln E temporary
+        blk = e[r0 : r0 + 256]
+        coef = blk.clamp_min(1e-38).log_().mul_(beta[r0 : r0 + 256, None]).add_(alpha[r0 : r0 + 256, None])
+        blk.mul_(coef)
+
+
+def _mm_fp32(a, b):
+    """a·b with an fp32 result (fp32 accumulation of 16-bit operands where torch offers it)."""
+    if a.dtype == torch.float32:
+        return a @ b
+    if _has_fp32_out_addmm(a.device.type):
+        return torch.addmm(a.new_zeros((a.shape[0], b.shape[1]), dtype=torch.float32), a, b,
+                           out_dtype=torch.float32)
+    return (a @ b).float()
+
+
+def _addmm_fp32_(acc, a, b):
+    """acc (fp32) += a·b, over vocabulary slices so an fp32-output temporary stays small."""
+    if acc.dtype == a.dtype:
+        acc.addmm_(a, b)
+        return
+    fp32_out = _has_fp32_out_addmm(a.device.type)
+    for v0 in range(0, acc.shape[0], _DW_SLICE):
+        sl = slice(v0, v0 + _DW_SLICE)
+        if fp32_out:
+            acc[sl] = torch.addmm(acc[sl], a[sl], b, out_dtype=torch.float32)
+        else:
+            acc[sl] += a[sl] @ b
+
+
+def _chunk_grads(h_c, w, y_c, e, s, t, g, gh, inv_temp, dh_out, dw, use_triton: bool):
+    """dh of the chunk's rows (written into dh_out [C, H] fp32, or skipped when None) and
+    dW += (chunk's contribution) in fp32, from E and the per-row g (and g_H)."""
+    g_t = g * inv_temp
+    if gh is not None:
+        alpha = -(g - gh * t / s) / s * inv_temp
+        _fold_entropy(e, alpha, -gh / s * inv_temp, use_triton)   # E is now dz/τ off the target column
+        scale = None
+    else:
+        scale = -g_t / s
+    if dh_out is not None:
+        ew = _mm_fp32(e, w)                                               # [C, H] fp32
+        if scale is not None:
+            ew.mul_(scale[:, None])
+        dh_out.copy_(ew.addcmul_(g_t[:, None], w[y_c].float()))
+    if dw is not None:
+        hs = h_c if scale is None else (h_c.float() * scale[:, None]).to(e.dtype)   # [C, H]
+        _addmm_fp32_(dw, e.T, hs)
+        dw.index_add_(0, y_c, g_t[:, None] * h_c.float())
+
+
+# ----------------------------------------------------------------------------- the pass
+
+
+def three_gemm_logprob_grads(hidden, weight, targets, rows, token_grads, *, inv_temp: float,
+                             with_entropy: bool, need_dh: bool, need_dw: bool, backend: str,
+                             chunk_rows: int | None = None):
+    """Log-probs, entropies and the gradients of a per-token loss, in one pass over row chunks.
+
+    hidden: [N, H] and weight: [V, H] (fp32/bf16/fp16, one dtype); targets: [N] int64 in [0, V)
+        on the rows listed in `rows` ([R] int64, the rows with a nonzero loss weight; every other
+        row has logp = entropy = 0 and zero gradient).
+    token_grads(logp_c [C] fp32, entropy_c [C] fp32 or None, sel) -> (g [C], g_H [C] or None):
+        ∂L/∂logp and ∂L/∂H of the chunk's rows; `sel` indexes the chunk's rows in [N] vectors.
+        Called only when a gradient is needed.
+    backend: "triton" (GEMM 1 and the fold in Triton, GEMMs 2–3 torch) or "torch" (all fp32 torch).
+    chunk_rows: C, rows per chunk (default: `default_chunk_rows`, E ≈ 1.25 GB; 0.25 GB for torch).
+
+    Returns (logp [N] fp32, entropy [N] fp32 or None, dh [N, H] or None, dW [V, H] or None),
+    the gradients in the inputs' dtype (accumulated in fp32).
+    """
+    N, V = hidden.shape[0], weight.shape[0]
+    dev = hidden.device
+    if backend == "torch":
+        h, w, gemm1 = hidden.float(), weight.float(), _gemm1_torch
+    else:
+        h, w, gemm1 = hidden, weight, _gemm1_triton
+    e_dtype = h.dtype
+    R = rows.numel()
+    budget = E_BUDGET_BYTES if backend == "triton" else TORCH_E_BUDGET_BYTES
+    C = chunk_rows or default_chunk_rows(V, torch.finfo(e_dtype).bits // 8, budget)
+    every_row = R == N   # slices instead of gathers when no row is dropped
+    logp = torch.zeros(N, device=dev, dtype=torch.float32)
+    entropy = torch.zeros_like(logp) if with_entropy else None
+    dh = torch.zeros(hidden.shape, device=dev, dtype=torch.float32 if backend == "torch" else hidden.dtype) \
+        if need_dh else None
+    dw = torch.zeros(weight.shape, device=dev, dtype=torch.float32) if need_dw else None
+    e_buf = torch.empty((min(C, R), V), device=dev, dtype=e_dtype) if R else None
+    for r0 in range(0, R, C):
+        sel = slice(r0, min(r0 + C, R)) if every_row else rows[r0 : r0 + C]
+        h_c, y_c = h[sel], targets[sel]
+        e = e_buf[: h_c.shape[0]]
+        c = (h_c.float() * w[y_c].float()).sum(1) * inv_temp               # [C] gather-dot
+        s, t, dmax = gemm1(h_c, w, c, inv_temp, with_entropy, e)
+        shift = _redo_overflow(h_c, w, c, inv_temp, with_entropy, e, s, t, dmax, gemm1)
+        log_s = torch.log(s)
+        logp[sel] = -shift - log_s
+        ent_c = (log_s - t / s).clamp_min(0.0) if with_entropy else None   # ≥ 0 up to fp32 rounding
+        if with_entropy:
+            entropy[sel] = ent_c
+        if need_dh or need_dw:
+            g, gh = token_grads(logp[sel], ent_c, sel)
+            dh_c = torch.empty((h_c.shape[0], h.shape[1]), device=dev, dtype=torch.float32) if need_dh else None
+            _chunk_grads(h_c, w, y_c, e, s, t, g.float(), None if gh is None else gh.float(), inv_temp,
+                         dh_c, dw, backend == "triton")
+            if need_dh:
+                dh[sel] = dh_c.to(dh.dtype)
+    dh = dh.to(hidden.dtype) if need_dh else None
+    dw = dw.to(weight.dtype) if need_dw else None
+    return logp, entropy, dh, dw
+
+
+# ----------------------------------------------------------------------------- autograd
+
+
+class _PrecomputedGradients(torch.autograd.Function):
+    """A loss whose input gradients were computed in the forward: backward = grad_output · them."""
+
+    @staticmethod
+    def forward(ctx, loss, hidden, weight, dh, dw):
+        ctx.save_for_backward(dh, dw)
+        return loss.clone()
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        dh, dw = ctx.saved_tensors
+        grad_h = dh * grad_loss if dh is not None and ctx.needs_input_grad[1] else None
+        grad_w = dw * grad_loss if dw is not None and ctx.needs_input_grad[2] else None
+        return None, grad_h, grad_w, None, None
+
+
+def attach_gradients(loss, hidden, weight, dh, dw):
+    """`loss` (a detached 0-d tensor) made differentiable in hidden and weight, with ∂loss/∂hidden
+    = dh and ∂loss/∂weight = dw already computed (None where not needed). Saves only dh and dw."""
+    if dh is None and dw is None:
+        return loss
+    return _PrecomputedGradients.apply(loss, hidden, weight, dh, dw)
