@@ -19,7 +19,10 @@ A checkpoint is written into `checkpoints/.tmp-step_000040-<pid>`, its manifest 
 fsync'd, then the folder is renamed into place (atomic on POSIX) and only then `latest` is
 replaced (write to a temp file, fsync, `os.replace`). A kill at any moment leaves the previous
 checkpoint whole and `latest` pointing at it; leftover `.tmp-*` folders are swept on the next
-save. `keep_last` complete checkpoints are kept (never the one `latest` names).
+save. `keep_last` complete checkpoints are kept (never the one `latest` names). A write that
+fails (full disk, read-only or unwritable folder) removes its temporary folder and raises
+`CheckpointWriteError` naming the path and the cause; the previous checkpoints and `latest`
+are left as they were.
 
 Loading verifies the manifest first (`verify_checkpoint`): a missing manifest or file, or a
 size or checksum that differs, raises `CheckpointError` naming the checkpoint and the file.
@@ -32,10 +35,12 @@ The learning-rate schedule is a pure function of the step (loop.py), so it has n
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
 import random
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -50,6 +55,7 @@ from .model import TOKENIZER_FILES, save_policy
 __all__ = [
     "CHECKPOINT_DIR",
     "CheckpointError",
+    "CheckpointWriteError",
     "save_checkpoint",
     "load_checkpoint",
     "latest_checkpoint",
@@ -73,6 +79,11 @@ MANIFEST_FORMAT = 1
 
 class CheckpointError(RuntimeError):
     """A checkpoint fails verification or cannot be used; the message names it and the file."""
+
+
+class CheckpointWriteError(CheckpointError):
+    """A checkpoint could not be written (its cause, an OSError, is `__cause__`); the message
+    names the path and the cause, and the previous checkpoints and `latest` are untouched."""
 
 
 def _fsync_path(path: Path) -> None:
@@ -205,9 +216,67 @@ def save_tokenizer_files(tokenizer, source: str | Path | None, out: Path) -> Non
         tokenizer.save_pretrained(out)
 
 
-def save_checkpoint(run_dir: str | Path, step: int, *, policy, tokenizer, optimizer: torch.optim.Optimizer,
-                    reference: torch.nn.Module | None, trainer_state: dict[str, Any], keep_last: int,
-                    tokenizer_source: str | Path | None = None) -> Path:
+def save_checkpoint(run_dir: str | Path, step: int, **kwargs: Any) -> Path:
+    """`_save_checkpoint` (its arguments and return), and on a write error (full disk, read-only
+    or unwritable folder) CheckpointWriteError naming the path and the cause, after removing the
+    partial `.tmp-*` folder: the previous checkpoints and `latest` are as they were."""
+    root = Path(run_dir) / CHECKPOINT_DIR
+    partial = root / f".tmp-{step_dir_name(step)}-{os.getpid()}"
+    try:
+        return _save_checkpoint(run_dir, step, **kwargs)
+    except Exception as failure:
+        cause = _write_error(failure, root)
+        _discard_partial(root, step_dir_name(step))
+        if cause is None:
+            raise
+        latest = latest_checkpoint(run_dir)
+        raise CheckpointWriteError(
+            f"cannot write checkpoint {step_dir_name(step)}: {cause.filename or partial}: {cause.strerror} "
+            f"({errno.errorcode.get(cause.errno, cause.errno)}); `latest` still names "
+            f"{latest.name if latest is not None else 'no checkpoint'}") from cause
+
+
+def _write_error(failure: Exception, root: Path) -> OSError | None:
+    """The OSError behind a failed checkpoint write, or None when the failure was something else.
+    Only Python's own writes raise OSError: safetensors reports an I/O error as a SafetensorError
+    ("I/O error: No space left on device (os error 28)") and torch.save's zip writer as a
+    RuntimeError ("[enforce fail at inline_container.cc] ... unexpected pos" or "file write
+    failed"), with no errno; a full file system is then read from its free space."""
+    if isinstance(failure, OSError):
+        return failure
+    text = str(failure)
+    found = re.search(r"os error (\d+)", text)
+    if found:
+        code = int(found.group(1))
+    elif "inline_container" in text or "PytorchStreamWriter" in text:
+        try:
+            code = errno.ENOSPC if shutil.disk_usage(root).free < 2**20 else errno.EIO
+        except OSError:
+            code = errno.EIO
+    else:
+        return None
+    error = OSError(code, os.strerror(code))
+    error.__cause__ = failure                     # the writer's own report stays in the chain
+    return error
+
+
+def _discard_partial(root: Path, name: str) -> None:
+    """Undo a save of checkpoint `name` that failed: its temporary folder and `latest`'s
+    temporary file go; a published checkpoint moved aside to be replaced comes back."""
+    pid = os.getpid()
+    trash, final = root / f".tmp-old-{name}-{pid}", root / name
+    if trash.is_dir() and not final.exists():
+        os.rename(trash, final)
+    for partial in (root / f".tmp-{name}-{pid}", root / f".{LATEST}.tmp-{pid}"):
+        if partial.is_dir():
+            shutil.rmtree(partial, ignore_errors=True)
+        else:
+            partial.unlink(missing_ok=True)
+
+
+def _save_checkpoint(run_dir: str | Path, step: int, *, policy, tokenizer, optimizer: torch.optim.Optimizer,
+                     reference: torch.nn.Module | None, trainer_state: dict[str, Any], keep_last: int,
+                     tokenizer_source: str | Path | None = None) -> Path:
     """Write the checkpoint of `step` atomically, point `latest` at it, rotate old ones.
 
     Args:

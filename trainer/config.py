@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -234,7 +235,7 @@ class OptimConfig:
     """Batch shape and the optimizer."""
 
     lr: float = 1e-4
-    """AdamW learning rate, constant after warmup. ProRL: 2e-6 (1.5B). The demo's 1e-4 is about
+    """AdamW learning rate (finite, > 0), constant after warmup. ProRL: 2e-6 (1.5B). The demo's 1e-4 is about
     the largest its tiny model tolerates: at 2e-4 and above its held-out accuracy fell in every
     run we measured (AdamW moves every weight by about lr per step)."""
     warmup_steps: int = 0
@@ -262,7 +263,10 @@ class OptimConfig:
     steps the run stops with an error, without checkpointing, so `latest` stays the last good one."""
 
     def __post_init__(self) -> None:
-        _check(self.lr > 0, "optim.lr", f"expected > 0, got {self.lr}")
+        _check(math.isfinite(self.lr) and self.lr > 0, "optim.lr", f"expected a finite value > 0, got {self.lr}")
+        for name in ("eps", "weight_decay", "grad_clip"):        # inf or nan would reach every weight
+            _check(math.isfinite(getattr(self, name)), f"optim.{name}", f"expected a finite value, got "
+                   f"{getattr(self, name)}")
         _check(self.warmup_steps >= 0, "optim.warmup_steps", f"expected >= 0, got {self.warmup_steps}")
         _check(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "optim.betas",
                f"expected two values in [0, 1), got {self.betas}")
@@ -290,7 +294,9 @@ class ReferenceConfig:
     """When to reset: "off", "patience" (validation stopped improving — ProRL), "every"
     (a fixed period — ProRL v2) or "both". A file `watch_file` in the run dir always triggers one."""
     patience: int = 3
-    """Evaluations without a new best validation score before a reset."""
+    """Scheduled evaluations (`eval.every`) without a new best validation score before a reset.
+    The evaluation after the last step does not count, so a run stopped and resumed resets
+    where an uninterrupted one does."""
     min_improvement: float = 0.0
     """A validation score must beat the best by more than this to count as an improvement."""
     every: int = 0

@@ -225,6 +225,15 @@ class DataParallel:
     def barrier(self) -> None:
         dist.barrier()
 
+    def any_rank(self, flag: bool) -> bool:
+        """True on every rank when `flag` is True on any (one all_reduce)."""
+        return self.all_reduce({"flag": float(flag)}, op="max")["flag"] > 0
+
+    def stop_signal(self, signum: int | None) -> int | None:
+        """The signal any rank received (the largest number when several did), or None: the
+        ranks poll between steps and stop together, after the same step."""
+        return max(s or 0 for s in self.all_gather(signum)) or None
+
     def close(self) -> None:
         """End the process group if this object created it (the end of `prolix train`); a
         group someone else made (a caller that runs several trainers) stays theirs."""

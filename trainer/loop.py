@@ -24,6 +24,9 @@ gradient norm is not finite before AdamW; either way the weights and the optimiz
 left as they were, `skipped_update` counts it and a warning names the step. A step none of whose
 updates was applied is a skipped step; `optim.max_consecutive_skips` of them in a row raise
 `TrainingDivergedError` before anything is saved, so `latest` stays the last good checkpoint.
+So do weights that an applied update left non-finite (checked after every AdamW step with one
+fused reduction, `guards.all_finite`: a finite but far too large lr does this from finite
+gradients) and non-finite logits met by the torch sampler.
 Each phase runs inside an NVTX range (`nvtx.py`: "prolix/rollout", ...; free without CUDA).
 
 Deviations from textbook GRPO, all from the ProRL/DAPO recipe and all configurable:
@@ -37,8 +40,9 @@ How the loop is run is one object, `self.parallel` (parallel.py), chosen once at
 `SingleProcess`, or under torchrun `distributed.DataParallel` (FSDP2), every rank running this
 loop. The loop calls it at the same places whichever it is — rollout, micro-batch plan, forward,
 merging per-record results, reducing an update's statistics, weight sync, the reset decision,
-checkpoints — and never asks which one it holds. A packed micro-batch reaches the loss by one
-path: `parallel.plan` → `packing.pack_microbatch` → `parallel.forward` (`model.head_inputs`) →
+non-finite weights or log-probs (`any_rank`), a stop signal (`stop_signal`), checkpoints — and
+never asks which one it holds. A packed micro-batch reaches the loss by one path: `parallel.plan`
+→ `packing.pack_microbatch` → `parallel.forward` (`model.head_inputs`) →
 `model.grpo_loss_from_hidden`.
 """
 
@@ -63,12 +67,15 @@ from . import checkpoint, nvtx
 from .advantages import group_advantages, informative_groups, shape_overlong
 from .config import ConfigError, TrainConfig
 from .engines import Completion, SamplingConfig, make_engine
+from .guards import NonFiniteLogitsError, all_finite
 from .metrics import MetricsLogger, SilentLogger, is_extreme, merge_extremes, pass_at_k, peak_flops, train_flops
 from .model import grpo_loss_from_hidden, head_inputs, load_policy, logprobs_from_hidden
 from .packing import SequenceRecord, pack_microbatch
 from .parallel import Parallelism, UpdateStats, init_parallelism
+from .preflight import check_model_path
 from .problem import Problem, ProblemSource
 from .rewards import pop_reward_errors, score
+from .signals import RunStopped, StopRequest, close_run
 from .tasks import MixedSource, make_source
 from .tokenizer import format_prompt, load_tokenizer
 
@@ -187,6 +194,8 @@ class Trainer:
         source = Path(resume_from) if resume_from else Path(cfg.model.path)
         if not cfg.model.path and not resume_from:
             raise ConfigError("model.path: empty (the demo builds its model before the trainer starts)")
+        if not resume_from:
+            check_model_path(cfg.model.path)           # one line naming model.path, not a Hub error
         if resume_from and not resume_verified:
             checkpoint.verify_checkpoint(resume_from)      # before any of its files is read
 
@@ -264,35 +273,58 @@ class Trainer:
 
     # ------------------------------------------------------------------ the loop
 
-    def fit(self) -> TrainResult:
-        """Train until run.steps; evaluate, reset, log and checkpoint along the way."""
+    def fit(self, stop: StopRequest | None = None) -> TrainResult:
+        """Train until run.steps; evaluate, reset, log and checkpoint along the way.
+
+        `stop` (signals.py): when it reports a signal, the step in progress finishes, is logged
+        and checkpointed, and `RunStopped` is raised. Only scheduled evaluations (eval.every)
+        count toward reference.patience; the one after the last step does not, so a run stopped
+        and resumed resets the reference where an uninterrupted run does."""
         cfg = self.cfg
         try:
             if self.state.first_eval is None and cfg.eval.at_start:
                 self.state.first_eval = self.state.last_eval = self.evaluate()
                 self._track_validation(self.state.first_eval["eval/score"])
                 self.log.log(0, self.state.first_eval)
+            self._check_stop(stop, saved=checkpoint.latest_checkpoint(self.run_dir))   # resumed: saved
             while self.state.step < cfg.run.steps:
                 metrics = self.train_step()
                 step = self.state.step
-                evaluated = (cfg.eval.every and step % cfg.eval.every == 0) or step == cfg.run.steps
-                if evaluated:
+                scheduled = bool(cfg.eval.every) and step % cfg.eval.every == 0
+                if scheduled or step == cfg.run.steps:
                     self.state.last_eval = self.evaluate()
                     self.state.first_eval = self.state.first_eval or self.state.last_eval
                     metrics.update(self.state.last_eval)
-                    self._track_validation(self.state.last_eval["eval/score"])
-                reason = self.reset_reason(step, evaluated)
+                    if scheduled:
+                        self._track_validation(self.state.last_eval["eval/score"])
+                reason = self.reset_reason(step, scheduled)
                 if reason:
                     self.reset_reference(reason)
                     metrics["reference/reset_reason"] = reason
                 metrics["reference/resets"] = len(self.state.resets)
                 self.log.log(step, metrics)
+                saved = None
                 if step == cfg.run.steps or (cfg.run.checkpoint_every and step % cfg.run.checkpoint_every == 0):
-                    self.save()
-        finally:
-            self.log.close()
-            self.engine.close()
+                    saved = self.save()
+                self._check_stop(stop, saved=saved)
+        except NonFiniteLogitsError as e:
+            close_run(self.log, self.engine, failure=e)
+            raise self._diverged(f"after step {self.state.step}: {e}") from None
+        except BaseException as e:
+            close_run(self.log, self.engine, failure=e)
+            raise
+        close_run(self.log, self.engine)
         return TrainResult(self.run_dir, self.state.first_eval, self.state.last_eval, self.state.step)
+
+    def _check_stop(self, stop: StopRequest | None, *, saved: Path | None) -> None:
+        """Raise RunStopped when a stop was requested (on any rank): after checkpointing the
+        completed step unless it was just saved; before the first step there is nothing to save."""
+        signum = self.parallel.stop_signal(stop.signum if stop is not None else None)
+        if signum is None:
+            return
+        if saved is None and self.state.step > 0:
+            saved = self.save()
+        raise RunStopped(signum, self.state.step, saved)
 
     def train_step(self) -> dict[str, float]:
         """One RL step: rollout → reward → advantage → pack → loss → AdamW → sync. Returns metrics."""
@@ -543,8 +575,38 @@ class Trainer:
                     skip = f"non-finite gradient norm ({grad_norm})"
             if skip is None:
                 self.optimizer.step()
+                self._check_weights(step, lr)                       # before anything can save them
             self.optimizer.zero_grad(set_to_none=True)
         return grad_norm, skip, lr
+
+    def _check_weights(self, step: int, lr: float) -> None:
+        """Raise TrainingDivergedError when the update left a weight NaN or ±inf (a finite but
+        far too large lr does, from finite gradients): one fused reduction and host sync
+        (`guards.all_finite`), agreed on by every rank under FSDP."""
+        if self.parallel.any_rank(not all_finite(self.policy.parameters())):
+            raise self._diverged(f"step {step}: the weights are not finite after the optimizer update "
+                                 f"(optim.lr={lr:g})")
+
+    @torch.no_grad()
+    def _check_outputs(self) -> None:
+        """Raise TrainingDivergedError when the policy's log-probs on one held-out prompt are not
+        finite. Weights can be finite and still overflow the forward (optim.lr=1e20 leaves them
+        near 1e20: RMSNorm's mean square is inf): such a state is not saved. One forward of one
+        short sequence, at each checkpoint."""
+        problems = next(iter(self.data.heldout.values()), None) or \
+            self.data.train.sample(1, random.Random(self.cfg.run.seed + 3))      # its own rng
+        ids = self.prompt_ids(problems[0])
+        if len(ids) < 2:
+            return
+        batch = self._pack([SequenceRecord(token_ids=ids, response_start=1, advantage=0.0)], [0])
+        if self.parallel.any_rank(not all_finite([self._logps(self.policy, batch)])):
+            raise self._diverged(f"step {self.state.step}: the policy's log-probs are not finite (its weights "
+                                 f"overflow the forward; optim.lr={self._lr(self.state.step):g})")
+
+    def _diverged(self, what: str) -> TrainingDivergedError:
+        latest = checkpoint.latest_checkpoint(self.run_dir)
+        return TrainingDivergedError(f"{what}; stopped without saving this state; last good checkpoint: "
+                                     f"{latest if latest is not None else 'none'}")
 
     def _track_skips(self, step: int, stats: list[dict[str, float]]) -> None:
         """Count consecutive steps in which no update was applied (a step with no update at all
@@ -666,6 +728,7 @@ class Trainer:
     def save(self) -> Path:
         self.state.sampler = self.rng.getstate()
         with nvtx.range("checkpoint"):
+            self._check_outputs()                                   # nothing that cannot sample is saved
             return self.parallel.save_checkpoint(
                 self.run_dir, self.state.step, policy=self.policy, tokenizer=self.tokenizer,
                 optimizer=self.optimizer, reference=self.reference, trainer_state=dataclasses.asdict(self.state),

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -34,8 +35,8 @@ import torch
 
 from .sinks import MetricSink, SinkContext, SinkSettings, describe_error, open_sinks
 
-__all__ = ["MetricsLogger", "JsonlSink", "SilentLogger", "is_extreme", "merge_extremes", "pass_at_k", "train_flops",
-           "peak_flops", "plot_curves", "read_metrics"]
+__all__ = ["MetricsLogger", "MetricsFileError", "JsonlSink", "SilentLogger", "is_extreme", "merge_extremes", "pass_at_k",
+           "train_flops", "peak_flops", "plot_curves", "read_metrics", "read_metrics_tolerant", "records_to_resume"]
 
 METRICS_FILE = "metrics.jsonl"
 PLOT_FILE = "curves.png"
@@ -105,6 +106,48 @@ def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+def _warn(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+class MetricsFileError(ValueError):
+    """RUN/metrics.jsonl holds an unreadable line that is not its last; names the file and line."""
+
+
+def read_metrics_tolerant(path: str | Path, *, warn=_warn) -> list[dict[str, Any]]:
+    """The records of a metrics.jsonl that a kill may have cut short: a final line that is not
+    a whole JSON object (the kill came while it was being written) is dropped with a warning
+    through `warn`; an unreadable line before the last raises MetricsFileError naming it."""
+    path = Path(path)
+    lines = path.read_text().splitlines()
+    records = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            if not isinstance(record, dict):
+                raise ValueError(f"expected a JSON object, got {type(record).__name__}")
+        except ValueError as e:
+            if number < len(lines):
+                raise MetricsFileError(f"{path}: line {number} is not a JSON object ({e}): {line[:80]!r}") from None
+            warn(f"prolix: warning: {path}: dropped its last line, cut short by a killed run: {line[:80]!r}")
+            continue
+        records.append(record)
+    return records
+
+
+def records_to_resume(path: str | Path, start_step: int, *, warn=_warn) -> list[dict[str, Any]]:
+    """The lines of `path` that a run starting after step `start_step` keeps: those of steps
+    <= start_step when it resumes a checkpoint, none when it starts afresh (start_step 0: a
+    run name re-used after a run killed before its first checkpoint, whose step-0 evaluation
+    the new run logs again). Each step appears once: a repeated step keeps its last line."""
+    if start_step == 0:
+        return []
+    by_step = {r.get("step", 0): r for r in read_metrics_tolerant(path, warn=warn)}
+    return [r for step, r in sorted(by_step.items()) if step <= start_step]
+
+
 class JsonlSink:
     """RUN/metrics.jsonl, one line per record: the run's own record (the plot and resume read
     it), so unlike the optional sinks (sinks.py) a failure to write it stops the run."""
@@ -136,7 +179,7 @@ class MetricsLogger:
         if self.path.is_file():
             # Resuming: drop the lines a killed run wrote after its last checkpoint, so the
             # file reads as one uninterrupted run.
-            kept = [r for r in read_metrics(self.run_dir) if r.get("step", 0) <= start_step]
+            kept = records_to_resume(self.path, start_step, warn=_warn)
             self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
         self._jsonl = JsonlSink(self.path)
         self._bar = None

@@ -22,6 +22,9 @@ The protocol, in the order one RL step meets it:
     lockstep                       every process must run every micro-batch's backward and the
                                    gradient norm even after a non-finite loss (collectives)
     sync_engine(engine, policy)    the rollout engine ← the new weights
+    any_rank(flag)                 True on every process when `flag` is on any (non-finite
+                                   weights or log-probs: all stop before saving, issue 18)
+    stop_signal(signum)            the signal any process received, or None (all stop together)
     broadcast(obj), run_on_main(fn), is_main, world_size
     save_checkpoint(run_dir, step, ...), load_checkpoint(ckpt, ...), close()
 
@@ -94,6 +97,10 @@ class Parallelism(Protocol):
 
     def sync_engine(self, engine, model: torch.nn.Module) -> None: ...
 
+    def any_rank(self, flag: bool) -> bool: ...
+
+    def stop_signal(self, signum: int | None) -> int | None: ...
+
     def broadcast(self, obj: Any) -> Any: ...
 
     def run_on_main(self, fn: Callable[[], Any]) -> Any: ...
@@ -153,6 +160,12 @@ class SingleProcess:
 
     def sync_engine(self, engine, model: torch.nn.Module) -> None:
         engine.sync_weights(model)
+
+    def any_rank(self, flag: bool) -> bool:
+        return flag
+
+    def stop_signal(self, signum: int | None) -> int | None:
+        return signum
 
     def broadcast(self, obj: Any) -> Any:
         return obj

@@ -27,9 +27,18 @@ Resume: `--resume RUN_DIR` (or a checkpoint folder) reloads the run's saved conf
 and RNG as an uninterrupted run. Every checkpoint carries a manifest of sha256 checksums; when
 the newest one of RUN_DIR fails it, the run resumes from the newest one that passes (warning).
 
-Exit status: 0 on success; 2 on a configuration error or when no checkpoint to resume from
-verifies; 3 when training diverged (optim.max_consecutive_skips steps in a row without a finite
-update: the run stops without checkpointing, so `--resume` restarts from the last good state).
+Stopping: Ctrl-C (SIGINT) or `kill PID` (SIGTERM, what a cluster scheduler sends) lets the step in
+progress finish, writes a checkpoint and exits with 130 / 143; `--resume RUN` then continues as
+if uninterrupted. A second signal stops at once, without checkpointing that step.
+
+Exit status: 0 on success; 2 on an expected failure, in one line naming the key or path: a
+configuration error, a missing model or file, no CUDA for run.device=cuda, vLLM not installed
+for rollout.engine=vllm, no checkpoint to resume from that verifies, a run directory that cannot
+be written or a disk that fills up (a failed checkpoint write leaves `latest` and the previous
+checkpoints as they were); 3 when training diverged (optim.max_consecutive_skips steps in a row
+without a finite update, weights that are not finite after an update, or non-finite logits while
+sampling: the run stops without checkpointing, so `--resume` restarts from the last good state);
+130 / 143 after SIGINT / SIGTERM. Unexpected errors keep their traceback.
 
 Many GPUs: under torchrun every rank runs this entry point; rank 0 alone creates the run
 directory, builds the demo model and prints, and `distributed.py` does the rest. A checkpoint
@@ -95,6 +104,81 @@ def _new_run(cfg, data):
     return run_dir, cfg
 
 
+def _fail(message: str, status: int = 2) -> int:
+    """Print the one-line error of an expected failure; returns the exit status."""
+    print(f"prolix train: error: {message}", file=sys.stderr, flush=True)
+    return status
+
+
+def _start(args: argparse.Namespace):
+    """(trainer, parallelism, run directory, resumed checkpoint or None), or the exit status of
+    an expected failure met before training: preflight checks (`preflight.check_run`) run
+    right after the config is read, before any model is built."""
+    from .checkpoint import CheckpointError, resolve_checkpoint
+    from .config import ConfigError, load_config, save_config
+    from .loop import Trainer, prepare_data
+    from .metrics import MetricsFileError
+    from .parallel import init_parallelism
+    from .preflight import check_run, os_error_line
+
+    try:
+        ckpt = None
+        if args.resume:
+            run_dir, ckpt = resolve_checkpoint(args.resume)
+            run_dir = run_dir.resolve()
+            cfg = load_config(args.config or run_dir / "config.yaml", args.overrides)
+        else:
+            cfg = load_config(args.config, args.overrides)
+        check_run(cfg, run_dir if ckpt is not None else None)     # device, engine, model.path, disk
+        data = prepare_data(cfg)                          # unknown task, bad file: before anything heavy
+        parallel = init_parallelism(cfg.run.device)       # one process, or this rank of a torchrun world
+        if ckpt is None:
+            run_dir, cfg = parallel.run_on_main(lambda: _new_run(cfg, data))    # rank 0 decides, all follow
+        if parallel.is_main:
+            save_config(cfg, run_dir / "config.yaml")
+        trainer = Trainer(cfg, run_dir, data=data, resume_from=ckpt, resume_verified=True,  # resolve_checkpoint
+                          parallel=parallel)
+    except (ConfigError, FileNotFoundError, CheckpointError, MetricsFileError) as e:
+        return _fail(str(e))
+    except KeyboardInterrupt:
+        return _fail("interrupted (SIGINT) before training started; nothing was saved", 130)
+    except OSError as e:
+        if os_error_line(e) is None:
+            raise
+        return _fail(os_error_line(e))
+    return trainer, parallel, run_dir, ckpt
+
+
+def _fit(trainer, parallel, run_dir: Path):
+    """trainer.fit() under SIGINT/SIGTERM handlers: its result, or the exit status of a run
+    that diverged (3), was stopped by a signal (130 / 143) or could not write (2). Only the
+    main process prints."""
+    from .checkpoint import CheckpointError
+    from .loop import TrainingDivergedError
+    from .preflight import os_error_line
+    from .signals import GracefulStop, RunStopped
+
+    quiet = not parallel.is_main
+    try:
+        with GracefulStop() as stop:
+            return trainer.fit(stop=stop)
+    except TrainingDivergedError as e:
+        return 3 if quiet else _fail(str(e), 3)
+    except RunStopped as e:
+        if not quiet:
+            again = f"; continue with --resume {run_dir}" if e.checkpoint is not None else ""
+            print(f"prolix train: {e}{again}", file=sys.stderr, flush=True)
+        return e.exit_status
+    except CheckpointError as e:                          # a write error while saving (full disk, ...)
+        return 2 if quiet else _fail(str(e))
+    except OSError as e:
+        if os_error_line(e) is None:
+            raise
+        return 2 if quiet else _fail(os_error_line(e))
+    finally:
+        parallel.close()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
     from .distributed import launched
@@ -109,42 +193,16 @@ def main(argv: list[str] | None = None) -> int:
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()                     # per-checkpoint "Writing model shards" bars
-    from .checkpoint import CheckpointError, resolve_checkpoint
-    from .config import ConfigError, load_config, save_config
-    from .loop import Trainer, TrainingDivergedError, prepare_data
-    from .parallel import init_parallelism
-
-    try:
-        ckpt = None
-        if args.resume:
-            run_dir, ckpt = resolve_checkpoint(args.resume)
-            run_dir = run_dir.resolve()
-            cfg = load_config(args.config or run_dir / "config.yaml", args.overrides)
-        else:
-            cfg = load_config(args.config, args.overrides)
-        data = prepare_data(cfg)                          # unknown task, bad file: before anything heavy
-        parallel = init_parallelism(cfg.run.device)       # one process, or this rank of a torchrun world
-        if ckpt is None:
-            run_dir, cfg = parallel.run_on_main(lambda: _new_run(cfg, data))    # rank 0 decides, all follow
-        if parallel.is_main:
-            save_config(cfg, run_dir / "config.yaml")
-        trainer = Trainer(cfg, run_dir, data=data, resume_from=ckpt, resume_verified=True,  # resolve_checkpoint
-                          parallel=parallel)
-    except (ConfigError, FileNotFoundError, CheckpointError) as e:
-        print(f"prolix train: error: {e}", file=sys.stderr)
-        return 2
-    quiet = not parallel.is_main
-    if ckpt is not None and not quiet:
+    started = _start(args)
+    if isinstance(started, int):
+        return started
+    trainer, parallel, run_dir, ckpt = started
+    if ckpt is not None and parallel.is_main:
         print(f"resuming {run_dir} from {ckpt.name} (step {trainer.state.step})", flush=True)
-    try:
-        result = trainer.fit()
-    except TrainingDivergedError as e:
-        if not quiet:
-            print(f"prolix train: error: {e}", file=sys.stderr)
-        return 3
-    finally:
-        parallel.close()
-    if quiet:
+    result = _fit(trainer, parallel, run_dir)
+    if isinstance(result, int):
+        return result
+    if not parallel.is_main:
         return 0
     print(f"run directory: {result.run_dir}")
     first, last = result.first_eval, result.last_eval
