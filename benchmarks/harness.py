@@ -17,13 +17,13 @@ import datetime
 import importlib.metadata
 import platform
 import re
-import subprocess
 import sys
 import time
-from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
+
+from prolix.trainer import sinks
 
 QUANTILES = (0.5, 0.2, 0.8)  # median, p20, p80
 CPU_NO_PEAK = "CPU: torch keeps no allocator statistics; peak memory is measured on CUDA only"
@@ -163,19 +163,9 @@ def device_slug(device: torch.device) -> str:
 
 
 def git_commit() -> str:
-    """The short commit of the checkout this file lives in, '+dirty' when tracked files differ
-    from it (the numbers then belong to uncommitted code); 'unknown' outside a git checkout."""
-    here = Path(__file__).resolve().parent
-    try:
-        out = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=here,
-                             capture_output=True, text=True, timeout=10)
-        if out.returncode != 0 or not out.stdout.strip():
-            return "unknown"
-        dirty = subprocess.run(["git", "diff", "--quiet", "HEAD", "--"], cwd=here,
-                               capture_output=True, timeout=10).returncode == 1
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-    return out.stdout.strip() + ("+dirty" if dirty else "")
+    """The short commit of this checkout, '+dirty' when tracked files differ from it (the numbers
+    then belong to uncommitted code); 'unknown' outside a git checkout."""
+    return sinks.git_commit(short=12)
 
 
 def package_version(name: str) -> str | None:

@@ -55,7 +55,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .linear_logprob import KernelConfig, _dot_precision, _has_fp32_out_addmm, _sm
+from .linear_logprob import KernelConfig, _dot_precision, _has_fp32_out_addmm, _sm, grouped_tile
 
 __all__ = ["E_BUDGET_BYTES", "TORCH_E_BUDGET_BYTES", "gemm1_config", "default_chunk_rows", "three_gemm_logprob_grads",
            "attach_gradients"]
@@ -81,15 +81,7 @@ def _exp_shifted_kernel(
     HAS_ENTROPY: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_N: tl.constexpr,
 ):
-    # Grouped tile order: GROUP_N row tiles walk the same weight tiles together (L2 reuse).
-    pid = tl.program_id(0)
-    n_tiles_n = tl.cdiv(C, BLOCK_N)
-    n_tiles_v = tl.cdiv(V, BLOCK_V)
-    group = pid // (GROUP_N * n_tiles_v)
-    first_n = group * GROUP_N
-    group_size = tl.minimum(n_tiles_n - first_n, GROUP_N)
-    pid_n = first_n + (pid % (GROUP_N * n_tiles_v)) % group_size
-    pid_v = (pid % (GROUP_N * n_tiles_v)) // group_size
+    pid_n, pid_v = grouped_tile(tl.program_id(0), tl.cdiv(C, BLOCK_N), tl.cdiv(V, BLOCK_V), GROUP_N)
 
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     cols = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)

@@ -228,6 +228,18 @@ def _logprob_fwd_kernel(
 
 
 @triton.jit
+def grouped_tile(pid, n_tiles_n, n_tiles_v, GROUP_N: tl.constexpr):
+    """(row tile, vocabulary tile) of program `pid` in grouped order: GROUP_N row tiles walk the
+    same weight tiles together, so a weight tile is read from L2, not HBM, by the group."""
+    group = pid // (GROUP_N * n_tiles_v)
+    first_n = group * GROUP_N
+    group_size = tl.minimum(n_tiles_n - first_n, GROUP_N)
+    pid_n = first_n + (pid % (GROUP_N * n_tiles_v)) % group_size
+    pid_v = (pid % (GROUP_N * n_tiles_v)) // group_size
+    return pid_n, pid_v
+
+
+@triton.jit
 def _dlogits_kernel(
     h_ptr, w_ptr, y_ptr,                # data ptrs: hidden [N, H], weight [V, H], targets [N] int64
     lse_ptr, g_ptr, gh_ptr, ez_ptr,     # row vectors [N] fp32: lse, ∂L/∂logp, ∂L/∂H, E_p[z]
@@ -238,15 +250,7 @@ def _dlogits_kernel(
     HAS_ENTROPY: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_N: tl.constexpr,
 ):
-    # Grouped tile order: GROUP_N row tiles walk the same weight tiles together (L2 reuse).
-    pid = tl.program_id(0)
-    n_tiles_n = tl.cdiv(N, BLOCK_N)
-    n_tiles_v = tl.cdiv(v_hi - v_lo, BLOCK_V)
-    group = pid // (GROUP_N * n_tiles_v)
-    first_n = group * GROUP_N
-    group_size = tl.minimum(n_tiles_n - first_n, GROUP_N)
-    pid_n = first_n + (pid % (GROUP_N * n_tiles_v)) % group_size
-    pid_v = (pid % (GROUP_N * n_tiles_v)) // group_size
+    pid_n, pid_v = grouped_tile(tl.program_id(0), tl.cdiv(N, BLOCK_N), tl.cdiv(v_hi - v_lo, BLOCK_V), GROUP_N)
 
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < N

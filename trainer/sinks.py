@@ -192,12 +192,13 @@ def describe_error(error: BaseException) -> str:
     return f"{type(error).__name__}: {text if len(text) <= 300 else text[:297] + '...'}"
 
 
-def git_commit() -> str:
-    """The commit of the checkout prolix's trainer runs from ('+dirty' when tracked files
-    differ from it); 'unknown' for an installed copy outside git."""
+def git_commit(short: int | None = None) -> str:
+    """The commit of the checkout prolix runs from ('+dirty' when tracked files differ from it;
+    abbreviated to `short` hex digits when given); 'unknown' for an installed copy outside git."""
     here = Path(__file__).resolve().parent
+    rev = ["git", "rev-parse"] + ([f"--short={short}"] if short else []) + ["HEAD"]
     try:
-        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=10)
+        head = subprocess.run(rev, cwd=here, capture_output=True, text=True, timeout=10)
         if head.returncode != 0 or not head.stdout.strip():
             return "unknown"
         dirty = subprocess.run(["git", "diff", "--quiet", "HEAD", "--"], cwd=here,
