@@ -304,6 +304,25 @@ def _kl(delta: torch.Tensor, estimator: str) -> tuple[torch.Tensor, torch.Tensor
     return em1 - delta, -em1
 
 
+def _clipped_surrogate(a: torch.Tensor, r: torch.Tensor, config):
+    """(pg, ∂pg/∂log r, flags) of the clipped surrogate max(−A·r, −A·clip(r)), dual-clipped if
+    config.dual_clip; flags are the bool masks behind the clip_frac* metrics."""
+    zero = r.new_zeros(())
+    lo, hi = 1.0 - config.clip_low, 1.0 + config.clip_high
+    clip_low = (a < 0) & (r < lo)            # −A·lo > −A·r: the clipped branch is the max
+    clip_high = (a > 0) & (r > hi)
+    clipped = clip_low | clip_high
+    pg = torch.where(clipped, -a * r.clamp(lo, hi), -a * r)
+    dpg = torch.where(clipped, zero, -a * r)  # ∂(−A·r)/∂log r = −A·r; the clipped branch is constant
+    flags = {"clip_frac": clipped, "clip_frac_low": clip_low, "clip_frac_high": clip_high}
+    if config.dual_clip is not None:
+        bound = -config.dual_clip * a
+        dual = (a < 0) & (pg > bound)
+        pg, dpg = torch.where(dual, bound, pg), torch.where(dual, zero, dpg)
+        flags["dual_clip_frac"] = dual
+    return pg, dpg, flags
+
+
 def _grpo_forward(logp, entropy, advantages, m, old_logp, ref_logp, is_weight, weights, seqs, config):
     """Loss, ∂loss/∂logp [N], ∂loss/∂entropy [N] (or None) and the metric vector, in m's dtype.
 
@@ -316,18 +335,8 @@ def _grpo_forward(logp, entropy, advantages, m, old_logp, ref_logp, is_weight, w
     zero = x.new_zeros(())
 
     r, lengths = _ratio(x, old, m, seqs, config)
-    lo, hi = 1.0 - config.clip_low, 1.0 + config.clip_high
-    clip_low = (a < 0) & (r < lo)            # −A·lo > −A·r: the clipped branch is the max
-    clip_high = (a > 0) & (r > hi)
-    clipped = clip_low | clip_high
-    pg = torch.where(clipped, -a * r.clamp(lo, hi), -a * r)
-    dpg = torch.where(clipped, zero, -a * r)  # ∂(−A·r)/∂log r = −A·r; the clipped branch is constant
-    stats = {}
-    if config.dual_clip is not None:
-        bound = -config.dual_clip * a
-        dual = (a < 0) & (pg > bound)
-        pg, dpg = torch.where(dual, bound, pg), torch.where(dual, zero, dpg)
-        stats["dual_clip_frac"] = dual
+    pg, dpg, flags = _clipped_surrogate(a, r, config)
+    stats = {"dual_clip_frac": flags["dual_clip_frac"]} if "dual_clip_frac" in flags else {}
     if is_weight is not None:
         w = is_weight.to(dt)
         pg, dpg = w * pg, w * dpg
@@ -361,7 +370,7 @@ def _grpo_forward(logp, entropy, advantages, m, old_logp, ref_logp, is_weight, w
     ratio_max = torch.where(active, r, zero).max() if r.numel() else zero   # r > 0: 0 = no token
     values = {"pg_loss": mean(pg), "kl": None if kl is None else mean(kl),
               "entropy": None if ent is None else mean(ent),
-              "clip_frac": mean(clipped), "clip_frac_low": mean(clip_low), "clip_frac_high": mean(clip_high),
+              **{k: mean(flags[k]) for k in ("clip_frac", "clip_frac_low", "clip_frac_high")},
               **{k: mean(v) for k, v in stats.items()},
               "ratio_mean": mean(r), "ratio_max": ratio_max, "num_tokens": count}
     names = _metric_names(config, kl is not None, ent is not None)

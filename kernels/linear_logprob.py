@@ -140,6 +140,16 @@ def _online_update(acc, cols, v_hi, y, m2, s, t2, zy2, scale2, HAS_ENTROPY: tl.c
 
 
 @triton.jit
+def _fold_open(acc, first, SUB: tl.constexpr, v_hi, y, m2, s, t2, zy2, scale2, HAS_ENTROPY: tl.constexpr):
+    """_online_update of the sub-tile of columns [first, first + SUB), skipped when it lies wholly
+    past v_hi (in a ragged last tile): the update needs at least one valid column."""
+    if first < v_hi:
+        m2, s, t2, zy2 = _online_update(acc, first + tl.arange(0, SUB), v_hi, y, m2, s, t2, zy2, scale2,
+                                        HAS_ENTROPY)
+    return m2, s, t2, zy2
+
+
+@triton.jit
 def _logprob_fwd_kernel(
     h_ptr, w_ptr, y_ptr,                # data ptrs: hidden [N, H], weight [V, H], targets [N] int64
     m_ptr, s_ptr, t_ptr, zy_ptr,        # out ptrs: per-slice partials [SPLITS, N] fp32
@@ -150,13 +160,7 @@ def _logprob_fwd_kernel(
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_N: tl.constexpr,
     SUB_TILES: tl.constexpr,            # 1, 2 or 4: the vocabulary tile as that many column slices
 ):
-    # Raster: groups of GROUP_N row tiles × all vocabulary slices, slices fastest within a group.
-    # The programs resident at once then share GROUP_N hidden tiles (re-read for every vocabulary
-    # tile, so they must stay in L2) and read each weight slice once for all GROUP_N row tiles.
-    pid = tl.program_id(0)
-    per_group = GROUP_N * n_splits
-    pid_n = (pid // per_group) * GROUP_N + (pid % per_group) // n_splits
-    pid_s = pid % n_splits
+    pid_n, pid_s = _slices_fastest(tl.program_id(0), n_splits, GROUP_N)
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < N
     y = tl.load(y_ptr + rows, mask=row_ok, other=-1).to(tl.int32)  # ids < V < 2^31
@@ -200,27 +204,38 @@ def _logprob_fwd_kernel(
             acc2 = _dot_sub(h, w_ptr, c0 + 2 * SUB, v_hi, ks, k_ok, stride_wv, stride_wk, acc2, DOT_PRECISION)
             acc3 = _dot_sub(h, w_ptr, c0 + 3 * SUB, v_hi, ks, k_ok, stride_wv, stride_wk, acc3, DOT_PRECISION)
         if ki == k_tiles - 1:
-            # A sub-tile wholly past v_hi (in a ragged last tile) is skipped: the update needs at
-            # least one valid column (its max would be −inf).
+            # The first sub-tile always holds a valid column; the others may not (`_fold_open`).
             m2, s, t2, zy2 = _online_update(acc0, c0, v_hi, y, m2, s, t2, zy2, scale2, HAS_ENTROPY)
             acc0 = tl.zeros((BLOCK_N, SUB), dtype=tl.float32)
             if SUB_TILES >= 2:
-                if v0 + SUB < v_hi:
-                    m2, s, t2, zy2 = _online_update(acc1, c0 + SUB, v_hi, y, m2, s, t2, zy2, scale2, HAS_ENTROPY)
+                m2, s, t2, zy2 = _fold_open(acc1, v0 + SUB, SUB, v_hi, y, m2, s, t2, zy2, scale2, HAS_ENTROPY)
                 acc1 = tl.zeros((BLOCK_N, SUB), dtype=tl.float32)
             if SUB_TILES == 4:
-                if v0 + 2 * SUB < v_hi:
-                    m2, s, t2, zy2 = _online_update(acc2, c0 + 2 * SUB, v_hi, y, m2, s, t2, zy2, scale2,
-                                                    HAS_ENTROPY)
-                if v0 + 3 * SUB < v_hi:
-                    m2, s, t2, zy2 = _online_update(acc3, c0 + 3 * SUB, v_hi, y, m2, s, t2, zy2, scale2,
-                                                    HAS_ENTROPY)
+                m2, s, t2, zy2 = _fold_open(acc2, v0 + 2 * SUB, SUB, v_hi, y, m2, s, t2, zy2, scale2, HAS_ENTROPY)
+                m2, s, t2, zy2 = _fold_open(acc3, v0 + 3 * SUB, SUB, v_hi, y, m2, s, t2, zy2, scale2, HAS_ENTROPY)
                 acc2 = tl.zeros((BLOCK_N, SUB), dtype=tl.float32)
                 acc3 = tl.zeros((BLOCK_N, SUB), dtype=tl.float32)
 
+    _store_partials(m_ptr, s_ptr, t_ptr, zy_ptr, pid_s.to(tl.int64) * N + rows, row_ok, m2, s, t2, zy2,
+                    HAS_ENTROPY)
+
+
+@triton.jit
+def _slices_fastest(pid, n_splits, GROUP_N: tl.constexpr):
+    """(row tile, vocabulary slice) of program `pid`: groups of GROUP_N row tiles × all slices,
+    slices fastest within a group. The programs resident at once then share GROUP_N hidden tiles
+    (re-read for every vocabulary tile, so they must stay in L2) and read each weight slice once
+    for all GROUP_N row tiles."""
+    per_group = GROUP_N * n_splits
+    return (pid // per_group) * GROUP_N + (pid % per_group) // n_splits, pid % n_splits
+
+
+@triton.jit
+def _store_partials(m_ptr, s_ptr, t_ptr, zy_ptr, out, row_ok, m2, s, t2, zy2, HAS_ENTROPY: tl.constexpr):
+    """Store one slice's online-softmax state at offsets `out` (int64: SPLITS·N may pass 2^31),
+    converted from base-2 to natural-log units."""
     LN2: tl.constexpr = 0.6931471805599453
-    out = pid_s.to(tl.int64) * N + rows  # SPLITS·N may pass 2^31
-    tl.store(m_ptr + out, m2 * LN2, mask=row_ok)   # partials leave in natural-log units
+    tl.store(m_ptr + out, m2 * LN2, mask=row_ok)
     tl.store(s_ptr + out, s, mask=row_ok)
     tl.store(zy_ptr + out, zy2 * LN2, mask=row_ok)
     if HAS_ENTROPY:

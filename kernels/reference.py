@@ -158,18 +158,9 @@ def grpo_loss_ref(
     old = logp.detach() if old_logp is None else cast(old_logp)
     m, w = _corrected(logp, old, rollout_logp, adv, m, cu_seqlens, config, cast)
 
-    if config.ratio_level == "sequence":
-        ratio = _sequence_ratio(torch.where(m != 0, logp - old, 0.0), m, cu_seqlens)
-    else:
-        ratio = torch.exp(logp - old)
-    clipped = ratio.clamp(1.0 - config.clip_low, 1.0 + config.clip_high)
-    pg = torch.maximum(-adv * ratio, -adv * clipped)
-    if config.dual_clip is not None:
-        # Bound the loss of negative-advantage tokens whose ratio exploded (Ye et al., 2020).
-        pg = torch.where(adv < 0, torch.minimum(pg, -config.dual_clip * adv), pg)
+    loss_tok = _clipped_surrogate(logp, old, adv, m, cu_seqlens, config)
     if w is not None:
-        pg = w * pg
-    loss_tok = pg
+        loss_tok = w * loss_tok
     if config.kl_coef != 0.0:
         delta = cast(ref_logp) - logp
         if config.kl_estimator == "k1":
@@ -185,6 +176,25 @@ def grpo_loss_ref(
     # where(), not a product: a masked row may hold garbage (an overflowing ratio on a prompt
     # token) and inf·0 would be NaN.
     masked = torch.where(m != 0, loss_tok, 0.0) * m
+    return _aggregate(masked, m, cu_seqlens, config, normalizer)
+
+
+def _clipped_surrogate(logp, old, adv, m, cu_seqlens, config: GRPOLossConfig) -> torch.Tensor:
+    """Per-token clipped policy-gradient term: max(−A·r, −A·clip(r)), dual-clipped if asked."""
+    if config.ratio_level == "sequence":
+        ratio = _sequence_ratio(torch.where(m != 0, logp - old, 0.0), m, cu_seqlens)
+    else:
+        ratio = torch.exp(logp - old)
+    clipped = ratio.clamp(1.0 - config.clip_low, 1.0 + config.clip_high)
+    pg = torch.maximum(-adv * ratio, -adv * clipped)
+    if config.dual_clip is not None:
+        # Bound the loss of negative-advantage tokens whose ratio exploded (Ye et al., 2020).
+        pg = torch.where(adv < 0, torch.minimum(pg, -config.dual_clip * adv), pg)
+    return pg
+
+
+def _aggregate(masked, m, cu_seqlens, config: GRPOLossConfig, normalizer) -> torch.Tensor:
+    """The scalar loss from masked per-token terms, by config.loss_agg."""
     if config.loss_agg == "token-mean":
         denom = m.sum().clamp(min=1.0) if normalizer is None else normalizer
         return masked.sum() / denom

@@ -186,6 +186,19 @@ def _importance_weight(lam, m, seq_id, lengths, config: RolloutCorrectionConfig)
     return torch.where(dropped, 0.0, w), dropped
 
 
+def _weight_stats(weight: torch.Tensor, m: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Mean, min and max of the importance weight over response tokens (0 when there are none)."""
+    zero = m.new_zeros(())
+    on = m != 0
+    count = on.to(m.dtype).sum()
+    # ±inf fill keeps other rows out of min/max; no response token at all reports 0 (no host sync)
+    w_min = torch.where(on, weight, math.inf).min() if on.numel() else zero
+    w_max = torch.where(on, weight, -math.inf).max() if on.numel() else zero
+    return {"is_weight_mean": torch.where(on, weight, zero).sum() / count.clamp(min=1.0),
+            "is_weight_min": torch.where(count > 0, w_min, zero),
+            "is_weight_max": torch.where(count > 0, w_max, zero)}
+
+
 def rollout_correction(
     old_logp: torch.Tensor,
     rollout_logp: torch.Tensor,
@@ -217,19 +230,11 @@ def rollout_correction(
     old, rollout = old_logp.detach().to(dt), rollout_logp.detach().to(dt)
     lam = old - rollout                                                                      # [N]
     seq_k1, seq_k3, metrics = _mismatch(lam, m, seq_id, lengths)
-    zero = m.new_zeros(())
     keep = torch.ones_like(m, dtype=torch.bool)
     weight = None
     if config.is_level is not None:
         weight, dropped = _importance_weight(lam, m, seq_id, lengths, config)
-        on = m != 0
-        count = on.to(dt).sum()
-        metrics["is_weight_mean"] = torch.where(on, weight, zero).sum() / count.clamp(min=1.0)
-        # ±inf fill keeps other rows out of min/max; no response token at all reports 0 (no host sync)
-        w_min = torch.where(on, weight, math.inf).min() if on.numel() else zero
-        w_max = torch.where(on, weight, -math.inf).max() if on.numel() else zero
-        metrics["is_weight_min"] = torch.where(count > 0, w_min, zero)
-        metrics["is_weight_max"] = torch.where(count > 0, w_max, zero)
+        metrics.update(_weight_stats(weight, m))
         if config.is_mode == "mask":
             metrics["is_masked_tokens"], metrics["is_masked_seqs"] = _dropped_fractions(dropped, m, seq_id, lengths)
             keep &= ~dropped
