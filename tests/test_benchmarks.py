@@ -370,3 +370,27 @@ def test_device_check_out_of_budget_records_every_section_as_skipped(tmp_path):
     assert r["sections"] and all(s["status"] == "skipped" and "budget" in s["reason"] or "CUDA" in s["reason"]
                                  for s in r["sections"].values())
     assert path.with_suffix(".md").exists()
+
+
+def test_rl_overlap_writes_json_markdown_and_png(tmp_path):
+    """`prolix bench rl-overlap` end to end on the smallest workload: one measured step per run."""
+    from prolix.trainer.cli import main
+
+    assert main(["bench", "rl-overlap", "--steps", "3", "--passes", "1", "--quick", "--out", str(tmp_path)]) == 0
+    [path] = tmp_path.glob("*-rl-overlap-*.json")
+    results = json.loads(path.read_text())
+    runs = results["runs"]
+    assert set(runs) == {"colocated", "split_k0", "split_k1"} and all(r["steps"] == 1 for r in runs.values())
+    assert runs["colocated"]["lag_max_any"] == runs["split_k0"]["lag_max_any"] == 0
+    assert runs["split_k1"]["lag_max_any"] == 1                # step 3 trains on version 1
+    g, t = results["generation_s"], results["train_s"]
+    assert results["ratios"]["split_k1_vs_max"] == pytest.approx(runs["split_k1"]["step_s"] / max(g, t))
+    assert path.with_suffix(".md").read_text().startswith("# rl-overlap")
+    assert path.with_suffix(".png").stat().st_size > 0
+
+
+def test_rl_overlap_refuses_too_few_steps(tmp_path, capsys):
+    from prolix.trainer.cli import main
+
+    assert main(["bench", "rl-overlap", "--steps", "2", "--out", str(tmp_path)]) == 2
+    assert "--steps: expected > 2" in capsys.readouterr().err

@@ -7,6 +7,7 @@
     prolix bench all --quick --out /tmp/bench      # every kernel and the step, CPU-sized, any device
     prolix bench render RESULTS.json [--out DIR]    # re-draw the table and plot from a JSON
     prolix bench sandbox [--runs 50] [--out DIR]    # ms per run_python and runs/s, each sandbox launcher
+    prolix bench rl-overlap [--steps 10] [--passes 2] [--out DIR]   # split placement vs the synchronous loop (CPU)
     prolix train [--config X.yaml] [--resume DIR] [--nproc G] [key=value ...]   # see prolix.trainer.train
     torchrun --nproc-per-node=G -m prolix.trainer.cli train ...     # data parallel (trainer/distributed.py)
 
@@ -101,6 +102,12 @@ def build_parser() -> argparse.ArgumentParser:
     box = what.add_parser("sandbox", help="the code reward's sandbox: ms per run_python and runs/s, each launcher")
     box.add_argument("--runs", type=int, default=50, help="runs per launcher and per concurrency (default 50)")
     box.add_argument("--out", default=None, help="results folder (default benchmarks/results/)")
+    overlap = what.add_parser("rl-overlap", help="the split placement's step time against the synchronous loop "
+                                                 "(CPU processes)")
+    overlap.add_argument("--steps", type=int, default=10, help="steps per run, the first 2 not counted (default 10)")
+    overlap.add_argument("--passes", type=int, default=2, help="rounds of the three runs, taking turns (default 2)")
+    overlap.add_argument("--quick", action="store_true", help="a smaller workload (fewer prompts, shorter responses)")
+    overlap.add_argument("--out", default=None, help="results folder (default benchmarks/results/)")
     render = what.add_parser("render", help="re-render the .md and .png of a results JSON")
     render.add_argument("results", help="a results .json written by prolix bench")
     render.add_argument("--out", default=None, help="folder for the .md/.png (default: beside the JSON)")
@@ -123,6 +130,14 @@ def _bench(args: argparse.Namespace, argv: list[str]) -> int:
             return main_run(args.runs, Path(args.out) if args.out else None)
         except ValueError as e:
             print(f"prolix bench sandbox: {e}", file=sys.stderr)
+            return 2
+    if args.what == "rl-overlap":
+        from prolix.benchmarks.rl_overlap import main_run as overlap_run
+
+        try:
+            return overlap_run(args.steps, Path(args.out) if args.out else None, args.quick, args.passes)
+        except ValueError as e:
+            print(f"prolix bench rl-overlap: {e}", file=sys.stderr)
             return 2
     from prolix.benchmarks import cases, runner
 

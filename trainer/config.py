@@ -48,6 +48,10 @@ __all__ = ["ConfigError", "ModelConfig", "DemoConfig", "DataConfig", "RolloutCon
 
 # ----------------------------------------------------------------------------- sections
 
+Placement = Literal["colocated", "split"]
+"""Where generation runs: with training, in turn, or on rollout ranks of its own (split.py)."""
+
+
 
 @dataclasses.dataclass(kw_only=True)
 class ModelConfig:
@@ -177,14 +181,38 @@ class RolloutConfig:
     """Context the engine allocates (>= max_prompt_tokens + max_tokens, <= the model's context)."""
     engine_options: dict[str, Any] = dataclasses.field(default_factory=dict)
     """Extra keyword arguments of the engine (e.g. vLLM's gpu_memory_utilization)."""
+    placement: Placement = "colocated"
+    """"colocated": every process samples, then trains (the synchronous loop, `make train`).
+    "split": the torchrun world is divided into trainer ranks (the first world − rollout_ranks;
+    FSDP2 among them) and `rollout_ranks` ranks that each hold an engine and generate while
+    the trainers train (split.py); launched by the same `prolix train --nproc G` / torchrun."""
+    rollout_ranks: int = 1
+    """Split placement: how many ranks (the last ones of the world) generate."""
+    max_staleness: int = 1
+    """Split placement: step s trains on completions sampled by the policy of at most this many
+    updates before (exactly this many once the run is under way). 0 is synchronous training."""
+    split_tis_cap: float | None = 2.0
+    """Split placement: the truncated importance weight min(π_old/π_rollout, C) against the
+    engine's log-probs, C = this, when algorithm.loss sets neither tis_cap nor
+    rollout_correction (which then decide). null: no correction."""
+    sync_bucket_mb: float = 256.0
+    """Split placement: the weights go to the rollout ranks in flat buckets of this size (MiB)."""
+    reward_workers: int = 0
+    """Processes that score completions (math-verify and sandboxed code tests are CPU-bound);
+    0 scores in the sampling process itself. Both placements (`reward_pool.RewardPool`)."""
 
     def __post_init__(self) -> None:
         _choice(self.engine, "rollout.engine", tuple(ENGINES))
         _check(self.n >= 2, "rollout.n", f"expected >= 2 (group advantages need 2 samples per prompt), got {self.n}")
         _check(self.temperature > 0, "rollout.temperature", f"expected > 0, got {self.temperature}")
         _check(0 < self.top_p <= 1, "rollout.top_p", f"expected in (0, 1], got {self.top_p}")
-        for name in ("max_tokens", "max_prompt_tokens", "max_model_len"):
+        for name in ("max_tokens", "max_prompt_tokens", "max_model_len", "rollout_ranks"):
             _check(getattr(self, name) >= 1, f"rollout.{name}", f"expected >= 1, got {getattr(self, name)}")
+        for name in ("max_staleness", "reward_workers"):
+            _check(getattr(self, name) >= 0, f"rollout.{name}", f"expected >= 0, got {getattr(self, name)}")
+        _check(self.split_tis_cap is None or self.split_tis_cap >= 1, "rollout.split_tis_cap",
+               f"expected null or >= 1 (a cap below 1 shrinks every on-policy token), got {self.split_tis_cap}")
+        _check(self.sync_bucket_mb > 0, "rollout.sync_bucket_mb", f"expected > 0, got {self.sync_bucket_mb}")
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -433,8 +461,13 @@ class TrainConfig:
         return self.eval.max_tokens or self.rollout.max_tokens
 
     def loss_config(self) -> GRPOLossConfig:
-        """The kernels' loss config of this run (`algorithm.loss`, completed at load)."""
-        return self.algorithm.loss
+        """The kernels' loss config of this run (`algorithm.loss`, completed at load); in the
+        split placement with no rollout-vs-old rule of its own, tis_cap = rollout.split_tis_cap."""
+        loss, r = self.algorithm.loss, self.rollout
+        if r.placement == "split" and r.split_tis_cap is not None and loss.tis_cap is None \
+                and not loss.corrects_rollout:
+            return dataclasses.replace(loss, tis_cap=r.split_tis_cap)
+        return loss
 
     def check_model_context(self, max_position_embeddings: int | None) -> None:
         """Raise ConfigError when the engine's context exceeds what the model was built for."""

