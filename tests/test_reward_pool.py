@@ -139,8 +139,9 @@ def test_a_reward_registered_in_the_parent_after_the_workers_started_is_used(poo
     assert pools[1].score([spec], [texts("12")]).tolist() == [[pytest.approx(0.2)]]
 
 
-def test_unsendable_or_unknown_rewards_raise_before_anything_is_sent(registered):
-    pool = RewardPool(1)  # never started: the checks come first
+def test_unsendable_or_unknown_rewards_raise_before_anything_is_sent(registered, monkeypatch):
+    pool = RewardPool(1)
+    monkeypatch.setattr(pool._executor, "submit", lambda *a: pytest.fail(f"sent {a}"))
     name = registered("test_pool_lambda", lambda problem, text: 1.0)
     with pytest.raises(ValueError, match="test_pool_lambda.*cannot be sent to the worker processes"):
         pool.score([Problem("q", "", "t", name)], [texts("a")])
@@ -148,7 +149,7 @@ def test_unsendable_or_unknown_rewards_raise_before_anything_is_sent(registered)
         pool.score([Problem("q", "", "t", "no_such_reward")], [texts("a")])
     with pytest.raises(ValueError, match="same length, got 1 and 2"):
         pool.score([Problem("q", "", "t", "exact")], [texts("a"), texts("b")])
-    assert pool._executor._processes == {}  # nothing was started
+    monkeypatch.undo()
     pool.close()
 
 

@@ -7,6 +7,7 @@
     prolix bench all --quick --out /tmp/bench      # every kernel and the step, CPU-sized, any device
     prolix bench render RESULTS.json [--out DIR]    # re-draw the table and plot from a JSON
     prolix bench sandbox [--runs 50] [--out DIR]    # ms per run_python and runs/s, each sandbox launcher
+    prolix bench reward-pool [--workers 0,1,2] [--reps 3] [--quick] [--out DIR]   # scored responses/s
     prolix train [--config X.yaml] [--resume DIR] [--nproc G] [key=value ...]   # see prolix.trainer.train
     torchrun --nproc-per-node=G -m prolix.trainer.cli train ...     # data parallel (trainer/distributed.py)
 
@@ -101,6 +102,14 @@ def build_parser() -> argparse.ArgumentParser:
     box = what.add_parser("sandbox", help="the code reward's sandbox: ms per run_python and runs/s, each launcher")
     box.add_argument("--runs", type=int, default=50, help="runs per launcher and per concurrency (default 50)")
     box.add_argument("--out", default=None, help="results folder (default benchmarks/results/)")
+    pool = what.add_parser("reward-pool", help="the reward pool: scored responses/s for math-verify and code tests",
+                           description="Scored responses per second of RewardPool for math-verify and for "
+                                       "sandboxed code tests, per number of worker processes (CPU numbers).")
+    pool.add_argument("--workers", type=_csv(int), default=(0, 1, 2),
+                      help="worker counts, comma-separated; 0 = in this process (default 0,1,2)")
+    pool.add_argument("--reps", type=int, default=None, help="timed passes per row (default 3; 1 with --quick)")
+    pool.add_argument("--quick", action="store_true", help="a few responses: the smoke run of CI")
+    pool.add_argument("--out", default=None, help="results folder (default benchmarks/results/)")
     render = what.add_parser("render", help="re-render the .md and .png of a results JSON")
     render.add_argument("results", help="a results .json written by prolix bench")
     render.add_argument("--out", default=None, help="folder for the .md/.png (default: beside the JSON)")
@@ -123,6 +132,14 @@ def _bench(args: argparse.Namespace, argv: list[str]) -> int:
             return main_run(args.runs, Path(args.out) if args.out else None)
         except ValueError as e:
             print(f"prolix bench sandbox: {e}", file=sys.stderr)
+            return 2
+    if args.what == "reward-pool":
+        from prolix.benchmarks.reward_pool import main_run as reward_pool_run
+
+        try:
+            return reward_pool_run(args.workers, args.reps, args.quick, Path(args.out) if args.out else None)
+        except ValueError as e:
+            print(f"prolix bench reward-pool: {e}", file=sys.stderr)
             return 2
     from prolix.benchmarks import cases, runner
 

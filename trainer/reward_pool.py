@@ -28,8 +28,11 @@ copies the process's GPU context too. "spawn" starts a fresh interpreter, which 
 module (so `prolix.trainer.rewards` and every built-in reward are registered; torch is not
 imported: it costs ~1 s and ~300 MB per worker and no reward needs it) and the parent's main
 module as `__mp_main__` (as multiprocessing always does), with the parent's `sys.path` and
-environment *as they are when the workers start*: on the first `score` call. "forkserver" would
-freeze them when its server first starts, once per process, for every later pool.
+environment *as they are when the workers start*: when the pool is made (in the background; the
+heavy imports of a reward, sympy for math-verify, happen in each worker on its first use).
+"forkserver" would freeze them when its server first starts, once per process, for every later
+pool. As with any "spawn" program, a script that makes a pool keeps its top-level code under
+`if __name__ == "__main__":` (the workers import the script; `prolix train` does so).
 Workers ignore SIGINT (Ctrl-C is the trainer's: it finishes the step, `signals.GracefulStop`)
 and exit on their own when the trainer process is gone (a trainer killed with SIGKILL leaves no
 orphans behind).
@@ -42,7 +45,7 @@ lambda, not a function defined inside another: those raise ValueError naming the
 anything is sent). A "pkg.module:function" reward is resolved in the parent first (an unknown
 name or a failed import raises there, as `score` does) and then imported by each worker.
 Module attributes changed at run time in the parent (e.g. `sandbox.PYTHON`) are not seen by the
-workers; environment variables set before the first `score` are (`PROLIX_SANDBOX_LAUNCHER`).
+workers; environment variables set before the pool is made are (`PROLIX_SANDBOX_LAUNCHER`).
 
 Failures. A reward that raises or returns NaN is 0.0 and counted, exactly as `score` does: the
 counts reach this process's `reward_errors` (so `pop_reward_errors()` here sees them) and the
@@ -115,10 +118,14 @@ class RewardPool:
         self._closed = False
         self._picklable: dict[str, reward_registry.RewardFn] = {}  # reward name -> fn known to pickle
         self._executor: ProcessPoolExecutor | None = None
-        if workers:  # no process starts until the first submit
+        if workers:
             self._executor = ProcessPoolExecutor(max_workers=workers,
                                                  mp_context=multiprocessing.get_context(START_METHOD),
                                                  initializer=_init_worker, initargs=(os.getpid(),))
+            # The executor starts a worker per submit while none is idle: `workers` no-ops start them
+            # all now, in the background, instead of one by one during the first batch.
+            for _ in range(workers):
+                self._executor.submit(_started)
 
     def __repr__(self) -> str:
         return f"RewardPool(workers={self.workers})"
@@ -265,6 +272,10 @@ def _init_worker(parent_pid: int) -> None:
     root = logging.getLogger()
     root.handlers[:] = [_capture]
     threading.Thread(target=_exit_with_parent, args=(parent_pid,), name="reward-pool-parent", daemon=True).start()
+
+
+def _started() -> None:
+    """The task that makes the executor start a worker (the initializer does the work)."""
 
 
 def _exit_with_parent(parent_pid: int) -> None:
