@@ -1,7 +1,7 @@
 """`prolix bench reward-pool`: scored responses per second of the reward pool, for math-verify and
 for sandboxed code tests, with 0 (in the trainer process), 1 and 2 worker processes.
 
-    prolix bench reward-pool                         # workers 0,1,2; 3 timed passes each
+    prolix bench reward-pool                         # workers 0,1,2; 5 timed passes each
     prolix bench reward-pool --workers 0,2,4 --reps 5 --out /tmp/bench
     prolix bench reward-pool --quick                 # a few responses, one pass: the CI smoke run
     python -m prolix.benchmarks.reward_pool --quick  # the same, through `main(argv)`
@@ -15,14 +15,16 @@ The completions are a fixed synthetic set (seeded), right and wrong ones:
   program runs in the sandbox once per test case (`prolix bench sandbox` times one such run).
 For each worker count the pool is started and warmed (its first call, timed as `start_s`: the
 workers' interpreter start and imports), the whole set is scored once and checked (every right
-completion scores 1.0, every wrong one 0.0, and the scores equal the 0-worker ones exactly), then
-scored `reps` more times: responses/s is the set's size over the median pass. The load average
+completion scores 1.0, every wrong one 0.0, and the scores equal the 0-worker ones exactly). Then
+`reps` timed passes, the worker counts taking turns pass by pass (the load of a shared machine
+drifts over seconds); responses/s is the set's size over the median pass. The load average
 and the core count are written beside the numbers; this is a CPU benchmark, nothing here is a
 GPU number. Writes `<out>/<date>-reward-pool-<commit>.json` and a markdown table.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
@@ -45,8 +47,8 @@ THINK = "Let me work through this. First 3 + 4 = 7, then I double-check the alge
 CODE_TASKS = [
     ("add", "a, b = map(int, input().split())\nprint(a + b)\n", "a, b = map(int, input().split())\nprint(a - b)\n",
      [("1 2", "3"), ("20 22", "42"), ("-5 5", "0")]),
-    ("reverse", "print(input()[::-1])\n", "print(input())\n", [("abc", "cba"), ("racecar", "racecar x"), ("ab", "ba")]),
-    ("sum", "print(sum(map(int, input().split())))\n", "print(max(map(int, input().split())))\n",
+    ("reverse", "print(input()[::-1])\n", "print(input())\n", [("abc", "cba"), ("xy", "yx"), ("ab", "ba")]),
+    ("sum", "print(sum(map(int, input().split())))\n", "print(sum(map(int, input().split())) + 1)\n",
      [("1 2 3", "6"), ("10", "10"), ("4 -4 9", "9")]),
 ]
 
@@ -109,29 +111,47 @@ def _check(kind: str, workers: int, scores: list[list[float]], expected: list[li
         raise RuntimeError(f"{kind}, workers={workers}: reward errors {errors}")
 
 
-def measure_pool(workers: int, sets: dict, reps: int, reference: dict) -> list[dict]:
-    """Rows for one worker count: start-up, then per set a checked pass and `reps` timed ones."""
+def _start(workers: int, sets: dict) -> tuple[RewardPool, float]:
+    """A started pool and the seconds its first call took: one response of each kind, so every
+    worker process that takes it has started and imported the rewards' modules."""
+    start = time.perf_counter()
+    pool = RewardPool(workers)
+    for problems, outs, _ in sets.values():
+        pool.score(problems[:1], [[_Text(outs[0][0])]])
+    return pool, time.perf_counter() - start
+
+
+def _timed_pass(pool: RewardPool, problems: list[Problem], completions: list[list[_Text]]) -> float:
+    start = time.perf_counter()
+    pool.score(problems, completions)
+    return time.perf_counter() - start
+
+
+def measure_pools(workers: tuple[int, ...], sets: dict, reps: int) -> list[dict]:
+    """Rows per (set, worker count): each pool started and its scores checked, then `reps` timed
+    passes, the pools taking turns pass by pass so that the load of a shared machine, which
+    drifts over seconds, weighs on every worker count alike."""
+    completions = {kind: [[_Text(t) for t in row] for row in outs] for kind, (_, outs, _) in sets.items()}
+    with contextlib.ExitStack() as stack:
+        pools, start_s, reference = {}, {}, {}
+        for w in workers:
+            pools[w], start_s[w] = _start(w, sets)
+            stack.callback(pools[w].close)
+            for kind, (problems, _, expected) in sets.items():
+                scores = pools[w].score(problems, completions[kind]).tolist()
+                _check(kind, w, scores, expected, reference.get(kind))
+                reference.setdefault(kind, scores)
+        seconds = {(kind, w): [] for kind in sets for w in workers}
+        for _ in range(reps):
+            for kind, (problems, _, _) in sets.items():
+                for w in workers:
+                    seconds[kind, w].append(_timed_pass(pools[w], problems, completions[kind]))
     rows = []
-    with RewardPool(workers) as pool:
-        start = time.perf_counter()
-        for problems, outs, _ in sets.values():  # one response of each kind: start and import everything
-            pool.score(problems[:1], [[_Text(outs[0][0])]])
-        start_s = time.perf_counter() - start
-        for kind, (problems, outs, expected) in sets.items():
-            completions = [[_Text(t) for t in row] for row in outs]
-            scores = pool.score(problems, completions).tolist()
-            _check(kind, workers, scores, expected, reference.get(kind))
-            reference.setdefault(kind, scores)
-            seconds = []
-            for _ in range(reps):
-                t0 = time.perf_counter()
-                pool.score(problems, completions)
-                seconds.append(time.perf_counter() - t0)
-            responses = sum(len(row) for row in outs)
-            median = statistics.median(seconds)
-            rows.append({"kind": kind, "workers": workers, "responses": responses, "reps": reps,
-                         "median_s": round(median, 4), "min_s": round(min(seconds), 4), "max_s": round(max(seconds), 4),
-                         "responses_per_s": round(responses / median, 2), "start_s": round(start_s, 3)})
+    for (kind, w), times in seconds.items():
+        responses, median = sum(len(row) for row in completions[kind]), statistics.median(times)
+        rows.append({"kind": kind, "workers": w, "responses": responses, "reps": reps, "median_s": round(median, 4),
+                     "min_s": round(min(times), 4), "max_s": round(max(times), 4),
+                     "responses_per_s": round(responses / median, 2), "start_s": round(start_s[w], 3)})
     return rows
 
 
@@ -149,8 +169,7 @@ def measure(workers: tuple[int, ...], reps: int, quick: bool) -> dict:
     math_problems, code_problems = (3, 1) if quick else (24, 6)
     sets = {"math_verify": math_set(math_problems), "code_tests": code_set(code_problems)}
     before = _conditions()
-    reference: dict = {}
-    rows = [row for w in workers for row in measure_pool(w, sets, reps, reference)]
+    rows = measure_pools(workers, sets, reps)
     for row in rows:
         base = next((r for r in rows if r["kind"] == row["kind"] and r["workers"] == 0), None)
         row["speedup_vs_0"] = round(row["responses_per_s"] / base["responses_per_s"], 2) if base else None
@@ -178,7 +197,7 @@ def render(results: dict) -> str:
 
 def main_run(workers: tuple[int, ...], reps: int | None, quick: bool, out: Path | None) -> int:
     """Measure, write `<out>/<date>-reward-pool-<commit>.json` and `.md`, print the table."""
-    reps = reps if reps is not None else (1 if quick else 3)
+    reps = reps if reps is not None else (1 if quick else 5)
     if not workers or any(w < 0 for w in workers):
         raise ValueError(f"--workers must be a non-empty list of ints >= 0, got {','.join(map(str, workers))!r}")
     if reps < 1:

@@ -7,7 +7,7 @@
     prolix bench all --quick --out /tmp/bench      # every kernel and the step, CPU-sized, any device
     prolix bench render RESULTS.json [--out DIR]    # re-draw the table and plot from a JSON
     prolix bench sandbox [--runs 50] [--out DIR]    # ms per run_python and runs/s, each sandbox launcher
-    prolix bench reward-pool [--workers 0,1,2] [--reps 3] [--quick] [--out DIR]   # scored responses/s
+    prolix bench reward-pool [--workers 0,1,2] [--reps 5] [--quick] [--out DIR]   # scored responses/s
     prolix train [--config X.yaml] [--resume DIR] [--nproc G] [key=value ...]   # see prolix.trainer.train
     torchrun --nproc-per-node=G -m prolix.trainer.cli train ...     # data parallel (trainer/distributed.py)
 
@@ -107,7 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
                                        "sandboxed code tests, per number of worker processes (CPU numbers).")
     pool.add_argument("--workers", type=_csv(int), default=(0, 1, 2),
                       help="worker counts, comma-separated; 0 = in this process (default 0,1,2)")
-    pool.add_argument("--reps", type=int, default=None, help="timed passes per row (default 3; 1 with --quick)")
+    pool.add_argument("--reps", type=int, default=None, help="timed passes per row (default 5; 1 with --quick)")
     pool.add_argument("--quick", action="store_true", help="a few responses: the smoke run of CI")
     pool.add_argument("--out", default=None, help="results folder (default benchmarks/results/)")
     render = what.add_parser("render", help="re-render the .md and .png of a results JSON")
