@@ -1,5 +1,6 @@
 """`prolix bench reward-pool`: scored responses per second of the reward pool, for math-verify and
-for sandboxed code tests, with 0 (in the trainer process), 1 and 2 worker processes.
+for sandboxed code tests (and for "exact", whose rows are the pool's own cost), with 0 (in the
+trainer process), 1 and 2 worker processes.
 
     prolix bench reward-pool                         # workers 0,1,2; 5 timed passes each
     prolix bench reward-pool --workers 0,2,4 --reps 5 --out /tmp/bench
@@ -10,6 +11,7 @@ The completions are a fixed synthetic set (seeded), right and wrong ones:
 - math-verify: fractions, polynomials and integers as gold answers; per problem a tagged right
   answer in another form ("1/2" for \\frac{1}{2}), an untagged \\boxed{} one (math-verify then
   parses the whole text), a tagged wrong one and one without any answer.
+- exact: string equality, microseconds per response: these rows measure the pool's own cost.
 - code tests: three test cases per problem; per problem a correct program, one with the wrong
   output, one that raises, and a completion without code (scored 0 without a sandbox run). Each
   program runs in the sandbox once per test case (`prolix bench sandbox` times one such run).
@@ -76,6 +78,19 @@ def math_set(problems: int, seed: int = 0) -> tuple[list[Problem], list[list[str
         out_t.append([f"{THINK}<answer>{right}</answer>", f"{THINK}So the result is \\boxed{{{boxed}}}.",
                       f"{THINK}<answer>{wrong}</answer>", f"{THINK}I am not sure."])
         out_e.append([1.0, 1.0, 0.0, None])
+    return out_p, out_t, out_e
+
+
+def exact_set(problems: int) -> tuple[list[Problem], list[list[str]], list[list[float | None]]]:
+    """`problems` "exact" problems, four ~1 kB completions each: a reward that costs microseconds,
+    so its rows measure the pool's own cost (pickling, queues, result merging) per response."""
+    out_p, out_t, out_e = [], [], []
+    for k in range(problems):
+        gold = f"city {k}"
+        out_p.append(Problem("Name it.", gold, "exact", "exact"))
+        out_t.append([f"{THINK * 10}<answer>{gold}</answer>", f"{THINK * 10}<answer>City {k}.</answer>",
+                      f"{THINK * 10}<answer>city {k + 1}</answer>", THINK * 10])
+        out_e.append([1.0, 1.0, 0.0, 0.0])
     return out_p, out_t, out_e
 
 
@@ -166,8 +181,9 @@ def measure(workers: tuple[int, ...], reps: int, quick: bool) -> dict:
     """Every number of the benchmark, with the conditions before and after."""
     from prolix.trainer.sinks import git_commit  # here: the workers of `python -m` import this module
 
-    math_problems, code_problems = (3, 1) if quick else (24, 6)
-    sets = {"math_verify": math_set(math_problems), "code_tests": code_set(code_problems)}
+    exact_problems, math_problems, code_problems = (4, 3, 1) if quick else (256, 24, 6)
+    sets = {"exact": exact_set(exact_problems), "math_verify": math_set(math_problems),
+            "code_tests": code_set(code_problems)}
     before = _conditions()
     rows = measure_pools(workers, sets, reps)
     for row in rows:

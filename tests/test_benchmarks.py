@@ -178,7 +178,7 @@ def test_reward_pool_bench_quick_writes_checked_rows_per_reward_and_worker_count
     results = json.loads(path.read_text())
     assert results["schema"] == RP.SCHEMA and results["quick"] and results["reps"] == 1
     rows = {(r["kind"], r["workers"]): r for r in results["rows"]}
-    assert set(rows) == {(kind, w) for kind in ("math_verify", "code_tests") for w in (0, 1)}
+    assert set(rows) == {(kind, w) for kind in ("exact", "math_verify", "code_tests") for w in (0, 1)}
     assert all(r["responses"] > 0 and r["responses_per_s"] > 0 and r["start_s"] >= 0 for r in rows.values())
     assert rows[("code_tests", 0)]["speedup_vs_0"] == 1.0
     assert results["conditions"]["before"]["cpus"] == os.cpu_count()
