@@ -7,7 +7,9 @@ milliseconds, so each worker count starts once."""
 
 import logging
 import multiprocessing
+import os
 import random
+import signal
 import threading
 
 import pytest
@@ -153,14 +155,13 @@ def test_unsendable_or_unknown_rewards_raise_before_anything_is_sent(registered,
     pool.close()
 
 
-def test_a_killed_worker_is_a_clear_error_not_a_hang(registered):
-    name = registered("test_pool_die", user.die)
-    pool = RewardPool(1)
+def _error_of_score(pool: RewardPool, problems: list[Problem], outs: list[list[Text]]) -> BaseException | None:
+    """What `pool.score` raised, run in a thread that the test gives up on after NO_DEADLOCK_S."""
     outcome = {}
 
     def run():
         try:
-            pool.score([Problem("q", "", "t", name)], [texts("a", "b")])
+            pool.score(problems, outs)
         except BaseException as e:  # noqa: BLE001 — handed to the test thread
             outcome["error"] = e
 
@@ -168,7 +169,21 @@ def test_a_killed_worker_is_a_clear_error_not_a_hang(registered):
     thread.start()
     thread.join(NO_DEADLOCK_S)
     assert not thread.is_alive(), f"score() still waiting {NO_DEADLOCK_S} s after its worker was killed"
-    error = outcome.get("error")
+    return outcome.get("error")
+
+
+@pytest.mark.parametrize("when", ["while scoring", "while idle"])
+def test_a_killed_worker_is_a_clear_error_not_a_hang(when, registered):
+    pool = RewardPool(1)
+    if when == "while scoring":
+        problem = Problem("q", "", "t", registered("test_pool_die", user.die))
+    else:
+        problem = Problem("q", "Paris", "t", "exact")
+        pool.score([problem], [texts("<answer>Paris</answer>")])
+        (worker,) = pool._executor._processes.values()
+        os.kill(worker.pid, signal.SIGKILL)
+        worker.join(NO_DEADLOCK_S)
+    error = _error_of_score(pool, [problem], [texts("a", "b")])
     assert isinstance(error, RuntimeError), error
     assert "RewardPool(workers=1): a worker process died" in str(error) and "killed by SIGKILL" in str(error)
     with pytest.raises(RuntimeError, match=r"RewardPool\(workers=1\) is closed"):

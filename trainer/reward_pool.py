@@ -174,10 +174,13 @@ class RewardPool:
         sync = _Sync(self._rewards_for({p.reward for p, _ in pairs}), _explicit_levels(),
                      frozenset(reward_registry._warned), dict(reward_errors))
         size = math.ceil(len(pairs) / (self.workers * CHUNKS_PER_WORKER))
-        futures = [self._executor.submit(_score_chunk, pairs[i:i + size], sync) for i in range(0, len(pairs), size)]
-        workers = dict(getattr(self._executor, "_processes", None) or {})  # pid -> Process, to report exits
+        # pid -> Process of every worker (all started with the pool), to say how they ended if one dies
+        workers = dict(getattr(self._executor, "_processes", None) or {})
+        futures: list[Future] = []
         scores: list[float] = []
         try:
+            for i in range(0, len(pairs), size):  # a pool that broke while idle raises here
+                futures.append(self._executor.submit(_score_chunk, pairs[i:i + size], sync))
             for future in futures:
                 result = future.result()
                 _merge(result)
