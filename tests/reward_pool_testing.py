@@ -4,6 +4,7 @@ Kept apart from the test module so that a worker imports this small file, not py
 Nothing is registered on import: each test registers what it uses, after its pool started, which
 is what proves the parent's registrations reach running workers."""
 
+import logging
 import os
 import signal
 import time
@@ -29,3 +30,12 @@ def slow_first(problem: Problem, text: str) -> float:
     if text == "slow":
         time.sleep(0.5)
     return float(len(text))
+
+
+def logs_a_traceback(problem: Problem, text: str) -> float:
+    """Scores 1.0 after logging a caught exception with its traceback (the record must travel home)."""
+    try:
+        1 / 0
+    except ZeroDivisionError:
+        logging.getLogger("reward_pool_testing").exception("recovered inside the reward for %r", text)
+    return 1.0

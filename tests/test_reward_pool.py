@@ -132,6 +132,15 @@ def test_reward_errors_in_workers_reach_the_parent_counter_and_log(pools, regist
     assert not [r for r in caplog.records if "scorer bug" in r.getMessage()]  # the parent warned already
 
 
+def test_a_record_logged_in_a_worker_arrives_with_its_traceback_text(pools, registered, caplog):
+    problem = Problem("q", "", "t", registered("test_pool_logs", user.logs_a_traceback))
+    with caplog.at_level(logging.ERROR, logger="reward_pool_testing"):
+        assert pools[1].score([problem], [texts("xyz")]).tolist() == [[1.0]]
+    (record,) = [r for r in caplog.records if r.name == "reward_pool_testing"]
+    assert record.getMessage() == "recovered inside the reward for 'xyz'" and record.levelno == logging.ERROR
+    assert "ZeroDivisionError" in record.exc_text and record.processName != multiprocessing.current_process().name
+
+
 def test_a_reward_registered_in_the_parent_after_the_workers_started_is_used(pools, registered):
     pools[1].score([Problem("q", "Paris", "t", "exact")], [texts("<answer>Paris</answer>")])  # workers up
     name = registered("test_pool_length", user.length_over_ten)

@@ -23,8 +23,8 @@ and 2 workers (README).
 
 Start method: "spawn". The trainer process runs OpenMP/MKL threads, a gloo or NCCL process group
 with its own threads and possibly vLLM; `fork` after threads were started copies their locks in
-whatever state they were (a worker can deadlock on its first allocation or log call), and
-copies the process's GPU context too. "spawn" starts a fresh interpreter, which imports this
+whatever state they were (a worker can deadlock on its first allocation or log call), and a
+forked child cannot use the parent's CUDA context. "spawn" starts a fresh interpreter, which imports this
 module (so `prolix.trainer.rewards` and every built-in reward are registered; torch is not
 imported: it costs ~1 s and ~300 MB per worker and no reward needs it) and the parent's main
 module as `__mp_main__` (as multiprocessing always does), with the parent's `sys.path` and
@@ -38,7 +38,7 @@ and exit on their own when the trainer process is gone (a trainer killed with SI
 orphans behind).
 
 Which rewards the workers know. Every call sends, with each chunk, the parent's `REWARDS` entry
-for each reward name the chunk uses, pickled by reference (module and name): a reward registered
+for each reward name the batch uses, pickled by reference (module and name): a reward registered
 with `register_reward` in the parent, before or after the pool was made, scores in the workers,
 provided it is a module-level function of an importable module or of the main script (not a
 lambda, not a function defined inside another: those raise ValueError naming the reward, before
@@ -53,7 +53,9 @@ warnings the workers log are re-emitted here through the same loggers, with the 
 once-per-reward-and-exception rule (two workers hitting a new failure in the same call may each
 warn once). A worker that dies (a segfault in a C extension, the OOM killer) breaks the pool:
 `score` raises RuntimeError naming the pool and each worker's exit (signal or status), the
-pool is closed, and the trainer stops with that error instead of waiting forever.
+pool is closed, and the trainer stops with that error instead of waiting forever. A reward that
+never returns holds its worker as it would hold the serial loop: the built-in ones bound their
+own time (the sandbox's timeout, math-verify's).
 """
 
 from __future__ import annotations
@@ -260,8 +262,9 @@ class _Capture(logging.Handler):
 
     def emit(self, record: logging.LogRecord) -> None:
         record.msg, record.args = record.getMessage(), None  # args may not pickle; the text does
-        if record.exc_info:
-            record.exc_text = self.format(record) if record.exc_text is None else record.exc_text
+        if record.exc_info:  # a traceback does not pickle: its text does
+            if record.exc_text is None:
+                record.exc_text = logging.Formatter().formatException(record.exc_info)
             record.exc_info = None
         self.records.append(record)
 
@@ -296,8 +299,8 @@ def _score_chunk(pairs: list[tuple[Problem, str]], sync: _Sync) -> _ChunkResult:
     reward_registry._warned.update(sync.warned)
     reward_errors.clear()
     reward_errors.update(sync.errors)
-    _capture.records = []
     scores = [score(problem, text) for problem, text in pairs]
     errors = {name: count - sync.errors.get(name, 0) for name, count in reward_errors.items()
               if count > sync.errors.get(name, 0)}
-    return _ChunkResult(scores, errors, frozenset(reward_registry._warned), _capture.records)
+    records, _capture.records = _capture.records, []  # with whatever was logged since the last chunk
+    return _ChunkResult(scores, errors, frozenset(reward_registry._warned), records)
