@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -162,6 +163,30 @@ def test_cli_help_is_fast_and_imports_no_torch():
     out = subprocess.run([sys.executable, "-m", "prolix.trainer.cli", "bench", "--help"],
                          capture_output=True, text=True, timeout=60, check=True).stdout
     assert "linear-logprobs" in out and "render" in out
+
+
+# ----------------------------------------------------------------------------- the reward pool
+
+
+def test_reward_pool_bench_quick_writes_checked_rows_per_reward_and_worker_count(tmp_path, capsys):
+    from prolix.benchmarks import reward_pool as RP
+
+    # main(argv) goes through the CLI; each row's scores were checked (right 1.0, wrong 0.0, equal
+    # to the 0-worker ones) before it was timed, or the run would have raised.
+    assert RP.main(["--quick", "--workers", "0,1", "--out", str(tmp_path)]) == 0
+    (path,) = tmp_path.glob("*-reward-pool-*.json")
+    results = json.loads(path.read_text())
+    assert results["schema"] == RP.SCHEMA and results["quick"] and results["reps"] == 1
+    rows = {(r["kind"], r["workers"]): r for r in results["rows"]}
+    assert set(rows) == {(kind, w) for kind in ("exact", "math_verify", "code_tests") for w in (0, 1)}
+    assert all(r["responses"] > 0 and r["responses_per_s"] > 0 and r["start_s"] >= 0 for r in rows.values())
+    assert rows[("code_tests", 0)]["speedup_vs_0"] == 1.0
+    assert results["conditions"]["before"]["cpus"] == os.cpu_count()
+    table = path.with_suffix(".md").read_text()
+    assert "| code_tests | 1 | 4 |" in table and "CPU numbers" in table
+    assert RP.main(["--workers", "0,-1", "--out", str(tmp_path / "bad")]) == 2  # a usage error, nothing run
+    assert "--workers must be a non-empty list of ints >= 0" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()
 
 
 # ----------------------------------------------------------------------------- the trainer step

@@ -8,6 +8,7 @@
     prolix bench render RESULTS.json [--out DIR]    # re-draw the table and plot from a JSON
     prolix bench sandbox [--runs 50] [--out DIR]    # ms per run_python and runs/s, each sandbox launcher
     prolix bench rl-overlap [--steps 10] [--passes 2] [--out DIR]   # split placement vs the synchronous loop (CPU)
+    prolix bench reward-pool [--workers 0,1,2] [--reps 5] [--quick] [--out DIR]   # scored responses/s
     prolix train [--config X.yaml] [--resume DIR] [--nproc G] [key=value ...]   # see prolix.trainer.train
     torchrun --nproc-per-node=G -m prolix.trainer.cli train ...     # data parallel (trainer/distributed.py)
 
@@ -108,6 +109,14 @@ def build_parser() -> argparse.ArgumentParser:
     overlap.add_argument("--passes", type=int, default=2, help="rounds of the three runs, taking turns (default 2)")
     overlap.add_argument("--quick", action="store_true", help="a smaller workload (fewer prompts, shorter responses)")
     overlap.add_argument("--out", default=None, help="results folder (default benchmarks/results/)")
+    pool = what.add_parser("reward-pool", help="the reward pool: scored responses/s for math-verify and code tests",
+                           description="Scored responses per second of RewardPool for math-verify and for "
+                                       "sandboxed code tests, per number of worker processes (CPU numbers).")
+    pool.add_argument("--workers", type=_csv(int), default=(0, 1, 2),
+                      help="worker counts, comma-separated; 0 = in this process (default 0,1,2)")
+    pool.add_argument("--reps", type=int, default=None, help="timed passes per row (default 5; 1 with --quick)")
+    pool.add_argument("--quick", action="store_true", help="a few responses: the smoke run of CI")
+    pool.add_argument("--out", default=None, help="results folder (default benchmarks/results/)")
     render = what.add_parser("render", help="re-render the .md and .png of a results JSON")
     render.add_argument("results", help="a results .json written by prolix bench")
     render.add_argument("--out", default=None, help="folder for the .md/.png (default: beside the JSON)")
@@ -138,6 +147,14 @@ def _bench(args: argparse.Namespace, argv: list[str]) -> int:
             return overlap_run(args.steps, Path(args.out) if args.out else None, args.quick, args.passes)
         except ValueError as e:
             print(f"prolix bench rl-overlap: {e}", file=sys.stderr)
+            return 2
+    if args.what == "reward-pool":
+        from prolix.benchmarks.reward_pool import main_run as reward_pool_run
+
+        try:
+            return reward_pool_run(args.workers, args.reps, args.quick, Path(args.out) if args.out else None)
+        except ValueError as e:
+            print(f"prolix bench reward-pool: {e}", file=sys.stderr)
             return 2
     from prolix.benchmarks import cases, runner
 
