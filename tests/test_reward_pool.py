@@ -218,3 +218,21 @@ def test_zero_workers_starts_no_process_and_bad_counts_are_refused():
     for bad in (-1, 1.5, True, "2"):
         with pytest.raises(ValueError, match=f"workers must be an int >= 0.*got {bad!r}"):
             RewardPool(bad)
+
+
+def test_the_trainer_scores_with_rollout_reward_workers(base_model, problems, tmp_path, one_thread):
+    """`rollout.reward_workers=1`: the trainer's batch (its groups' rewards) equals the serial one."""
+    from trainer_testing import make_trainer
+
+    batches = {}
+    for workers in (0, 1):
+        (tmp_path / str(workers)).mkdir()
+        trainer = make_trainer(base_model, problems, tmp_path / str(workers), **{"rollout.reward_workers": workers})
+        try:
+            assert trainer.rollouts.pool.workers == workers
+            groups, _ = trainer.collect_groups(step=1)
+            batches[workers] = [(g.problem.prompt, g.rewards.tolist()) for g in groups]
+        finally:
+            trainer.rollouts.pool.close()
+            trainer.engine.close()
+    assert batches[1] == batches[0] and batches[0]

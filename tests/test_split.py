@@ -189,7 +189,8 @@ def test_a_killed_rank_stops_the_run_and_resume_finishes_it(base_model, problems
 
 def test_resume_regenerates_the_same_prompts(base_model, problems, tmp_path):
     """In-flight batches are discarded: the resumed run draws the prompts the uninterrupted one drew."""
-    args = _args(base_model, problems, tmp_path / "whole", **{"rollout.placement": "split", "run.steps": 4})
+    args = _args(base_model, problems, tmp_path / "whole", **{"rollout.placement": "split", "run.steps": 4,
+                                                              "rollout.reward_workers": 1})   # a pool on the rollout rank
     _run(tmp_path / "whole", args, nproc=2)
     run_dir = tmp_path / "whole" / "run"
     step_2 = run_dir / "checkpoints" / "step_000002"
