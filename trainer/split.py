@@ -158,12 +158,22 @@ def _lost(what: str, error: Exception) -> PlacementError:
 # ----------------------------------------------------------------------------- messages
 
 
-def _send(obj: Any, dst: int, group) -> list:
-    """Pickle `obj` and send it to global rank `dst` without waiting; returns the pending works
-    (the caller keeps them, and so their buffers, alive)."""
+@dataclasses.dataclass
+class _Sending:
+    """A message in flight: its two sends and the buffers they read (kept alive until done)."""
+
+    works: list
+    buffers: list
+
+    def done(self) -> bool:
+        return all(w.is_completed() for w in self.works)
+
+
+def _send(obj: Any, dst: int, group) -> _Sending:
+    """Pickle `obj` and send it to global rank `dst` without waiting for the receiver."""
     payload = torch.frombuffer(bytearray(pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)), dtype=torch.uint8)
     size = torch.tensor([payload.numel()], dtype=torch.int64)
-    return [dist.isend(size, dst, group=group), dist.isend(payload, dst, group=group), size, payload]
+    return _Sending([dist.isend(size, dst, group=group), dist.isend(payload, dst, group=group)], [size, payload])
 
 
 def _recv(src: int, group) -> Any:
@@ -494,7 +504,7 @@ class _Server:
         if kind != "hello":
             return                                   # stopped before the first step
         self.rollouts.rng.setstate(sampler)
-        pending: list = []
+        in_flight: list[_Sending] = []
         for step in range(start + 1, self.cfg.run.steps + 1):
             t0 = time.perf_counter()
             if not self._await_version(batch_version(step, start, self.cfg.rollout.max_staleness)):
@@ -504,8 +514,7 @@ class _Server:
             if self.leader:
                 batch = Batch(step, self.version, groups, metrics, self.rollouts.rng.getstate(),
                               generation_s=time.perf_counter() - t1, engine_idle_s=t1 - t0, probe=self.probe)
-                pending = [w for w in pending if not (hasattr(w, "is_completed") and w.is_completed())]
-                pending += _send(batch, 0, self.control)
+                in_flight = [m for m in in_flight if not m.done()] + [_send(batch, 0, self.control)]
             self.probe = None
         while not self.stopped:                      # the trainer's last steps: wait for its stop header
             self._next_header()
