@@ -8,8 +8,10 @@ start: responses run to rollout.max_tokens, so a step's generation time is fixed
 sampling off (one rollout call per step), no evaluation. Every process runs one thread
 (OMP_NUM_THREADS=1), so a world of two uses both cores of a 2-core machine.
 
-1. calibrate: a colocated run measures generation g and training t per step; optim.epochs is set
-   to round(g / t) so that training takes about as long as generation;
+1. calibrate: a colocated run measures generation g and training t per step, then the longer
+   side's partner is stretched until they match: optim.epochs = round(g / t) when generation is
+   longer, else the torch sampler decodes the step's rows in round(t / g) batches
+   (`max_batch_rows`), which lengthens generation alone;
 2. colocated (one process, the synchronous loop): its step time, expected g + t;
 3. split, max_staleness 0 (one trainer rank, one rollout rank): synchronous too, g + t + sync;
 4. split, max_staleness 1: generation of step s+1 overlaps training of step s, expected
@@ -33,6 +35,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from prolix.trainer.config import load_config
 from prolix.trainer.sinks import git_commit
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results"
@@ -83,6 +86,13 @@ def _medians(rows: list[dict]) -> dict:
         {"lag_max_any": max(r["perf/policy_lag_max"] for r in rows), "steps": len(rows)}
 
 
+def _balance(generation_s: float, train_s: float) -> tuple[int, int]:
+    """(optim.epochs, decode batches per step) that bring training and generation together."""
+    if generation_s >= train_s:
+        return max(1, round(generation_s / max(train_s, 1e-9))), 1
+    return 1, max(1, round(train_s / max(generation_s, 1e-9)))
+
+
 def measure(steps: int, quick: bool, passes: int) -> dict:
     """Calibrate, then `passes` rounds of the three runs taking turns (a shared machine's load
     drifts: each placement sees the same drift); medians over every pass's steps."""
@@ -97,8 +107,10 @@ def measure(steps: int, quick: bool, passes: int) -> dict:
         folder = Path(tmp)
         base = _workload(_base_model(folder), folder, steps, quick)
         calib = _medians(_run("calibrate", base, folder, 1))
-        epochs = max(1, round(calib["generation_s"] / max(calib["train_s"], 1e-9)))
-        work = [*base, f"optim.epochs={epochs}"]
+        epochs, batches = _balance(calib["generation_s"], calib["train_s"])
+        rows = (4 if quick else 8) * load_config().rollout.n
+        work = [*base, f"optim.epochs={epochs}",
+                f"rollout.engine_options={{max_batch_rows: {max(1, -(-rows // batches))}}}"]
         for i in range(passes):
             for name, (extra, nproc) in variants.items():
                 rows[name] += _run(f"{name}_{i}", [*work, *extra], folder, nproc)
@@ -106,7 +118,7 @@ def measure(steps: int, quick: bool, passes: int) -> dict:
     g, t = runs["colocated"]["generation_s"], runs["colocated"]["train_s"]
     return {"benchmark": "rl-overlap", "commit": git_commit(), "date": datetime.date.today().isoformat(),
             "machine": {"cores": os.cpu_count(), "load_avg": os.getloadavg()}, "steps": steps, "passes": passes, "quick": quick,
-            "epochs": epochs, "generation_s": g, "train_s": t, "runs": runs,
+            "epochs": epochs, "decode_batches": batches, "generation_s": g, "train_s": t, "runs": runs,
             "ratios": {"colocated_vs_sum": runs["colocated"]["step_s"] / (g + t),
                        "split_k0_vs_sum": runs["split_k0"]["step_s"] / (g + t),
                        "split_k1_vs_max": runs["split_k1"]["step_s"] / max(g, t)},
@@ -118,7 +130,8 @@ def render(results: dict) -> str:
     lines = [f"# rl-overlap ({results['date']}, commit {results['commit']}, CPU {results['machine']['cores']} cores, "
              f"load {results['machine']['load_avg'][0]:.1f})", "",
              f"Generation g = {results['generation_s']:.3f} s, training t = {results['train_s']:.3f} s per step "
-             f"(optim.epochs = {results['epochs']}, from a colocated calibration run); medians over "
+             f"(optim.epochs = {results['epochs']}, {results['decode_batches']} decode batches per step: "
+             f"from a colocated calibration run); medians over "
              f"{r['colocated']['steps']} steps ({results['passes']} passes, the runs taking turns).", "",
              "| run | step s | vs | trainer idle s | engine idle s | lag mean / max |", "|---|---|---|---|---|---|"]
     refs = {"colocated": ("g + t", ratios["colocated_vs_sum"]), "split_k0": ("g + t", ratios["split_k0_vs_sum"]),
