@@ -8,10 +8,10 @@ start: responses run to rollout.max_tokens, so a step's generation time is fixed
 sampling off (one rollout call per step), no evaluation. Every process runs one thread
 (OMP_NUM_THREADS=1), so a world of two uses both cores of a 2-core machine.
 
-1. calibrate: a colocated run measures generation g and training t per step, then the longer
-   side's partner is stretched until they match: optim.epochs = round(g / t) when generation is
-   longer, else the torch sampler decodes the step's rows in round(t / g) batches
-   (`max_batch_rows`), which lengthens generation alone;
+1. calibrate: colocated runs measure generation g and training t per step and stretch the
+   shorter side by the measured ratio (up to 3 runs, until g / t is within [0.8, 1.25]):
+   optim.epochs when training is shorter, else more decode batches per step for the torch
+   sampler (`max_batch_rows`), which lengthens generation alone;
 2. colocated (one process, the synchronous loop): its step time, expected g + t;
 3. split, max_staleness 0 (one trainer rank, one rollout rank): synchronous too, g + t + sync;
 4. split, max_staleness 1: generation of step s+1 overlaps training of step s, expected
@@ -41,6 +41,7 @@ from prolix.trainer.sinks import git_commit
 DEFAULT_OUT = Path(__file__).resolve().parent / "results"
 WARMUP_STEPS = 2
 TARGET = 1.15
+CALIBRATIONS = 3
 
 
 def _workload(model: Path, out: Path, steps: int, quick: bool) -> list[str]:
@@ -86,11 +87,24 @@ def _medians(rows: list[dict]) -> dict:
         {"lag_max_any": max(r["perf/policy_lag_max"] for r in rows), "steps": len(rows)}
 
 
-def _balance(generation_s: float, train_s: float) -> tuple[int, int]:
-    """(optim.epochs, decode batches per step) that bring training and generation together."""
-    if generation_s >= train_s:
-        return max(1, round(generation_s / max(train_s, 1e-9))), 1
-    return 1, max(1, round(train_s / max(generation_s, 1e-9)))
+def _calibrated(base: list[str], folder: Path, quick: bool) -> list[str]:
+    """The workload with generation and training balanced (module docstring, step 1): up to
+    CALIBRATIONS colocated runs, each scaling the shorter side by the ratio it measured, until
+    g / t is within [0.8, 1.25]."""
+    step_rows = (4 if quick else 8) * load_config().rollout.n
+    epochs, batches = 1, 1.0
+    for i in range(CALIBRATIONS):
+        work = [*base, f"optim.epochs={epochs}",
+                f"rollout.engine_options={{max_batch_rows: {max(1, round(step_rows / batches))}}}"]
+        calib = _medians(_run(f"calibrate_{i}", work, folder, 1))
+        ratio = calib["generation_s"] / max(calib["train_s"], 1e-9)
+        if 0.8 <= ratio <= 1.25:
+            break
+        if ratio > 1:
+            epochs = max(1, round(epochs * ratio))
+        else:
+            batches = min(float(step_rows), batches / ratio)
+    return work
 
 
 def measure(steps: int, quick: bool, passes: int) -> dict:
@@ -106,11 +120,7 @@ def measure(steps: int, quick: bool, passes: int) -> dict:
     with tempfile.TemporaryDirectory(prefix="prolix-rl-overlap-") as tmp:
         folder = Path(tmp)
         base = _workload(_base_model(folder), folder, steps, quick)
-        calib = _medians(_run("calibrate", base, folder, 1))
-        epochs, batches = _balance(calib["generation_s"], calib["train_s"])
-        rows = (4 if quick else 8) * load_config().rollout.n
-        work = [*base, f"optim.epochs={epochs}",
-                f"rollout.engine_options={{max_batch_rows: {max(1, -(-rows // batches))}}}"]
+        work = _calibrated(base, folder, quick)
         for i in range(passes):
             for name, (extra, nproc) in variants.items():
                 rows[name] += _run(f"{name}_{i}", [*work, *extra], folder, nproc)
@@ -118,7 +128,7 @@ def measure(steps: int, quick: bool, passes: int) -> dict:
     g, t = runs["colocated"]["generation_s"], runs["colocated"]["train_s"]
     return {"benchmark": "rl-overlap", "commit": git_commit(), "date": datetime.date.today().isoformat(),
             "machine": {"cores": os.cpu_count(), "load_avg": os.getloadavg()}, "steps": steps, "passes": passes, "quick": quick,
-            "epochs": epochs, "decode_batches": batches, "generation_s": g, "train_s": t, "runs": runs,
+            "workload": work, "generation_s": g, "train_s": t, "runs": runs,
             "ratios": {"colocated_vs_sum": runs["colocated"]["step_s"] / (g + t),
                        "split_k0_vs_sum": runs["split_k0"]["step_s"] / (g + t),
                        "split_k1_vs_max": runs["split_k1"]["step_s"] / max(g, t)},
@@ -130,8 +140,8 @@ def render(results: dict) -> str:
     lines = [f"# rl-overlap ({results['date']}, commit {results['commit']}, CPU {results['machine']['cores']} cores, "
              f"load {results['machine']['load_avg'][0]:.1f})", "",
              f"Generation g = {results['generation_s']:.3f} s, training t = {results['train_s']:.3f} s per step "
-             f"(optim.epochs = {results['epochs']}, {results['decode_batches']} decode batches per step: "
-             f"from a colocated calibration run); medians over "
+             f"(balanced by colocated calibration runs: "
+             f"{' '.join(a for a in results['workload'] if a.startswith(('optim.epochs', 'rollout.engine')))}); medians over "
              f"{r['colocated']['steps']} steps ({results['passes']} passes, the runs taking turns).", "",
              "| run | step s | vs | trainer idle s | engine idle s | lag mean / max |", "|---|---|---|---|---|---|"]
     refs = {"colocated": ("g + t", ratios["colocated_vs_sum"]), "split_k0": ("g + t", ratios["split_k0_vs_sum"]),
