@@ -114,7 +114,8 @@ def test_max_staleness_1_bounds_the_lag_and_syncs_exact_weights(stale_1_run):
 
 def test_two_trainer_ranks_shard_and_resume(stale_1_run, base_model, problems, tmp_path):
     """Two trainer ranks (FSDP2 on their own process group) and one rollout rank train the one
-    trainer's trajectory (fp32 sums in another order); their DCP checkpoint resumes."""
+    trainer's trajectory (fp32 sums in another order), evaluate with the sharded policy itself
+    (no whole copy on a trainer rank), and their DCP checkpoint resumes."""
     args = _args(base_model, problems, tmp_path, **{**STALE_1, "run.steps": 4})
     _run(tmp_path, args, nproc=3)
     got = [r for r in read_jsonl(tmp_path / "run" / "metrics.jsonl") if r["step"] > 0]
@@ -122,6 +123,7 @@ def test_two_trainer_ranks_shard_and_resume(stale_1_run, base_model, problems, t
     for g, w in zip(got, want, strict=True):
         assert g["loss"] == pytest.approx(w["loss"], rel=1e-4, abs=1e-6), g["step"]
         assert g["perf/policy_lag_max"] == w["perf/policy_lag_max"]
+    assert [r["step"] for r in got if "eval/accuracy" in r] == [2, 4]     # evaluated on the sharded policy
     assert (checkpoint.latest_checkpoint(tmp_path / "run") / "dcp").is_dir()
     _run(tmp_path / "resumed", ["--resume", str(tmp_path / "run"), "run.steps=5"], nproc=3)
     assert [b["step"] for b in read_jsonl(tmp_path / "resumed" / "batches.jsonl")] == [5]

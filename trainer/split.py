@@ -274,7 +274,14 @@ class SplitTrainer:
     load_device = property(lambda self: self.inner.load_device)
 
     def prepare(self, policy, reference, forward, *, compute_dtype=None):
-        return self.inner.prepare(policy, reference, forward, compute_dtype=compute_dtype)
+        """Shard as `inner` does; the evaluation engine samples from the (sharded) policy itself:
+        no whole copy of the model on a trainer rank (the trainer ranks evaluate in lockstep)."""
+        if isinstance(self.inner, distributed.DataParallel):   # its `prepare` would copy the model
+            for model in filter(None, (policy, reference)):
+                self.inner.shard(model, forward, compute_dtype=compute_dtype)
+        else:
+            self.inner.prepare(policy, reference, forward, compute_dtype=compute_dtype)
+        return policy
 
     def forward(self, model, batch):
         return self.inner.forward(model, batch)
@@ -354,7 +361,7 @@ class SplitTrainer:
     def sync_engine(self, engine, model: torch.nn.Module) -> None:
         """The evaluation engine ← the new weights, and version `step` to the rollout ranks when
         a later batch is generated with it."""
-        self.inner.sync_engine(engine, model)
+        engine.sync_weights(model)                   # the policy itself: nothing to copy
         if broadcasts_version(self.step, self.start, self.steps, self.max_staleness):
             self._broadcast_weights(self.step, model)
 
