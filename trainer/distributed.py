@@ -69,6 +69,7 @@ __all__ = [
     "SilentLogger",
     "init_from_env",
     "init_world",
+    "shared_rollout",
     "launched",
     "torchrun_command",
     "decoder_layers",
@@ -137,6 +138,34 @@ def init_world(device: str = "auto") -> tuple[torch.device, int, bool]:
     if owns:
         dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", timeout=TIMEOUT)
     return dev, local_rank, owns
+
+
+# ----------------------------------------------------------------------------- rollouts
+
+
+def shared_rollout(problems: list, sampling, generate_and_score: Callable, index: int, count: int,
+                   all_gather: Callable[[Any], list[Any]]) -> tuple[list, torch.Tensor]:
+    """One rollout call shared by `count` processes: `generate_and_score(share, sampling)` on
+    this one's prompts (every count-th from `index`; a prompt's n samples stay together) with a
+    process-specific seed, then `all_gather` (one collective among them): (completions per
+    problem, rewards [P, n] fp32) in the order of `problems` on every process. Reward failures
+    are summed over the processes."""
+    from .rewards import pop_reward_errors, reward_errors
+
+    mine = list(range(index, len(problems), count))
+    outs, rewards = [], []
+    if mine:
+        seed = None if sampling.seed is None else (sampling.seed + 1_000_003 * index) % (2**31 - 1)
+        local_outs, local_rewards = generate_and_score([problems[i] for i in mine],
+                                                       dataclasses.replace(sampling, seed=seed))
+        outs, rewards = local_outs, local_rewards.tolist()
+    all_outs: list[Any] = [None] * len(problems)
+    all_rewards: list[Any] = [None] * len(problems)
+    for idx, rank_outs, rank_rewards, errors in all_gather((mine, outs, rewards, pop_reward_errors())):
+        for i, o, r in zip(idx, rank_outs, rank_rewards):
+            all_outs[i], all_rewards[i] = o, r
+        reward_errors.update(errors)
+    return all_outs, torch.tensor(all_rewards, dtype=torch.float32).reshape(len(problems), sampling.n)
 
 
 # ----------------------------------------------------------------------------- models
@@ -265,26 +294,8 @@ class DataParallel:
         return rollouts.collect_groups(step)
 
     def rollout(self, problems: list, sampling, generate_and_score: Callable) -> tuple[list, torch.Tensor]:
-        """`generate_and_score(share, sampling)` on this rank's prompts (every world_size-th,
-        with a rank-specific seed), gathered: (completions per problem, rewards [P, n]) in the
-        order of `problems` on every rank. Reward failures are summed over ranks."""
-        from .rewards import pop_reward_errors, reward_errors
-
-        mine = list(range(self.rank, len(problems), self.world_size))
-        outs, rewards = [], []
-        if mine:
-            seed = None if sampling.seed is None else (sampling.seed + 1_000_003 * self.rank) % (2**31 - 1)
-            local_outs, local_rewards = generate_and_score([problems[i] for i in mine],
-                                                           dataclasses.replace(sampling, seed=seed))
-            outs, rewards = local_outs, local_rewards.tolist()
-        gathered = self.all_gather((mine, outs, rewards, pop_reward_errors()))
-        all_outs: list[Any] = [None] * len(problems)
-        all_rewards: list[Any] = [None] * len(problems)
-        for idx, rank_outs, rank_rewards, errors in gathered:
-            for i, o, r in zip(idx, rank_outs, rank_rewards):
-                all_outs[i], all_rewards[i] = o, r
-            reward_errors.update(errors)
-        return all_outs, torch.tensor(all_rewards, dtype=torch.float32).reshape(len(problems), sampling.n)
+        """`shared_rollout` among every rank of the world."""
+        return shared_rollout(problems, sampling, generate_and_score, self.rank, self.world_size, self.all_gather)
 
     # ------------------------------------------------------------------ micro-batches
 

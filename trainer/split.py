@@ -7,13 +7,13 @@ The torchrun world is divided by rank: the first `world − rollout.rollout_rank
 (`SplitTrainer`, the loop's `Parallelism`: FSDP2 among them when there are several, exactly as
 `distributed.DataParallel`), the last `rollout_ranks` each hold one engine (`serve_rollouts`)
 and run `rollouts.Rollouts.collect_groups` for step after step, the prompts of a step shared
-among them, their rewards scored by a `RewardPool`. No other framework: three process groups
+among them, their rewards scored by a `RewardPool`. No other framework: four process groups
 built at start-up, the same on NCCL (GPUs) and gloo (CPU):
 
     trainers   the trainer ranks (FSDP2, metric reductions, checkpoints)
     rollouts   the rollout ranks (a step's prompts shared, results gathered)
-    bridge     trainer rank 0 + the rollout ranks: weight broadcasts (the backend of the world),
-               control headers and the batches (gloo, pickled; batches are small)
+    bridge     trainer rank 0 + the rollout ranks: weight broadcasts (the world's backend)
+    control    the same ranks over gloo: control headers and the batches (pickled; they are small)
 
 The schedule (the policy version of the weights after step j is j; a run that starts or
 resumes at step S0 starts from version S0):
@@ -135,7 +135,7 @@ class Batch:
 
 @dataclasses.dataclass
 class Groups:
-    """The process groups of the split world (every rank builds all three, in this order)."""
+    """The process groups of the split world (every rank builds all four, in this order)."""
 
     layout: Layout
     trainers: Any
@@ -439,25 +439,13 @@ class RolloutRank:
         return _world_run_on_main(fn)
 
     def rollout(self, problems: list, sampling, generate_and_score: Callable):
-        """`DataParallel.rollout` among the rollout ranks: every count-th prompt here, with a
-        rank-specific seed, gathered in the order of `problems`."""
-        from .rewards import pop_reward_errors, reward_errors
+        """`distributed.shared_rollout` among the rollout ranks."""
+        def gather(obj: Any) -> list[Any]:
+            out: list[Any] = [None] * self.count
+            dist.all_gather_object(out, obj, group=self.groups.rollouts)
+            return out
 
-        mine = list(range(self.index, len(problems), self.count))
-        outs, rewards = [], []
-        if mine:
-            seed = None if sampling.seed is None else (sampling.seed + 1_000_003 * self.index) % (2**31 - 1)
-            outs, local = generate_and_score([problems[i] for i in mine], dataclasses.replace(sampling, seed=seed))
-            rewards = local.tolist()
-        gathered: list[Any] = [None] * self.count
-        dist.all_gather_object(gathered, (mine, outs, rewards, pop_reward_errors()), group=self.groups.rollouts)
-        all_outs: list[Any] = [None] * len(problems)
-        all_rewards: list[Any] = [None] * len(problems)
-        for idx, rank_outs, rank_rewards, errors in gathered:
-            for i, o, r in zip(idx, rank_outs, rank_rewards):
-                all_outs[i], all_rewards[i] = o, r
-            reward_errors.update(errors)
-        return all_outs, torch.tensor(all_rewards, dtype=torch.float32).reshape(len(problems), sampling.n)
+        return distributed.shared_rollout(problems, sampling, generate_and_score, self.index, self.count, gather)
 
     def close(self) -> None:
         _end_world()
