@@ -21,13 +21,12 @@ completion scores 1.0, every wrong one 0.0, and the scores equal the 0-worker on
 `reps` timed passes, the worker counts taking turns pass by pass (the load of a shared machine
 drifts over seconds); responses/s is the set's size over the median pass. The load average
 and the core count are written beside the numbers; this is a CPU benchmark, nothing here is a
-GPU number. Writes `<out>/<date>-reward-pool-<commit>.json` and a markdown table.
+GPU number. Writes `<out>/<time>-reward-pool-<commit>.json` and a markdown table.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import platform
 import random
@@ -42,7 +41,8 @@ from prolix.trainer.problem import Problem
 from prolix.trainer.reward_pool import RewardPool
 from prolix.trainer.rewards import pop_reward_errors
 
-DEFAULT_OUT = Path(__file__).resolve().parent / "results"
+from .result_files import write_results
+
 SCHEMA = "prolix-bench-reward-pool/1"
 THINK = "Let me work through this. First 3 + 4 = 7, then I double-check the algebra step by step. "
 # (name, correct program, wrong-output program, stdin/stdout pairs)
@@ -212,20 +212,14 @@ def render(results: dict) -> str:
 
 
 def main_run(workers: tuple[int, ...], reps: int | None, quick: bool, out: Path | None) -> int:
-    """Measure, write `<out>/<date>-reward-pool-<commit>.json` and `.md`, print the table."""
+    """Measure, write `<out>/<time>-reward-pool-<commit>.json` and `.md`, print the table."""
     reps = reps if reps is not None else (1 if quick else 5)
     if not workers or any(w < 0 for w in workers):
         raise ValueError(f"--workers must be a non-empty list of ints >= 0, got {','.join(map(str, workers))!r}")
     if reps < 1:
         raise ValueError(f"--reps must be >= 1, got {reps}")
     results = measure(tuple(workers), reps, quick)
-    out = out or DEFAULT_OUT
-    out.mkdir(parents=True, exist_ok=True)
-    stem = out / f"{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}-reward-pool-{results['commit']}"
-    stem.with_suffix(".json").write_text(json.dumps(results, indent=1) + "\n")
-    table = render(results)
-    stem.with_suffix(".md").write_text(table)
-    print(table + f"\nwrote {stem}.json and .md")
+    write_results(results, "reward-pool", render(results), out)
     return 0
 
 

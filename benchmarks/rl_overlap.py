@@ -19,8 +19,8 @@ sampling off (one rollout call per step), no evaluation. Every process runs one 
 
 Medians over the steps after the first two (start-up), over `--passes` rounds in which the
 three runs take turns. Reports g, t, each run's step time, the
-ratios, the lag and both sides' idle time. Writes `<out>/<date>-rl-overlap-<commit>.json`, a
-markdown table and a PNG. CPU numbers: they say how well the two sides overlap, nothing about a
+ratios, the lag and both sides' idle time. Writes `<out>/<time>-rl-overlap-<commit>.json`, a
+markdown table and a PNG (`result_files.write_results`). CPU numbers: they say how well the two sides overlap, nothing about a
 GPU's speed.
 """
 
@@ -38,7 +38,8 @@ from pathlib import Path
 from prolix.trainer.config import load_config
 from prolix.trainer.sinks import git_commit
 
-DEFAULT_OUT = Path(__file__).resolve().parent / "results"
+from .result_files import write_results
+
 WARMUP_STEPS = 2
 TARGET = 1.15
 CALIBRATIONS = 3
@@ -126,7 +127,7 @@ def measure(steps: int, quick: bool, passes: int) -> dict:
                 rows[name] += _run(f"{name}_{i}", [*work, *extra], folder, nproc)
     runs = {name: _medians(r) for name, r in rows.items()}
     g, t = runs["colocated"]["generation_s"], runs["colocated"]["train_s"]
-    return {"benchmark": "rl-overlap", "commit": git_commit(), "date": datetime.date.today().isoformat(),
+    return {"benchmark": "rl-overlap", "commit": git_commit(short=12), "date": datetime.date.today().isoformat(),
             "machine": {"cores": os.cpu_count(), "load_avg": os.getloadavg()}, "steps": steps, "passes": passes, "quick": quick,
             "workload": work, "generation_s": g, "train_s": t, "runs": runs,
             "ratios": {"colocated_vs_sum": runs["colocated"]["step_s"] / (g + t),
@@ -179,13 +180,5 @@ def plot(results: dict, path: Path) -> None:
 
 def main_run(steps: int, out: Path | None, quick: bool, passes: int = 2) -> int:
     results = measure(steps, quick, passes)
-    out = out or DEFAULT_OUT
-    out.mkdir(parents=True, exist_ok=True)
-    stem = out / f"{results['date']}-rl-overlap-{results['commit'][:12]}"
-    stem.with_suffix(".json").write_text(json.dumps(results, indent=2) + "\n")
-    table = render(results)
-    stem.with_suffix(".md").write_text(table)
-    plot(results, stem.with_suffix(".png"))
-    print(table, end="")
-    print(f"wrote {stem}.json, .md and .png")
+    write_results(results, "rl-overlap", render(results), out, plot=plot)
     return 0

@@ -26,7 +26,7 @@ from typing import Callable
 import torch
 
 from . import cases as C
-from . import harness
+from . import harness, result_files
 from .provider_types import Context, Provider, Skip
 from .providers import BASELINES, PROVIDERS, bench_config, grad_output, leaves, no_donated_buffers
 from .sweep import Point, add_ratios, check_provider, print_row, profile
@@ -34,7 +34,7 @@ from .sweep import Point, add_ratios, check_provider, print_row, profile
 SCHEMA = "prolix-bench/2"  # /2: + tokens_per_s, mfu, model; the train kernel; trl providers
 TRAIN = "train"
 ALL_KERNELS = (*C.KERNELS, TRAIN)
-DEFAULT_OUT = Path(__file__).resolve().parent / "results"
+DEFAULT_OUT = result_files.DEFAULT_OUT
 
 
 @dataclasses.dataclass(kw_only=True)

@@ -10,13 +10,12 @@ sweep), and the CPU time the launcher and the program used. Then runs/s with 1 a
 (threads, as a code reward scoring a batch does). A bare `python -I -S -B -c pass` start takes its
 turn too: it is the floor no launcher can beat, and says how loaded the machine was.
 The load average and core count are written beside the numbers; this is a CPU-side benchmark,
-nothing here is a GPU number. Writes `<out>/<date>-sandbox-<commit>.json` and a markdown table.
+nothing here is a GPU number. Writes `<out>/<time>-sandbox-<commit>.json` and a markdown table.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
-import json
 import os
 import platform
 import resource
@@ -28,8 +27,10 @@ from pathlib import Path
 from typing import Callable
 
 from prolix.trainer import sandbox
+from prolix.trainer.sinks import git_commit
 
-DEFAULT_OUT = Path(__file__).resolve().parent / "results"
+from .result_files import write_results
+
 PROGRAM = "pass"
 
 
@@ -99,14 +100,6 @@ def _conditions() -> dict:
             "machine": platform.machine(), "root": os.geteuid() == 0, "python": sys.version.split()[0]}
 
 
-def _commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              cwd=Path(__file__).parent, check=True).stdout.strip() or "nogit"
-    except (OSError, subprocess.CalledProcessError):
-        return "nogit"
-
-
 def measure(runs: int) -> dict:
     """Every number of the benchmark, with the conditions before and after."""
     # (row, launcher, cgroup): "native, no cgroup" shows what joining the run's cgroup costs.
@@ -131,7 +124,7 @@ def measure(runs: int) -> dict:
         else:
             os.environ[sandbox.LAUNCHER_ENV] = saved[0]
     return {"schema": "prolix-bench-sandbox/1", "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "commit": _commit(), "program": PROGRAM, "runs": runs, "bare_python": latency["bare"], "launchers": rows,
+            "commit": git_commit(short=12), "program": PROGRAM, "runs": runs, "bare_python": latency["bare"], "launchers": rows,
             "conditions": {"before": before, "after": _conditions()}}
 
 
@@ -158,11 +151,5 @@ def main_run(runs: int, out: Path | None) -> int:
     if runs < 2:
         raise ValueError(f"--runs must be >= 2, got {runs}")
     results = measure(runs)
-    out = out or DEFAULT_OUT
-    out.mkdir(parents=True, exist_ok=True)
-    stem = out / f"{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}-sandbox-{results['commit']}"
-    stem.with_suffix(".json").write_text(json.dumps(results, indent=1) + "\n")
-    table = render(results)
-    stem.with_suffix(".md").write_text(table)
-    print(table + f"\nwrote {stem}.json and .md")
+    write_results(results, "sandbox", render(results), out)
     return 0

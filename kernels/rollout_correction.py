@@ -64,6 +64,16 @@ OFF_POLICY_LOGPS = ("old", "current")
 PREFIX = "rollout_corr/"
 
 
+def _check_bounds(name: str, lo: float | None, hi: float | None) -> None:
+    """{name}_min: None or finite >= 0; {name}_max: None or > 0; min <= max when both are set."""
+    if lo is not None and not (lo >= 0 and math.isfinite(lo)):
+        raise ValueError(f"{name}_min must be a finite number >= 0 or None, got {lo}")
+    if hi is not None and not hi > 0:
+        raise ValueError(f"{name}_max must be > 0 or None, got {hi}")
+    if lo is not None and hi is not None and lo > hi:
+        raise ValueError(f"{name}_min must be <= {name}_max, got {name}_min={lo}, {name}_max={hi}")
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class RolloutCorrectionConfig:
     """The rules of the module docstring; every one is off by default."""
@@ -94,20 +104,10 @@ class RolloutCorrectionConfig:
             raise ValueError(f"is_level must be None or one of {IS_LEVELS}, got {self.is_level!r}")
         if self.is_mode not in IS_MODES:
             raise ValueError(f"is_mode must be one of {IS_MODES}, got {self.is_mode!r}")
-        if self.is_min is not None and not (self.is_min >= 0 and math.isfinite(self.is_min)):
-            raise ValueError(f"is_min must be a finite number >= 0 or None, got {self.is_min}")
-        if self.is_max is not None and not self.is_max > 0:
-            raise ValueError(f"is_max must be > 0 or None, got {self.is_max}")
-        if self.is_min is not None and self.is_max is not None and self.is_min > self.is_max:
-            raise ValueError(f"is_min must be <= is_max, got is_min={self.is_min}, is_max={self.is_max}")
+        _check_bounds("is", self.is_min, self.is_max)
         if self.is_level is not None and self.is_min is None and self.is_max is None:
             raise ValueError(f"is_level={self.is_level!r} needs is_min or is_max (an unbounded weight), got neither")
-        if self.seq_mask_min is not None and not (self.seq_mask_min >= 0 and math.isfinite(self.seq_mask_min)):
-            raise ValueError(f"seq_mask_min must be a finite number >= 0 or None, got {self.seq_mask_min}")
-        if self.seq_mask_max is not None and not self.seq_mask_max > 0:
-            raise ValueError(f"seq_mask_max must be > 0 or None, got {self.seq_mask_max}")
-        if self.seq_mask_min is not None and self.seq_mask_max is not None and self.seq_mask_min > self.seq_mask_max:
-            raise ValueError(f"seq_mask_min must be <= seq_mask_max, got {self.seq_mask_min} > {self.seq_mask_max}")
+        _check_bounds("seq_mask", self.seq_mask_min, self.seq_mask_max)
         if self.reject_estimator not in REJECT_ESTIMATORS:
             raise ValueError(f"reject_estimator must be one of {REJECT_ESTIMATORS}, got {self.reject_estimator!r}")
         if self.reject_threshold is not None and not self.reject_threshold >= 0:

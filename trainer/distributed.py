@@ -63,6 +63,7 @@ import torch.distributed as dist
 from . import checkpoint
 from .metrics import SilentLogger, merge_extremes
 from .packing import attention_crossover, balance, plan_microbatches
+from .rollouts import Colocated
 
 __all__ = [
     "DataParallel",
@@ -70,6 +71,7 @@ __all__ = [
     "init_from_env",
     "init_world",
     "shared_rollout",
+    "run_on_first",
     "launched",
     "torchrun_command",
     "decoder_layers",
@@ -140,6 +142,22 @@ def init_world(device: str = "auto") -> tuple[torch.device, int, bool]:
     return dev, local_rank, owns
 
 
+def run_on_first(fn: Callable[[], Any], is_first: bool, broadcast: Callable[[Any], Any]) -> Any:
+    """fn() on the first process of a group only, its result — or the exception it raised,
+    re-raised everywhere so that all exit alike — on every process (`broadcast`: the first's
+    object on all of them)."""
+    outcome: Any = None
+    if is_first:
+        try:
+            outcome = ("ok", fn())
+        except Exception as e:
+            outcome = ("error", e)
+    status, value = broadcast(outcome)
+    if status == "error":
+        raise value
+    return value
+
+
 # ----------------------------------------------------------------------------- rollouts
 
 
@@ -197,7 +215,7 @@ def full_parameters(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]
 
 
 @dataclasses.dataclass
-class DataParallel:
+class DataParallel(Colocated):
     """This rank's place in the world and the collectives the loop's hooks call."""
 
     rank: int
@@ -231,16 +249,7 @@ class DataParallel:
     def run_on_main(self, fn: Callable[[], Any]) -> Any:
         """fn() on rank 0 only (creating the run directory, building the demo model), its result —
         or the exception it raised — broadcast to every rank."""
-        outcome: Any = None
-        if self.is_main:
-            try:
-                outcome = ("ok", fn())
-            except Exception as e:                   # re-raised on every rank, so all exit alike
-                outcome = ("error", e)
-        status, value = self.broadcast(outcome)
-        if status == "error":
-            raise value
-        return value
+        return run_on_first(fn, self.is_main, self.broadcast)
 
     # ------------------------------------------------------------------ collectives
 
@@ -282,16 +291,6 @@ class DataParallel:
             dist.destroy_process_group()
 
     # ------------------------------------------------------------------ rollouts
-
-    def engine_name(self, name: str) -> str:
-        return name
-
-    def begin(self, step: int, rollouts, policy) -> None:
-        return None
-
-    def collect(self, step: int, rollouts) -> tuple[list, dict[str, float]]:
-        """Every rank runs `rollouts.collect_groups` (its calls share the prompts: `rollout`)."""
-        return rollouts.collect_groups(step)
 
     def rollout(self, problems: list, sampling, generate_and_score: Callable) -> tuple[list, torch.Tensor]:
         """`shared_rollout` among every rank of the world."""

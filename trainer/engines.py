@@ -60,7 +60,7 @@ import torch
 from .guards import NonFiniteLogitsError
 
 __all__ = ["SamplingConfig", "Completion", "RolloutEngine", "TorchSampler", "VLLMEngine", "ENGINES",
-           "make_engine", "sample_tokens"]
+           "make_engine", "sample_tokens", "sequence_logprobs"]
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -160,6 +160,14 @@ def _check_prompts(prompts: list[list[int]], sampling: SamplingConfig, max_model
 
 
 # ----------------------------------------------------------------------------- torch sampler
+
+
+@torch.no_grad()        # not inference mode: `model` may be the FSDP-sharded policy, trained after
+def sequence_logprobs(model: torch.nn.Module, ids: list[int], device: torch.device) -> list[float]:
+    """log π(ids[t+1] | ids[≤t]) under `model` (a transformers causal LM), fp32, temperature 1."""
+    x = torch.tensor([ids], device=device)
+    logits = model(input_ids=x).logits[0, :-1].float()
+    return logits.log_softmax(-1).gather(-1, x[0, 1:, None])[:, 0].tolist()
 
 
 def sample_tokens(logits: torch.Tensor, temperature: float, top_p: float,
@@ -282,13 +290,10 @@ class TorchSampler:
         tokens, logps, done = tokens[:, :steps].tolist(), logps[:, :steps].tolist(), done.tolist()
         return [(tokens[b][:n], logps[b][:n], done[b]) for b, n in enumerate(lengths)]
 
-    @torch.inference_mode()
     def score_sequence(self, ids: list[int]) -> list[float]:
         """log π(ids[t+1] | ids[≤t]) at temperature 1 under the sampler's weights (fp32): what
         the split placement compares with the trainer's after a weight sync."""
-        x = torch.tensor([ids], device=self._device)
-        logits = self.model(input_ids=x).logits[0, :-1].float()
-        return logits.log_softmax(-1).gather(-1, x[0, 1:, None])[:, 0].tolist()
+        return sequence_logprobs(self.model, ids, self._device)
 
     def sync_weights(self, model: torch.nn.Module) -> None:
         """No copy: the sampler runs the module itself. A different module replaces it."""

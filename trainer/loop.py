@@ -43,9 +43,8 @@ How the loop is run is one object, `self.parallel` (parallel.py), chosen once at
 loop, or the trainer ranks of the split placement (`split.SplitTrainer`, rollout ranks apart).
 The loop calls it at the same places whichever it is — the start, the step's batch, rollout,
 micro-batch plan, forward, merging per-record results, reducing an update's statistics, weight
-sync, the reset decision,
-non-finite weights or log-probs (`any_rank`), a stop signal (`stop_signal`), checkpoints — and
-never asks which one it holds. A packed micro-batch reaches the loss by one path: `parallel.plan`
+sync, the reset decision, non-finite weights or log-probs (`any_rank`), a stop signal
+(`stop_signal`), checkpoints — and never asks which one it holds. A packed micro-batch reaches the loss by one path: `parallel.plan`
 → `packing.pack_microbatch` → `parallel.forward` (`model.head_inputs`) →
 `model.grpo_loss_from_hidden`.
 """

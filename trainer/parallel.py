@@ -36,7 +36,8 @@ The protocol, in the order one RL step meets it:
     broadcast(obj), run_on_main(fn), is_main, world_size
     save_checkpoint(run_dir, step, ...), load_checkpoint(ckpt, ...), close()
 
-A packed micro-batch reaches the loss by one path: `plan` → `packing.pack_microbatch` →
+`engine_name`, `begin` and `collect` of the two placements that sample their own batches are
+`rollouts.Colocated`'s. A packed micro-batch reaches the loss by one path: `plan` → `packing.pack_microbatch` →
 `forward` → `model.grpo_loss_from_hidden` (or `model.logprobs_from_hidden`).
 """
 
@@ -52,6 +53,7 @@ import torch
 from . import checkpoint, distributed
 from .config import ConfigError
 from .packing import PackedBatch, plan_microbatches
+from .rollouts import Colocated
 
 __all__ = ["Forward", "UpdateStats", "Parallelism", "SingleProcess", "init_parallelism", "resolve_device"]
 
@@ -136,7 +138,7 @@ def resolve_device(name: str) -> torch.device:
 
 
 @dataclasses.dataclass
-class SingleProcess:
+class SingleProcess(Colocated):
     """One process, one device: the whole batch is this process's share."""
 
     device: torch.device
@@ -159,15 +161,6 @@ class SingleProcess:
 
     def forward(self, model, batch: PackedBatch) -> tuple[torch.Tensor, torch.Tensor]:
         return self._forward(model, batch)
-
-    def engine_name(self, name: str) -> str:
-        return name
-
-    def begin(self, step: int, rollouts, policy) -> None:
-        return None
-
-    def collect(self, step: int, rollouts) -> tuple[list, dict[str, float]]:
-        return rollouts.collect_groups(step)
 
     def rollout(self, problems: list, sampling, generate_and_score: Callable) -> tuple[list, torch.Tensor]:
         return generate_and_score(problems, sampling)

@@ -30,7 +30,7 @@ from .reward_pool import RewardPool
 from .rewards import pop_reward_errors
 from .tokenizer import format_prompt
 
-__all__ = ["Group", "Rollouts", "rollout_seed"]
+__all__ = ["Colocated", "Group", "Rollouts", "rollout_seed"]
 
 Rollout = Callable[[list[Problem], SamplingConfig, Callable], tuple[list[list[Completion]], torch.Tensor]]
 """`Parallelism.rollout`: (problems, sampling, generate_and_score) -> (completions per problem,
@@ -50,6 +50,21 @@ class Group:
 def rollout_seed(run_seed: int, step: int, attempt: int) -> int:
     """The sampling seed of a step's `attempt`-th rollout call (also seeds epoch shuffles)."""
     return (run_seed * 1_000_003 + step * 1_009 + attempt) % (2**31 - 1)
+
+
+class Colocated:
+    """The `parallel.Parallelism` members of a placement whose processes sample their own
+    batches (`SingleProcess`, `DataParallel`): the rollout engine is the configured one, there is
+    nothing to start, and a step's batch is `rollouts.collect_groups` run here."""
+
+    def engine_name(self, name: str) -> str:
+        return name
+
+    def begin(self, step: int, rollouts: Rollouts, policy) -> None:
+        return None
+
+    def collect(self, step: int, rollouts: Rollouts) -> tuple[list[Group], dict[str, float]]:
+        return rollouts.collect_groups(step)
 
 
 class Rollouts:

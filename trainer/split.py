@@ -65,6 +65,7 @@ import torch.distributed as dist
 
 from . import distributed
 from .config import ConfigError, TrainConfig
+from .engines import sequence_logprobs
 from .parallel import SingleProcess
 from .rollouts import Group, Rollouts
 
@@ -242,14 +243,6 @@ def probe_ids(vocab_size: int) -> list[int]:
     return [(7 * i + 3) % vocab_size for i in range(PROBE_TOKENS)]
 
 
-@torch.no_grad()
-def probe_logprobs(model: torch.nn.Module, ids: list[int], device: torch.device) -> list[float]:
-    """log π(ids[t+1] | ids[≤t]) under `model` (a transformers causal LM), fp32, T = 1."""
-    x = torch.tensor([ids], device=device)
-    logits = model(input_ids=x).logits[0, :-1].float()
-    return logits.log_softmax(-1).gather(-1, x[0, 1:, None])[:, 0].tolist()
-
-
 # ----------------------------------------------------------------------------- trainer ranks
 
 
@@ -372,7 +365,7 @@ class SplitTrainer:
             else ((n, p.detach()) for n, p in model.named_parameters())
         self._call(f"broadcasting weights version {version}", send_weights, named, self.groups.bridge,
                    self.device, self.bucket_bytes, sender=self.is_main)
-        probe = probe_logprobs(model, probe_ids(model.config.vocab_size), self.device)   # collective under FSDP
+        probe = sequence_logprobs(model, probe_ids(model.config.vocab_size), self.device)  # collective under FSDP
         self._probes[version] = probe
 
     def close(self) -> None:
@@ -396,18 +389,12 @@ class SplitTrainer:
 
 def _world_run_on_main(fn: Callable[[], Any]) -> Any:
     """fn() on global rank 0, its result (or exception) on every rank of the world."""
-    outcome: Any = None
-    if dist.get_rank() == 0:
-        try:
-            outcome = ("ok", fn())
-        except Exception as e:
-            outcome = ("error", e)
-    box = [outcome]
-    dist.broadcast_object_list(box, src=0)
-    status, value = box[0]
-    if status == "error":
-        raise value
-    return value
+    def broadcast(obj: Any) -> Any:
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    return distributed.run_on_first(fn, dist.get_rank() == 0, broadcast)
 
 
 def _end_world() -> None:
