@@ -5,6 +5,7 @@ Triton kernels, CPU tensors a streaming torch implementation with the same memor
 
     from prolix.kernels import linear_logprobs, fused_linear_grpo_loss, GRPOLossConfig
     from prolix.kernels import RolloutCorrectionConfig   # GRPOLossConfig(rollout_correction=...)
+    from prolix.kernels import seq_ids                   # packed row -> sequence index, from cu_seqlens
 """
 
 from .grpo_loss import (
@@ -14,7 +15,7 @@ from .grpo_loss import (
     grpo_loss,
 )
 from .linear_logprob import linear_logprobs
-from .rollout_correction import RolloutCorrectionConfig
+from .rollout_correction import RolloutCorrectionConfig, seq_ids
 
 __all__ = [
     "linear_logprobs",
@@ -23,4 +24,5 @@ __all__ = [
     "grpo_loss",
     "fused_linear_grpo_loss",
     "FusedLinearGRPOLoss",
+    "seq_ids",
 ]
