@@ -8,21 +8,26 @@ Triton kernels, CPU tensors a streaming torch implementation with the same memor
     from prolix.kernels import seq_ids                   # packed row -> sequence index, from cu_seqlens
 """
 
-from .grpo_loss import (
-    FusedLinearGRPOLoss,
-    GRPOLossConfig,
-    fused_linear_grpo_loss,
-    grpo_loss,
-)
-from .linear_logprob import linear_logprobs
-from .rollout_correction import RolloutCorrectionConfig, seq_ids
+if __name__ == "kernels":   # imported by that name from the repository root: see _shadow.py
+    from ._shadow import hand_over
 
-__all__ = [
-    "linear_logprobs",
-    "GRPOLossConfig",
-    "RolloutCorrectionConfig",
-    "grpo_loss",
-    "fused_linear_grpo_loss",
-    "FusedLinearGRPOLoss",
-    "seq_ids",
-]
+    hand_over(globals())
+else:
+    from .grpo_loss import (
+        FusedLinearGRPOLoss,
+        GRPOLossConfig,
+        fused_linear_grpo_loss,
+        grpo_loss,
+    )
+    from .linear_logprob import linear_logprobs
+    from .rollout_correction import RolloutCorrectionConfig, seq_ids
+
+    __all__ = [
+        "linear_logprobs",
+        "GRPOLossConfig",
+        "RolloutCorrectionConfig",
+        "grpo_loss",
+        "fused_linear_grpo_loss",
+        "FusedLinearGRPOLoss",
+        "seq_ids",
+    ]
