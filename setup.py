@@ -142,6 +142,7 @@ WANDB_REQUIRES = ["wandb>=0.31"]
 DEV_REQUIRES = TRAINER_REQUIRES + BENCH_REQUIRES + TRL_REQUIRES + WANDB_REQUIRES + [
     "pytest>=8.0",
     "pytest-benchmark>=5.0",
+    "pytest-xdist>=3.5",       # `make test` runs a worker per core (tests/conftest.py pins their threads)
     "hypothesis>=6.100",
     "ruff>=0.6",               # `make lint`: ruff.toml
     "import-linter>=2.17",     # `make lint`: .importlinter (tested with 2.17)

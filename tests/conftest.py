@@ -25,6 +25,14 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# On CPU a matmul's reduction order follows the number of threads, so two runs agree bit for bit
+# only under the same count. The session computes on one thread (pytest-xdist runs a worker per
+# core), and every process a test starts inherits the same count through OMP_NUM_THREADS; the
+# bit-exact comparisons pin it on both sides explicitly as well (`one_thread`, OMP_NUM_THREADS="1").
+TEST_THREADS = 1
+os.environ["OMP_NUM_THREADS"] = str(TEST_THREADS)
+torch.set_num_threads(TEST_THREADS)
+
 
 def _patch_interpreter_bf16_dot() -> None:
     import numpy as np
@@ -61,9 +69,10 @@ def pytest_configure(config):
 
 @pytest.fixture(scope="module")
 def one_thread():
-    """Tiny models gain nothing from threads, and oversubscribed OpenMP threads (the machine
-    busy with other work) make each small GEMM 100x slower; restored afterwards. Modules of
-    tiny-model tests use it with `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    """One CPU thread for a module's tests, whatever an earlier test left: the count its
+    subprocesses get (OMP_NUM_THREADS="1"), so their runs and this process's agree bit for bit.
+    Tiny models gain nothing from threads either, and oversubscribed OpenMP threads make each
+    small GEMM 100x slower. Modules use it with `pytestmark = pytest.mark.usefixtures("one_thread")`."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield

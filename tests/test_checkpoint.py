@@ -264,6 +264,22 @@ def test_resume_when_no_checkpoint_verifies_is_a_clear_error(straight, tmp_path,
     assert "step_000004: optimizer.pt is missing" in capsys.readouterr().err
 
 
+def test_resume_under_another_thread_count_warns_in_one_line(straight, tmp_path, capsys):
+    run = Path(shutil.copytree(straight, tmp_path / "run"))
+    state = json.loads((run / "checkpoints" / "step_000004" / "trainer_state.json").read_text())
+    assert state["torch_threads"] == torch.get_num_threads() == 1          # recorded with the run (one_thread)
+    assert train_main(["--resume", str(run), "run.steps=5"]) == 0
+    assert "thread" not in capsys.readouterr().err                         # same count: nothing to say
+    torch.set_num_threads(2)
+    try:
+        assert train_main(["--resume", str(run), "run.steps=6"]) == 0
+    finally:
+        torch.set_num_threads(1)
+    warnings = [line for line in capsys.readouterr().err.splitlines() if "CPU threads" in line]
+    assert warnings == ["prolix: warning: step_000005 was written computing on 1 CPU threads, this process has 2 "
+                        "(OMP_NUM_THREADS): the resumed run will not be bit-identical to an uninterrupted one"]
+
+
 OLD_RUN = TESTS / "fixtures" / "old_run"       # written by tests/fixtures/make_old_checkpoint.py
 
 

@@ -37,6 +37,9 @@ from prolix.trainer.loop import Trainer
 from prolix.trainer.metrics import MetricsFileError, MetricsLogger
 from prolix.trainer.train import main as train_main
 
+# the signal tests compare this process's runs with a subprocess's (OMP_NUM_THREADS="1") bit for bit
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 NAN, INF = float("nan"), float("inf")
 
 

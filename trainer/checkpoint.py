@@ -315,7 +315,8 @@ def publish_checkpoint(tmp: Path, final: Path, *, step: int, trainer_state: dict
     the manifest (last: it describes every other file), fsync, rename, `latest`, rotation."""
     root = final.parent
     torch.save(capture_rng(), tmp / "rng.pt")
-    (tmp / "trainer_state.json").write_text(json.dumps({**trainer_state, "step": step}, indent=1))
+    state = {**trainer_state, "step": step, "torch_threads": torch.get_num_threads()}   # see thread_count_warning
+    (tmp / "trainer_state.json").write_text(json.dumps(state, indent=1))
     _write_manifest(tmp, step)
     _fsync_tree(tmp)
     if final.exists():                                       # re-saving a step (e.g. after a resume)
@@ -380,6 +381,19 @@ def resolve_checkpoint(path: str | Path) -> tuple[Path, Path]:
             print(f"prolix: warning: {failure}; resuming from {ckpt.name} instead", file=sys.stderr, flush=True)
         return path, ckpt
     raise CheckpointError(f"--resume: no checkpoint of {path} passes verification: " + "; ".join(failures))
+
+
+def thread_count_warning(ckpt: str | Path) -> str | None:
+    """One line when `ckpt` was written by a process that computed on another number of CPU
+    threads than this one, else None. On CPU a matmul's reduction order follows the thread
+    count, so a resumed run is bit-identical to an uninterrupted one only under the same count
+    (and the same machine kind and library versions)."""
+    saved = json.loads((Path(ckpt) / "trainer_state.json").read_text()).get("torch_threads")
+    now = torch.get_num_threads()
+    if saved is None or saved == now:
+        return None
+    return (f"prolix: warning: {Path(ckpt).name} was written computing on {saved} CPU threads, this process has "
+            f"{now} (OMP_NUM_THREADS): the resumed run will not be bit-identical to an uninterrupted one")
 
 
 def load_checkpoint(ckpt: str | Path, *, optimizer: torch.optim.Optimizer | None,

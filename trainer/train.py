@@ -115,7 +115,7 @@ def _start(args: argparse.Namespace):
     """(trainer, parallelism, run directory, resumed checkpoint or None), or the exit status of
     an expected failure met before training: preflight checks (`preflight.check_run`) run
     right after the config is read, before any model is built."""
-    from .checkpoint import CheckpointError, resolve_checkpoint
+    from .checkpoint import CheckpointError, resolve_checkpoint, thread_count_warning
     from .config import ConfigError, load_config, save_config
     from .loop import Trainer, prepare_data
     from .metrics import MetricsFileError
@@ -143,6 +143,9 @@ def _start(args: argparse.Namespace):
             return _RolloutStart(cfg, data, parallel)
         trainer = Trainer(cfg, run_dir, data=data, resume_from=ckpt, resume_verified=True,  # resolve_checkpoint
                           parallel=parallel)
+        warning = thread_count_warning(ckpt) if ckpt is not None and trainer.device.type == "cpu" else None
+        if warning and parallel.is_main:
+            print(warning, file=sys.stderr, flush=True)
     except (ConfigError, FileNotFoundError, CheckpointError, MetricsFileError) as e:
         return _fail(str(e))
     except KeyboardInterrupt:
