@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from prolix.trainer import sandbox
+from prolix.trainer.rewards import sandbox
 from prolix.trainer.sinks import git_commit
 
 from .result_files import write_results
@@ -63,7 +63,7 @@ def _sandboxed(launcher: str, cgroup: bool) -> Callable[[], None]:
 
 
 def _bare() -> None:
-    subprocess.run([sandbox._interpreter()[0], "-I", "-S", "-B", "-c", PROGRAM], check=True)
+    subprocess.run([sandbox.interpreter()[0], "-I", "-S", "-B", "-c", PROGRAM], check=True)
 
 
 def time_interleaved(variants: dict[str, Callable[[], None]], runs: int) -> dict[str, dict]:
