@@ -6,8 +6,8 @@
 
 What it is for. math-verify (sympy) and the sandboxed code tests are CPU-bound: scored one after
 another in the trainer process they hold a step for seconds (a code completion with three tests
-costs three sandboxed interpreter starts). The pool scores a batch on `workers`
-processes at once. `RewardPool(0)` scores in this process, serially: exactly
+costs three sandboxed interpreter starts). The pool scores a batch on `workers` processes at
+once. `RewardPool(0)` scores in this process, serially: exactly
 `[[score(p, c.text) for c in cs] for p, cs in zip(problems, completions)]`, and it is cheap to
 construct (no process). Any pool gives the same values in the same order as that loop: pairs are
 sent in chunks (about `CHUNKS_PER_WORKER` per worker, so that a slow chunk, e.g. one with a
@@ -24,18 +24,18 @@ and 2 workers.
 Start method: "spawn". The trainer process runs OpenMP/MKL threads, a gloo or NCCL process group
 with its own threads and possibly vLLM; `fork` after threads were started copies their locks in
 whatever state they were (a worker can deadlock on its first allocation or log call), and a
-forked child cannot use the parent's CUDA context. "spawn" starts a fresh interpreter, which imports this
-module (and so its package, `prolix.trainer.rewards`, which registers every built-in reward; torch is
-not imported: it costs start-up time and memory in every worker and no reward needs it) and the parent's main
-module as `__mp_main__` (as multiprocessing always does), with the parent's `sys.path` and
-environment *as they are when the workers start*: when the pool is made (in the background; the
-heavy imports of a reward, sympy for math-verify, happen in each worker on its first use).
-"forkserver" would freeze them when its server first starts, once per process, for every later
-pool. As with any "spawn" program, a script that makes a pool keeps its top-level code under
-`if __name__ == "__main__":` (the workers import the script; `prolix train` does so).
-Workers ignore SIGINT (Ctrl-C is the trainer's: it finishes the step, `signals.GracefulStop`)
-and exit on their own when the trainer process is gone (a trainer killed with SIGKILL leaves no
-orphans behind).
+forked child cannot use the parent's CUDA context. "spawn" starts a fresh interpreter, which
+imports this module (and so its package, `prolix.trainer.rewards`, which registers every built-in
+reward; torch is not imported: it costs start-up time and memory in every worker and no reward
+needs it) and the parent's main module as `__mp_main__` (as multiprocessing always does), with
+the parent's `sys.path` and environment *as they are when the workers start*: when the pool is
+made (in the background; the heavy imports of a reward, sympy for math-verify, happen in each
+worker on its first use). "forkserver" would freeze them when its server first starts, once per
+process, for every later pool. As with any "spawn" program, a script that makes a pool keeps its
+top-level code under `if __name__ == "__main__":` (the workers import the script; `prolix train`
+does so). Workers ignore SIGINT (Ctrl-C is the trainer's: it finishes the step,
+`signals.GracefulStop`) and exit on their own when the trainer process is gone (a trainer killed
+with SIGKILL leaves no orphans behind).
 
 Which rewards the workers know. Every call sends, with each chunk, the parent's `REWARDS` entry
 for each reward name the batch uses, pickled by reference (module and name): a reward registered
