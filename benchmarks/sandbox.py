@@ -63,7 +63,7 @@ def _sandboxed(launcher: str, cgroup: bool) -> Callable[[], None]:
 
 
 def _bare() -> None:
-    subprocess.run([sandbox.interpreter()[0], "-I", "-S", "-B", "-c", PROGRAM], check=True)
+    subprocess.run([sandbox._interpreter()[0], "-I", "-S", "-B", "-c", PROGRAM], check=True)
 
 
 def time_interleaved(variants: dict[str, Callable[[], None]], runs: int) -> dict[str, dict]:

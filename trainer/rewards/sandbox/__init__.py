@@ -101,7 +101,7 @@ import time
 
 from .launcher import BOOT, DENY_HOOK, ENV, MAX_FILE_MB, MAX_OPEN_FILES, MAX_PROCESSES, TMPFS_MB, count_tasks
 
-__all__ = ["SandboxResult", "SandboxError", "run_python", "REASONS", "interpreter"]
+__all__ = ["SandboxResult", "SandboxError", "run_python", "REASONS"]
 
 UID_BASE = 0x40000000  # sandbox uids UID_BASE + [0, MAX_SLOTS); lower it where high uids are unmapped
 MAX_SLOTS = 64  # concurrent sandboxes on one machine (more wait for a free slot)
@@ -156,7 +156,7 @@ def run_python(code: str, stdin: str = "", timeout: float = 5.0, memory_mb: int 
         raise ValueError(f"memory_mb must be an int in [32, 2**20], got {memory_mb!r}")
     if not isinstance(max_output_bytes, int) or max_output_bytes < 1:
         raise ValueError(f"max_output_bytes must be an int >= 1, got {max_output_bytes!r}")
-    exe, prefix = interpreter()
+    exe, prefix = _interpreter()
     native = _native_launcher()
     with _uid_slot() as (uid, swept, slot_fd):
         workdir = tempfile.mkdtemp(prefix="prolix-sandbox-")  # 0700, the trainer's user
@@ -210,7 +210,7 @@ def _native_argv(launcher: str, cfg: dict) -> list[str]:
     return argv
 
 
-def interpreter() -> tuple[str, str | None]:
+def _interpreter() -> tuple[str, str | None]:
     """(interpreter path, prefix to bind-mount or None): the base interpreter, not a venv shim."""
     if PYTHON is not None:
         return os.path.realpath(PYTHON), None
