@@ -4,7 +4,8 @@
 #                trainer's layers, kernels standalone
 #   make train   set up .venv and run the embedded demo: GRPO on a procedural task, no download
 #   make bench   the kernel benchmarks at small shapes on whatever device is here (smoke on CPU)
-#   make native  (re)build the optional native sandbox launcher (CMakeLists.txt) into trainer/;
+#   make native  (re)build the optional native sandbox launcher (CMakeLists.txt) into
+#                trainer/rewards/sandbox/;
 #                `make test` runs it first, so CI tests the launcher it just built
 #
 # torch is pinned to 2.13.0: on the CPU machines of this project pip takes the CPU wheel that
@@ -62,4 +63,4 @@ bench: $(STAMP)
 	$(VENV)/bin/prolix bench all --quick --out benchmarks/results/local
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache trainer/prolix-sandbox
+	rm -rf $(VENV) build *.egg-info .pytest_cache trainer/rewards/sandbox/prolix-sandbox

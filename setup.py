@@ -105,8 +105,9 @@ class cmake_build_ext(build_ext):
         return {}  # setuptools' editable install maps .so names; the program is already in place
 
 
-# The native sandbox launcher (csrc/sandbox/); prolix.trainer.sandbox looks for it next to itself.
-NATIVE = [CMakeExtension("prolix.trainer.prolix-sandbox", target="prolix-sandbox")] if sys.platform == "linux" else []
+# The native sandbox launcher (csrc/sandbox/); prolix.trainer.rewards.sandbox looks for it in its own folder.
+NATIVE = ([CMakeExtension("prolix.trainer.rewards.sandbox.prolix-sandbox", target="prolix-sandbox")]
+          if sys.platform == "linux" else [])
 
 KERNEL_REQUIRES = [
     # torch 2.6 is the oldest release we test against; CPU machines pin 2.13.0 in the Makefile.
@@ -156,7 +157,8 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     # `prolix` itself is an implicit namespace package: it has no folder of its own.
-    packages=["prolix.kernels", "prolix.kernels.integrations", "prolix.trainer", "prolix.benchmarks"],
+    packages=["prolix.kernels", "prolix.kernels.integrations", "prolix.trainer", "prolix.trainer.rewards",
+              "prolix.trainer.rewards.sandbox", "prolix.benchmarks"],
     package_dir={
         "prolix.kernels": "kernels",
         "prolix.trainer": "trainer",

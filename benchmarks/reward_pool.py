@@ -35,11 +35,8 @@ import sys
 import time
 from pathlib import Path
 
-from prolix.trainer import sandbox
-from prolix.trainer.code_reward import code_problem
 from prolix.trainer.problem import Problem
-from prolix.trainer.reward_pool import RewardPool
-from prolix.trainer.rewards import pop_reward_errors
+from prolix.trainer.rewards import RewardPool, code_problem, pop_reward_errors, sandbox
 
 from .result_files import write_results
 

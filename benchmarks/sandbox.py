@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from prolix.trainer import sandbox
+from prolix.trainer.rewards import sandbox
 from prolix.trainer.sinks import git_commit
 
 from .result_files import write_results

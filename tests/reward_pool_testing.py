@@ -1,5 +1,5 @@
 """Reward fns the reward-pool tests register by name: module-level, so the pool's worker
-processes can import them (a lambda or a nested function cannot be sent; see reward_pool.py).
+processes can import them (a lambda or a nested function cannot be sent; see prolix.trainer.rewards.pool).
 Kept apart from the test module so that a worker imports this small file, not pytest and torch.
 Nothing is registered on import: each test registers what it uses, after its pool started, which
 is what proves the parent's registrations reach running workers."""

@@ -7,9 +7,9 @@ import time
 
 import pytest
 
-from prolix.trainer import code_reward, rewards, sandbox
-from prolix.trainer.code_reward import code_problem, extract_code, outputs_match, parse_tests
+from prolix.trainer import rewards
 from prolix.trainer.problem import Problem
+from prolix.trainer.rewards import code_problem, code_tests, extract_code, outputs_match, parse_tests, sandbox
 
 ADD = "a, b = map(int, input().split())\nprint(a + b)\n"
 SUM_TESTS = [{"input": "1 2\n", "output": "3\n"}, {"input": "20 22", "output": "42"},
@@ -166,4 +166,4 @@ def test_hostile_program_scores_zero_and_the_caller_keeps_running(name):
 
 
 def test_code_tests_is_registered():
-    assert rewards.get_reward("code_tests") is code_reward.code_tests_reward
+    assert rewards.get_reward("code_tests") is code_tests.code_tests_reward

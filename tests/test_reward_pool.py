@@ -16,11 +16,17 @@ import pytest
 import reward_pool_testing as user
 import torch
 
-from prolix.trainer import reward_registry, rewards
-from prolix.trainer.code_reward import code_problem
+from prolix.trainer import rewards
 from prolix.trainer.problem import Problem
-from prolix.trainer.reward_pool import CHUNKS_PER_WORKER, RewardPool
-from prolix.trainer.rewards import pop_reward_errors, register_reward, score
+from prolix.trainer.rewards import (
+    CHUNKS_PER_WORKER,
+    RewardPool,
+    code_problem,
+    pop_reward_errors,
+    register_reward,
+    registry,
+    score,
+)
 from prolix.trainer.tasks import SourceConfig, make_source
 
 ADD = "a, b = map(int, input().split())\nprint(a + b)\n"
@@ -116,16 +122,16 @@ def test_results_keep_their_order_when_chunks_finish_out_of_order(pools, registe
 
 def test_reward_errors_in_workers_reach_the_parent_counter_and_log(pools, registered, caplog):
     name = registered("test_pool_boom", user.boom)
-    reward_registry._warned.discard((name, "RuntimeError"))
+    registry.warned_failures.discard((name, "RuntimeError"))
     problem = Problem("q", "", "t", name)
-    with caplog.at_level(logging.WARNING, logger="prolix.trainer.reward_registry"):
+    with caplog.at_level(logging.WARNING, logger="prolix.trainer.rewards.registry"):
         scored = pools[2].score([problem, problem], [texts("a", "b", "c"), texts("d", "e", "f")])
     assert scored.tolist() == [[0.0, 0.0, 0.0], [0.0, 0.0, 0.0]]
     assert pop_reward_errors() == {name: 6}
     warned = [r for r in caplog.records if "scorer bug" in r.getMessage()]
     assert 1 <= len(warned) <= 2  # once per worker at most, then DEBUG, as `score` does in one process
-    assert all(r.levelno == logging.WARNING and r.name == "prolix.trainer.reward_registry" for r in warned)
-    with caplog.at_level(logging.WARNING, logger="prolix.trainer.reward_registry"):
+    assert all(r.levelno == logging.WARNING and r.name == "prolix.trainer.rewards.registry" for r in warned)
+    with caplog.at_level(logging.WARNING, logger="prolix.trainer.rewards.registry"):
         caplog.clear()
         pools[2].score([problem], [texts("again")])
     assert pop_reward_errors() == {name: 1}

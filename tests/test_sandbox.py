@@ -25,8 +25,8 @@ from pathlib import Path
 
 import pytest
 
-from prolix.trainer import sandbox
-from prolix.trainer.sandbox import MAX_PROCESSES, SandboxError, run_python
+from prolix.trainer.rewards import sandbox
+from prolix.trainer.rewards.sandbox import MAX_PROCESSES, SandboxError, run_python
 
 ROOT = os.geteuid() == 0
 NATIVE_BUILT = os.access(sandbox.NATIVE_LAUNCHER, os.X_OK)

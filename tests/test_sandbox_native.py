@@ -21,9 +21,9 @@ import threading
 import pytest
 from test_sandbox import _own_cgroup_dirs, _world_python, no_leftovers  # noqa: F401 — the autouse leftover check
 
-from prolix.trainer import sandbox
 from prolix.trainer.cli import main as cli_main
-from prolix.trainer.sandbox import MAX_PROCESSES, run_python
+from prolix.trainer.rewards import sandbox
+from prolix.trainer.rewards.sandbox import MAX_PROCESSES, run_python
 
 ROOT = os.geteuid() == 0
 NATIVE_BUILT = os.access(sandbox.NATIVE_LAUNCHER, os.X_OK)

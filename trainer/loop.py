@@ -76,8 +76,7 @@ from .packing import SequenceRecord, pack_microbatch
 from .parallel import Parallelism, UpdateStats, init_parallelism
 from .preflight import check_model_path
 from .problem import Problem, ProblemSource
-from .reward_pool import RewardPool
-from .rewards import pop_reward_errors, score
+from .rewards import RewardPool, pop_reward_errors, score
 from .rollouts import Group, Rollouts, rollout_seed
 from .signals import RunStopped, StopRequest, close_run
 from .tasks import MixedSource, make_source

@@ -26,8 +26,7 @@ from .advantages import group_advantages, informative_groups, shape_overlong
 from .config import TrainConfig
 from .engines import Completion, SamplingConfig
 from .problem import Problem, ProblemSource
-from .reward_pool import RewardPool
-from .rewards import pop_reward_errors
+from .rewards import RewardPool, pop_reward_errors
 from .tokenizer import format_prompt
 
 __all__ = ["Colocated", "Group", "Rollouts", "rollout_seed"]

@@ -526,7 +526,7 @@ def run_rollout_rank(cfg: TrainConfig, train_source, rank: RolloutRank) -> None:
     model.path; the weights come from the trainer) and its reward pool, then `serve_rollouts`."""
     from .engines import make_engine
     from .model import load_policy
-    from .reward_pool import RewardPool
+    from .rewards import RewardPool
     from .tokenizer import load_tokenizer
 
     path = Path(cfg.model.path)

@@ -1,6 +1,6 @@
 /* prolix-sandbox: start one untrusted Python program in a throw-away sandbox and report how it ended.
  *
- * The native twin of the launcher half of trainer/sandbox.py, with the same protocol:
+ * The native twin of trainer/rewards/sandbox/launcher.py, with the same protocol:
  *
  *   trainer ──exec(new session)──► prolix-sandbox --key value ... ──fork──► program (pid 1 of a pid ns)
  *           ◄── stdout/stderr: the program's own, inherited ─────────────────┘

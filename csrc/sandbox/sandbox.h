@@ -1,4 +1,4 @@
-/* prolix-sandbox: the native launcher of prolix.trainer.sandbox (see launcher.c for the protocol). */
+/* prolix-sandbox: the native launcher of prolix.trainer.rewards.sandbox (see launcher.c for the protocol). */
 #ifndef PROLIX_SANDBOX_H
 #define PROLIX_SANDBOX_H
 

@@ -15,7 +15,7 @@ with `reward="code_tests"` works as is (`FileSource` keeps the whole row as meta
 
 Malformed specs. `code_problem(...)` validates when the problem is built and raises ValueError
 naming the problem and the field: use it when building datasets in code. A malformed spec that
-reaches the reward (a bad dataset row) raises there too, which `rewards.score` turns into 0.0
+reaches the reward (a bad dataset row) raises there too, which `registry.score` turns into 0.0
 counted in `reward_errors["code_tests"]`: it shows up in the run's metrics instead of passing as
 a wrong answer, and one bad row cannot end a run.
 
@@ -42,9 +42,9 @@ import math
 import re
 from typing import Any
 
+from ..problem import Problem
 from . import sandbox
-from .problem import Problem
-from .reward_registry import extract_answer, register_reward
+from .registry import extract_answer, register_reward
 
 __all__ = ["TestCase", "parse_tests", "code_problem", "extract_code", "outputs_match", "code_tests_reward"]
 

@@ -6,8 +6,8 @@
 
 What it is for. math-verify (sympy) and the sandboxed code tests are CPU-bound: scored one after
 another in the trainer process they hold a step for seconds (a code completion with three tests
-costs three sandboxed interpreter starts, ~0.1-0.3 s each). The pool scores a batch on `workers`
-processes at once. `RewardPool(0)` scores in this process, serially: exactly
+costs three sandboxed interpreter starts). The pool scores a batch on `workers` processes at
+once. `RewardPool(0)` scores in this process, serially: exactly
 `[[score(p, c.text) for c in cs] for p, cs in zip(problems, completions)]`, and it is cheap to
 construct (no process). Any pool gives the same values in the same order as that loop: pairs are
 sent in chunks (about `CHUNKS_PER_WORKER` per worker, so that a slow chunk, e.g. one with a
@@ -19,23 +19,23 @@ sandboxed program, and a worker waits for it (a process start, then the program)
 machine with spare cores `workers` may exceed the cores left over by a little. On a GPU node the
 trainer's own CPU work (the data loader, NCCL's threads, vLLM's scheduler) keeps a core or two;
 `prolix bench reward-pool` measures responses/s for math-verify and for code tests with 0, 1
-and 2 workers (README).
+and 2 workers.
 
 Start method: "spawn". The trainer process runs OpenMP/MKL threads, a gloo or NCCL process group
 with its own threads and possibly vLLM; `fork` after threads were started copies their locks in
 whatever state they were (a worker can deadlock on its first allocation or log call), and a
-forked child cannot use the parent's CUDA context. "spawn" starts a fresh interpreter, which imports this
-module (so `prolix.trainer.rewards` and every built-in reward are registered; torch is not
-imported: it costs ~1 s and ~300 MB per worker and no reward needs it) and the parent's main
-module as `__mp_main__` (as multiprocessing always does), with the parent's `sys.path` and
-environment *as they are when the workers start*: when the pool is made (in the background; the
-heavy imports of a reward, sympy for math-verify, happen in each worker on its first use).
-"forkserver" would freeze them when its server first starts, once per process, for every later
-pool. As with any "spawn" program, a script that makes a pool keeps its top-level code under
-`if __name__ == "__main__":` (the workers import the script; `prolix train` does so).
-Workers ignore SIGINT (Ctrl-C is the trainer's: it finishes the step, `signals.GracefulStop`)
-and exit on their own when the trainer process is gone (a trainer killed with SIGKILL leaves no
-orphans behind).
+forked child cannot use the parent's CUDA context. "spawn" starts a fresh interpreter, which
+imports this module (and so its package, `prolix.trainer.rewards`, which registers every built-in
+reward; torch is not imported: it costs start-up time and memory in every worker and no reward
+needs it) and the parent's main module as `__mp_main__` (as multiprocessing always does), with
+the parent's `sys.path` and environment *as they are when the workers start*: when the pool is
+made (in the background; the heavy imports of a reward, sympy for math-verify, happen in each
+worker on its first use). "forkserver" would freeze them when its server first starts, once per
+process, for every later pool. As with any "spawn" program, a script that makes a pool keeps its
+top-level code under `if __name__ == "__main__":` (the workers import the script; `prolix train`
+does so). Workers ignore SIGINT (Ctrl-C is the trainer's: it finishes the step,
+`signals.GracefulStop`) and exit on their own when the trainer process is gone (a trainer killed
+with SIGKILL leaves no orphans behind).
 
 Which rewards the workers know. Every call sends, with each chunk, the parent's `REWARDS` entry
 for each reward name the batch uses, pickled by reference (module and name): a reward registered
@@ -74,9 +74,8 @@ from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from typing import TYPE_CHECKING, Protocol
 
-from . import reward_registry
-from .problem import Problem
-from .rewards import REWARDS, get_reward, reward_errors, score
+from ..problem import Problem
+from .registry import REWARDS, RewardFn, get_reward, reward_errors, score, warned_failures
 
 if TYPE_CHECKING:
     import torch
@@ -96,7 +95,7 @@ class _HasText(Protocol):
 class _Sync:
     """The parent's state a worker adopts before scoring a chunk."""
 
-    rewards: dict[str, reward_registry.RewardFn]  # REWARDS entries the chunk's problems name
+    rewards: dict[str, RewardFn]  # REWARDS entries the chunk's problems name
     levels: dict[str, int]  # explicit logger levels ("" = root)
     warned: frozenset[tuple[str, str]]  # (reward, exception type) already warned about
     errors: dict[str, int]  # failure counts so far (the "N failures so far" of the warning)
@@ -118,7 +117,7 @@ class RewardPool:
             raise ValueError(f"RewardPool: workers must be an int >= 0 (0 = score in this process), got {workers!r}")
         self.workers = workers
         self._closed = False
-        self._picklable: dict[str, reward_registry.RewardFn] = {}  # reward name -> fn known to pickle
+        self._picklable: dict[str, RewardFn] = {}  # reward name -> fn known to pickle
         self._executor: ProcessPoolExecutor | None = None
         if workers:
             self._executor = ProcessPoolExecutor(max_workers=workers,
@@ -174,7 +173,7 @@ class RewardPool:
         if not pairs:
             return []
         sync = _Sync(self._rewards_for({p.reward for p, _ in pairs}), _explicit_levels(),
-                     frozenset(reward_registry._warned), dict(reward_errors))
+                     frozenset(warned_failures), dict(reward_errors))
         size = math.ceil(len(pairs) / (self.workers * CHUNKS_PER_WORKER))
         # pid -> Process of every worker (all started with the pool), to say how they ended if one dies
         workers = dict(getattr(self._executor, "_processes", None) or {})
@@ -194,7 +193,7 @@ class RewardPool:
                 future.cancel()
         return scores
 
-    def _rewards_for(self, names: set[str]) -> dict[str, reward_registry.RewardFn]:
+    def _rewards_for(self, names: set[str]) -> dict[str, RewardFn]:
         """The parent's reward fn for each registered name (checked to pickle); a "module:function"
         name is resolved here first, so an unknown name or a failed import raises in this process."""
         out = {}
@@ -244,7 +243,7 @@ def _explicit_levels() -> dict[str, int]:
 def _merge(result: _ChunkResult) -> None:
     """Add a chunk's failure counts to this process's and re-emit its log records here."""
     reward_errors.update(result.errors)
-    reward_registry._warned.update(result.warned)
+    warned_failures.update(result.warned)
     for record in result.records:
         logger = logging.getLogger(record.name)
         if logger.isEnabledFor(record.levelno):
@@ -296,11 +295,11 @@ def _score_chunk(pairs: list[tuple[Problem, str]], sync: _Sync) -> _ChunkResult:
     REWARDS.update(sync.rewards)  # the parent's registrations (and its overwrites) win
     for name, level in sync.levels.items():
         logging.getLogger(name or None).setLevel(level)
-    reward_registry._warned.update(sync.warned)
+    warned_failures.update(sync.warned)
     reward_errors.clear()
     reward_errors.update(sync.errors)
     scores = [score(problem, text) for problem, text in pairs]
     errors = {name: count - sync.errors.get(name, 0) for name, count in reward_errors.items()
               if count > sync.errors.get(name, 0)}
     records, _capture.records = _capture.records, []  # with whatever was logged since the last chunk
-    return _ChunkResult(scores, errors, frozenset(reward_registry._warned), records)
+    return _ChunkResult(scores, errors, frozenset(warned_failures), records)

@@ -1,10 +1,7 @@
 """The built-in verifiable rewards: (problem, completion text) -> a float, registered by name.
 
-The registry itself (`REWARDS`, `register_reward`, `get_reward`, `score`, `reward_errors`) is
-`reward_registry.py`, a leaf every reward module imports; its names are re-exported here, so
-`from prolix.trainer.rewards import score` keeps working. Importing this module registers every
-built-in reward, "code_tests" (`code_reward.py`) included: the registration does not depend on
-which module a program imported first.
+Importing this module registers them in the registry (`registry.py`); the package's `__init__`
+imports it, together with `code_tests.py`.
 
 Built-in rewards
 - "reasoning_gym": the content of the last `<answer>...</answer>` scored by the dataset's own
@@ -21,8 +18,8 @@ Built-in rewards
 - "exact": string equality of the extracted answer and the gold after `normalize_answer`
   (surrounding whitespace and one trailing period dropped, inner whitespace runs collapsed,
   case folded). No tag, no reward.
-- "code_tests": sandboxed execution of the completion's program on the problem's test cases
-  (`code_reward.py`).
+- "code_tests" (`code_tests.py`): sandboxed execution of the completion's program on the
+  problem's test cases.
 """
 
 from __future__ import annotations
@@ -30,34 +27,11 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable
 
-from . import code_reward
-from .problem import Problem
-from .reward_registry import (
-    REWARDS,
-    RewardFn,
-    extract_answer,
-    get_reward,
-    load_callable,
-    normalize_answer,
-    pop_reward_errors,
-    register_reward,
-    reward_errors,
-    score,
-)
+from ..problem import Problem
+from .registry import extract_answer, normalize_answer, register_reward
 
-__all__ = [
-    # the registry (reward_registry.py), re-exported
-    "RewardFn", "REWARDS", "register_reward", "load_callable", "get_reward", "extract_answer",
-    "normalize_answer", "score", "reward_errors", "pop_reward_errors",
-    # the built-in rewards
-    "exact_reward", "reasoning_gym_reward", "reasoning_gym_binary_reward", "math_verify_reward",
-    "code_tests_reward",
-]
+__all__ = ["exact_reward", "reasoning_gym_reward", "reasoning_gym_binary_reward", "math_verify_reward"]
 
-code_tests_reward = code_reward.code_tests_reward
-
-
-# --------------------------------------------------------------------------- built-in rewards
 
 @register_reward("exact")
 def exact_reward(problem: Problem, text: str) -> float:

@@ -8,14 +8,15 @@ decorated function:
     @register_reward("my_reward")
     def my_reward(problem, text): return float(text.strip() == problem.answer)
 
-The built-in rewards are registered by importing `rewards.py` (which imports `code_reward.py`);
-the trainer's modules that score (`tasks`, `loop`) import it, so a name is known however the
-program started. This module is the leaf the reward modules import: it imports no reward.
+The package's `__init__` imports the built-in rewards (`builtin.py`, `code_tests.py`), so importing
+any module of `prolix.trainer.rewards` registers them, however the program started. This module
+is the leaf the reward modules import: it imports no reward.
 
 `score(problem, text)` never lets a reward fn crash a run: a fn that raises, or returns NaN/inf,
 scores 0.0, is counted in `reward_errors` (by reward name) and logged (the first time per reward
-and exception type; later ones at DEBUG). An unknown reward *name* is a config error and raises.
-`extract_answer` / `normalize_answer` are the answer parsing the rewards share.
+and exception type, remembered in `warned_failures`; later ones at DEBUG). An unknown reward
+*name* is a config error and raises. `extract_answer` / `normalize_answer` are the answer parsing
+the rewards share.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ import math
 import re
 from collections.abc import Callable
 
-from .problem import Problem
+from ..problem import Problem
 
 __all__ = [
     "RewardFn",
@@ -41,6 +42,7 @@ __all__ = [
     "score",
     "reward_errors",
     "pop_reward_errors",
+    "warned_failures",
 ]
 
 log = logging.getLogger(__name__)
@@ -49,7 +51,7 @@ RewardFn = Callable[["Problem", str], float]
 REWARDS: dict[str, RewardFn] = {}
 
 reward_errors: collections.Counter[str] = collections.Counter()  # reward name -> failures
-_warned: set[tuple[str, str]] = set()
+warned_failures: set[tuple[str, str]] = set()  # (reward, exception type) logged at WARNING
 _CALLABLE_RE = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
 
 
@@ -109,8 +111,8 @@ def score(problem: Problem, text: str) -> float:
     except Exception as e:  # noqa: BLE001 — one bad completion or scorer must not end a long run
         reward_errors[problem.reward] += 1
         key = (problem.reward, type(e).__name__)
-        level = logging.DEBUG if key in _warned else logging.WARNING
-        _warned.add(key)
+        level = logging.DEBUG if key in warned_failures else logging.WARNING
+        warned_failures.add(key)
         log.log(level, "reward %r raised on a %r problem, scored 0.0 (%d failures so far): %s: %s",
                 problem.reward, problem.task, reward_errors[problem.reward], type(e).__name__, e)
         return 0.0
