@@ -8,6 +8,7 @@ Triton kernels, CPU tensors a streaming torch implementation with the same memor
     from prolix.kernels import seq_ids                   # packed row -> sequence index, from cu_seqlens
 """
 
+from ._common import seq_ids
 from .grpo_loss import (
     FusedLinearGRPOLoss,
     GRPOLossConfig,
@@ -15,7 +16,7 @@ from .grpo_loss import (
     grpo_loss,
 )
 from .linear_logprob import linear_logprobs
-from .rollout_correction import RolloutCorrectionConfig, seq_ids
+from .rollout_correction import RolloutCorrectionConfig
 
 __all__ = [
     "linear_logprobs",
