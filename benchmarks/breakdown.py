@@ -21,6 +21,7 @@ import sys
 import torch
 
 from prolix.kernels import linear_logprob as llp
+from prolix.kernels._common import addmm_fp32, has_fp32_out_addmm
 
 SHAPES = {"qwen-1.5b": (1536, 151936), "qwen-7b": (3584, 152064), "llama-8b": (4096, 128256)}
 # KernelConfig fields: (block_n, block_v, block_k, num_warps, num_stages[, group_n, sub_tiles]).
@@ -58,15 +59,15 @@ def stages(N, H, V, dtype):
                  _bench(lambda: llp.triton_backward(h, w, y, lse, g, None, None, 1.0, True, True))))
     rows.append(("bwd, dh only (frozen weight)",
                  _bench(lambda: llp.triton_backward(h, w, y, lse, g, None, None, 1.0, True, False))))
-    width = llp._chunk_width(N, V, h.element_size(), llp.backward_config(dtype).block_v)
+    width = llp.chunk_width(N, V, h.element_size(), llp.backward_config(dtype).block_v)
     dz = torch.randn(N, width, device="cuda", dtype=dtype)
     chunks = -(-V // width)
     rows.append((f"  dW chunk GEMMs ×{chunks} (width {width})",
                  chunks * _bench(lambda: torch.mm(dz.T, h))))
     acc = torch.zeros(N, H, device="cuda")
-    how = "fp32-out addmm" if llp._has_fp32_out_addmm("cuda") else "16-bit GEMM + fp32 add"
+    how = "fp32-out addmm" if has_fp32_out_addmm("cuda") else "16-bit GEMM + fp32 add"
     rows.append((f"  dh chunk GEMMs ×{chunks} ({how})",
-                 chunks * _bench(lambda: llp._accumulate_dh(acc, dz, w[:width]))))
+                 chunks * _bench(lambda: addmm_fp32(acc, dz, w[:width]))))
     hh, ww = h.clone().requires_grad_(), w.clone().requires_grad_()
 
     def fwdbwd():
@@ -82,7 +83,7 @@ def sweep(N, H, V, dtype):
     _, lse, _ = llp.triton_forward(h, w, y, 1.0, False)
     g = torch.randn(N, device="cuda")
     rows = []
-    fwd0, bwd0, buf0 = llp.forward_config, llp.backward_config, llp._BWD_BUFFER_BYTES
+    fwd0, bwd0, buf0 = llp.forward_config, llp.backward_config, llp.BWD_BUFFER_BYTES
     try:
         for cand in FWD_CANDIDATES:
             llp.forward_config = lambda dt, sm=90, variant=None, c=cand: llp.KernelConfig(*c)
@@ -100,11 +101,11 @@ def sweep(N, H, V, dtype):
                 rows.append((f"bwd {cand}: {type(e).__name__}", float("nan")))
         llp.backward_config = bwd0
         for n_bytes in BUFFER_BYTES:
-            llp._BWD_BUFFER_BYTES = n_bytes
+            llp.BWD_BUFFER_BYTES = n_bytes
             rows.append((f"bwd buffer {n_bytes / 2**30:.2g} GiB", _bench(
                 lambda: llp.triton_backward(h, w, y, lse, g, None, None, 1.0, True, True))))
     finally:
-        llp.forward_config, llp.backward_config, llp._BWD_BUFFER_BYTES = fwd0, bwd0, buf0
+        llp.forward_config, llp.backward_config, llp.BWD_BUFFER_BYTES = fwd0, bwd0, buf0
     return rows
 
 

@@ -1,6 +1,6 @@
-"""What is benchmarked: the shapes, the inputs, and the two numbers of shared/BENCHMARKS.md.
+"""What is benchmarked: the shapes, the inputs, and the two numbers of a result (time and memory).
 
-Shapes are LM heads (H, V) from the table in shared/BENCHMARKS.md plus CPU-sized ones for the
+Shapes are LM heads (H, V) of common models (`SHAPES`) plus CPU-sized ones for the
 smoke (`--quick`: N ≤ 2048, H ≤ 256). Inputs are fresh random tensors from a fixed seed, laid
 out as a packed micro-batch of S equal sequences of L tokens (N = S·L); equal lengths mean the
 padded baselines (Liger's [S, L] layout) pay no padding, their best case.

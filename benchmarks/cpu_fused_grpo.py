@@ -1,4 +1,4 @@
-"""The fused GRPO loss on CPU against Liger's chunked-torch loss, forward + backward (issue 13).
+"""The fused GRPO loss on CPU against Liger's chunked-torch loss, forward + backward.
 
     python -m prolix.benchmarks.cpu_fused_grpo --threads 2 --repeats 3 --out /tmp/cpu-grpo
 
@@ -66,7 +66,7 @@ def child(args: argparse.Namespace) -> dict:
     from .providers import bench_config
 
     torch.set_num_threads(args.threads)
-    shape = Shape("cpu-grpo", args.hidden, args.vocab, "issue 13's CPU case")
+    shape = Shape("cpu-grpo", args.hidden, args.vocab, "the CPU case")
     inp = make_inputs(shape, args.tokens, torch.float32, torch.device("cpu"), seed=0)
     fwd = _build(args.child, inp, bench_config())
 

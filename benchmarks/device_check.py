@@ -1,6 +1,6 @@
-"""Issue 13's measurements in one GPU run: `python -m prolix.benchmarks.device_check --out DIR`.
+"""The kernels' GPU measurements in one run: `python -m prolix.benchmarks.device_check --out DIR`.
 
-Everything the issue asks to be measured, in one process that fits a short GPU lease (≤ 8 min
+Every number the targets of `device_report.py` read, in one process that fits a short GPU lease (≤ 8 min
 on one H100/H200 by default), writing `DIR/device-check-<date>-<device>-<commit>.json` after
 every section (nothing measured is lost if the run is cut short) and, from that JSON alone,
 a `.md` report with a PASS/FAIL line per target and a `.png` plot (`device_report.py`):
@@ -12,8 +12,8 @@ a `.md` report with a PASS/FAIL line per target and a `.png` plot (`device_repor
 | gemm            | one cuBLAS bf16 GEMM [N, H]×[H, V] per shape and N: the unit of every ratio   |
 | linear-logprobs | qwen-1.5b and llama-8b, N = 16384, fwd / bwd / fwdbwd, prolix and baselines    |
 | fused-grpo      | the same at N = 16384 and 65536 (`fused_linear_grpo_loss`, whatever it runs)   |
-| configs         | `linear_logprobs` under each `PROLIX_LLP_CONFIG` ("v2" default, "v1" the       |
-|                 | configuration measured before issue 13): no-grad forward, backward, fwd+bwd    |
+| configs         | `linear_logprobs` under each `PROLIX_LLP_CONFIG` ("v2" default, "v2-narrow",   |
+|                 | "v1"): no-grad forward, backward, fwd+bwd                                      |
 | breakdown       | `breakdown.stages` at qwen-1.5b, N = 16384                                     |
 | train           | `prolix bench train` at qwen-1.5b, N = 16384                                  |
 
@@ -74,7 +74,7 @@ COMPILE_RESERVE_S = 45.0
 
 @dataclasses.dataclass(frozen=True)
 class Plan:
-    """The shapes and token counts of a run (full: the issue's; quick: CPU-sized)."""
+    """The shapes and token counts of a run (full: the reference shapes; quick: CPU-sized)."""
 
     shapes: tuple[str, ...]
     ll_tokens: tuple[int, ...]
@@ -353,7 +353,7 @@ def _time_variant(ck: Check, h, w, y, inp, variant: str, shape: str, N: int):
             row.update(status="OOM" if harness.is_oom(e) else "error", reason=f"{type(e).__name__}: {e}"[:300])
         rows.append(row)
         harness.free_memory(ck.device)
-    fwd = llp.forward_config(h.dtype, llp._sm(h.device), variant)
+    fwd = llp.forward_config(h.dtype, llp.sm_version(h.device), variant)
     for r in rows:
         r["forward_config"] = fwd._asdict()
     return logp, rows

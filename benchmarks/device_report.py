@@ -1,6 +1,6 @@
-"""The device check's report, from its JSON alone: the targets of issue 13, a markdown page, a plot.
+"""The device check's report, from its JSON alone: the kernels' targets, a markdown page, a plot.
 
-Targets (DESIGN.md, issue 13), each a ratio to the cuBLAS bf16 GEMM of the same [N, H]×[H, V]
+Targets, each a ratio to the cuBLAS bf16 GEMM of the same [N, H]×[H, V]
 shape measured in the same run, per LM-head shape at N = 16384:
 
 | target                          | read off                                                   | limit |
@@ -82,7 +82,7 @@ def _f(x, fmt=".3g") -> str:
 
 def markdown(r: dict) -> str:
     v, c = r["versions"], r.get("ceilings") or {}
-    lines = ["# prolix device check (issue 13)", "",
+    lines = ["# prolix device check", "",
              f"{r['created']} on **{r['device']['name']}** · commit `{r['commit']}` · torch {v['torch']} · "
              f"triton {v['triton']} · liger-kernel {v['liger_kernel']} · cut-cross-entropy {v['cut_cross_entropy']} · "
              f"trl {v.get('trl')} · {r['dtype']} · {r['elapsed_s']:.0f} s of a {r['budget_s']:.0f} s budget", "",
@@ -221,7 +221,7 @@ def _plot_configs(ax, results: dict) -> None:
     ax.set_xticks([i + 0.4 - width / 2 for i in range(len(keys))])
     ax.set_xticklabels([f"{s}\n{st}" for s, st in keys], fontsize=6, rotation=20)
     ax.set_ylabel("time / cuBLAS GEMM time" if use_ratio else "ms")
-    ax.set_title("linear_logprobs by PROLIX_LLP_CONFIG (v1: before issue 13)")
+    ax.set_title("linear_logprobs by PROLIX_LLP_CONFIG")
     if variants:
         ax.legend(fontsize=7)
 

@@ -1,4 +1,4 @@
-"""The implementations compared, per kernel: prolix and the baselines of shared/BENCHMARKS.md.
+"""The implementations compared, per kernel: prolix and its baselines.
 
 A provider's `build(inp, ctx)` returns a zero-argument callable that runs its forward on the
 case's inputs and returns the output (log-probs [N] fp32, or a scalar loss); the runner times
@@ -48,7 +48,7 @@ def bench_config():
 
 
 def eager_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """BENCHMARKS.md baseline 1: log_softmax(h @ Wᵀ).gather(y) over the full logits.
+    """The eager baseline: log_softmax(h @ Wᵀ).gather(y) over the full logits.
 
     hidden [N, H], weight [V, H] (bench dtype); returns logp [N] fp32, 0 on ignored rows.
     The GEMM runs in the bench dtype and the softmax on fp32 logits [N, V], exactly as

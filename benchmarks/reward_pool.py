@@ -5,7 +5,6 @@ trainer process), 1 and 2 worker processes.
     prolix bench reward-pool                         # workers 0,1,2; 5 timed passes each
     prolix bench reward-pool --workers 0,2,4 --reps 5 --out /tmp/bench
     prolix bench reward-pool --quick                 # a few responses, one pass: the CI smoke run
-    python -m prolix.benchmarks.reward_pool --quick  # the same, through `main(argv)`
 
 The completions are a fixed synthetic set (seeded), right and wrong ones:
 - math-verify: fractions, polynomials and integers as gold answers; per problem a tagged right
@@ -219,13 +218,3 @@ def main_run(workers: tuple[int, ...], reps: int | None, quick: bool, out: Path 
     write_results(results, "reward-pool", render(results), out)
     return 0
 
-
-def main(argv: list[str] | None = None) -> int:
-    """`prolix bench reward-pool ARGV` (the CLI owns the options and their usage errors)."""
-    from prolix.trainer.cli import main as cli_main
-
-    return cli_main(["bench", "reward-pool", *(sys.argv[1:] if argv is None else argv)])
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -105,7 +105,7 @@ def validate(spec: Spec, device: torch.device, kernels: tuple[str, ...] | None =
         big_n = [n for n in spec.tokens if n > 2048]
         if big_h or big_n:
             raise SpecError(
-                f"on CPU the suite is a smoke (shared/BENCHMARKS.md: N ≤ 2048, H ≤ 256); got "
+                f"on CPU the suite is a smoke (N ≤ 2048, H ≤ 256); got "
                 f"shapes {big_h} and tokens {big_n}: use --quick, or --shape tiny,small --tokens 256,2048")
 
 

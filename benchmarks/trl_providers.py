@@ -1,4 +1,4 @@
-"""TRL as a baseline (issue 9): TRL's own log-prob and GRPO-loss code at the benchmark's shapes.
+"""TRL as a baseline: TRL's own log-prob and GRPO-loss code at the benchmark's shapes.
 
 TRL 1.16 (`trl`, tested with 1.16.0) computes a GRPO loss in `GRPOTrainer._compute_loss`:
 per-token log-probs and entropies from `_get_per_token_logps_and_entropies`, then the clipped

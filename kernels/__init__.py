@@ -13,6 +13,7 @@ if __name__ == "kernels":   # imported by that name from the repository root: se
 
     hand_over(globals())
 else:
+    from ._common import seq_ids
     from .grpo_loss import (
         FusedLinearGRPOLoss,
         GRPOLossConfig,
@@ -20,7 +21,7 @@ else:
         grpo_loss,
     )
     from .linear_logprob import linear_logprobs
-    from .rollout_correction import RolloutCorrectionConfig, seq_ids
+    from .rollout_correction import RolloutCorrectionConfig
 
     __all__ = [
         "linear_logprobs",

@@ -3,7 +3,7 @@
 These are the definitions the kernels are tested and benchmarked against: plain torch,
 whole `[N, V]` logits, no streaming, no tricks. They are slow and memory-hungry on purpose.
 With `upcast=True` (the default) every input is converted to float64 first, so the result is
-the exact math of shared/DESIGN.md up to float64 rounding; with `upcast=False` they compute in
+the exact math of the kernels' docstrings up to float64 rounding; with `upcast=False` they compute in
 the inputs' own dtype, which is what "torch eager" means in the benchmarks and what a bf16 error
 budget is measured against in the tests ("at most k times as wrong as torch in the same dtype").
 
@@ -143,7 +143,7 @@ def grpo_loss_ref(
     normalizer: float | torch.Tensor | None = None,
     upcast: bool = True,
 ) -> torch.Tensor:
-    """The GRPO objective of shared/DESIGN.md on packed rows, as a scalar loss.
+    """The GRPO objective of kernels/grpo_objective.py on packed rows, as a scalar loss.
 
     logp, advantages, mask, old_logp, ref_logp, rollout_logp, entropy: [N];
     cu_seqlens: [S+1] (needed by the seq-mean-* aggregations).

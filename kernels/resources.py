@@ -9,7 +9,7 @@ checked on any machine:
 
 prints, per kernel × dtype × flag combination: registers per thread, stack and local memory
 (spills), shared memory, and on sm_90 whether the SASS uses Hopper's wgmma (`HGMMA`).
-The launches mirror what the launchers in `linear_logprob.py` and `fused_grpo.py` do: the same tile configs and
+The launches mirror what the launchers in `linear_logprob.py` and `three_gemm.py` do: the same tile configs and
 warps/stages, unit inner strides specialised to 1 and 16-divisible sizes and pointers, as the
 JIT specialises them for the reference shapes.
 """
@@ -31,12 +31,13 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from . import fused_grpo as fg
 from . import linear_logprob as llp
+from . import three_gemm
+from .logprob_kernels import dlogits_kernel, logprob_fwd_kernel
 
 _PTR = {torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.float32: "*fp32"}
-# Stack bytes per thread tolerated before the command fails: a spilled scalar (the measured
-# fastest forward config has 8 B), not a spilled tile (hundreds of bytes).
+# Stack bytes per thread tolerated before the command fails: a spilled scalar (8 B), not a
+# spilled tile (hundreds of bytes).
 SPILL_BUDGET_BYTES = 16
 
 
@@ -83,17 +84,17 @@ def production_launches(sm: int = 90) -> list[Launch]:
                     seen.add(key)
                     launches.append(launch)
             launches.append(_dlogits_launch(dtype, entropy, sm))
-        launches += _fused_grpo_launches(dtype, sm)
+        launches += _three_gemm_launches(dtype, sm)
     return launches
 
 
-def _fused_grpo_launches(dtype: torch.dtype, sm: int) -> list[Launch]:
-    """The three-GEMM loss's kernels (kernels/fused_grpo.py): GEMM 1 with and without T, and
+def _three_gemm_launches(dtype: torch.dtype, sm: int) -> list[Launch]:
+    """The three-GEMM loss's kernels (kernels/three_gemm.py): GEMM 1 with and without T, and
     the in-place entropy fold (E in the input dtype)."""
     t = _PTR[dtype]
     launches = [Launch(
         name=f"exp_shifted[{t[1:]},entropy={int(entropy)}]",
-        fn=fg._exp_shifted_kernel,
+        fn=three_gemm.exp_shifted_kernel,
         signature={
             "h_ptr": t, "w_ptr": t, "c_ptr": "*fp32", "e_ptr": t,
             "s_ptr": "*fp32", "t_ptr": "*fp32", "m_ptr": "*fp32",
@@ -111,13 +112,13 @@ def _fused_grpo_launches(dtype: torch.dtype, sm: int) -> list[Launch]:
         divisible=("h_ptr", "w_ptr", "c_ptr", "e_ptr", "s_ptr", "t_ptr", "m_ptr", "H",
                    "stride_hn", "stride_wv"),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-    ) for entropy in (False, True) for cfg in [fg.gemm1_config(dtype, sm, entropy)]]
+    ) for entropy in (False, True) for cfg in [three_gemm.gemm1_config(dtype, sm, entropy)]]
     launches.append(Launch(
         name=f"fold_entropy[{t[1:]}]",
-        fn=fg._fold_entropy_kernel,
+        fn=three_gemm.fold_entropy_kernel,
         signature={"e_ptr": t, "a_ptr": "*fp32", "b_ptr": "*fp32", "C": "i32", "V": "i32",
                    "stride_en": "i32", "BLOCK_R": "constexpr", "BLOCK_C": "constexpr"},
-        constexprs={"BLOCK_R": fg._FOLD_BLOCK[0], "BLOCK_C": fg._FOLD_BLOCK[1]},
+        constexprs={"BLOCK_R": three_gemm.FOLD_BLOCK[0], "BLOCK_C": three_gemm.FOLD_BLOCK[1]},
         divisible=("e_ptr", "a_ptr", "b_ptr"),
         num_warps=4, num_stages=1, has_dot=False,
     ))
@@ -132,7 +133,7 @@ def _forward_launch(dtype: torch.dtype, entropy: bool, sm: int, variant: str) ->
     t, cfg = _PTR[dtype], llp.forward_config(dtype, sm, variant)
     return Launch(
         name=f"logprob_fwd[{t[1:]},entropy={int(entropy)},{variant}]",
-        fn=llp._logprob_fwd_kernel,
+        fn=logprob_fwd_kernel,
         signature={
             "h_ptr": t, "w_ptr": t, "y_ptr": "*i64",
             "m_ptr": "*fp32", "s_ptr": "*fp32", "t_ptr": "*fp32", "zy_ptr": "*fp32",
@@ -158,7 +159,7 @@ def _dlogits_launch(dtype: torch.dtype, entropy: bool, sm: int) -> Launch:
     t, cfg = _PTR[dtype], llp.backward_config(dtype, sm)
     return Launch(
         name=f"dlogits[{t[1:]},entropy={int(entropy)}]",
-        fn=llp._dlogits_kernel,
+        fn=dlogits_kernel,
         signature={
             "h_ptr": t, "w_ptr": t, "y_ptr": "*i64",
             "lse_ptr": "*fp32", "g_ptr": "*fp32", "gh_ptr": "*fp32", "ez_ptr": "*fp32",

@@ -55,6 +55,8 @@ import math
 
 import torch
 
+from ._common import seq_ids
+
 __all__ = ["RolloutCorrectionConfig", "Correction", "rollout_correction", "kept_counts", "seq_ids"]
 
 IS_LEVELS = ("token", "sequence")
@@ -140,12 +142,6 @@ class Correction:
     weight: torch.Tensor | None
     keep: torch.Tensor
     metrics: dict[str, torch.Tensor]
-
-
-def seq_ids(cu_seqlens: torch.Tensor, n: int) -> torch.Tensor:
-    """Sequence index of every packed row, [N] int64 (empty sequences own no row)."""
-    rows = torch.arange(n, device=cu_seqlens.device, dtype=cu_seqlens.dtype)
-    return torch.searchsorted(cu_seqlens[1:].contiguous(), rows, right=True).long()
 
 
 def _seq_mean(x: torch.Tensor, m: torch.Tensor, seq_id: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:

@@ -171,9 +171,9 @@ def test_cli_help_is_fast_and_imports_no_torch():
 def test_reward_pool_bench_quick_writes_checked_rows_per_reward_and_worker_count(tmp_path, capsys):
     from prolix.benchmarks import reward_pool as RP
 
-    # main(argv) goes through the CLI; each row's scores were checked (right 1.0, wrong 0.0, equal
-    # to the 0-worker ones) before it was timed, or the run would have raised.
-    assert RP.main(["--quick", "--workers", "0,1", "--out", str(tmp_path)]) == 0
+    # `prolix bench reward-pool`; each row's scores were checked (right 1.0, wrong 0.0, equal to
+    # the 0-worker ones) before it was timed, or the run would have raised.
+    assert main(["bench", "reward-pool", "--quick", "--workers", "0,1", "--out", str(tmp_path)]) == 0
     (path,) = tmp_path.glob("*-reward-pool-*.json")
     results = json.loads(path.read_text())
     assert results["schema"] == RP.SCHEMA and results["quick"] and results["reps"] == 1
@@ -184,7 +184,7 @@ def test_reward_pool_bench_quick_writes_checked_rows_per_reward_and_worker_count
     assert results["conditions"]["before"]["cpus"] == os.cpu_count()
     table = path.with_suffix(".md").read_text()
     assert "| code_tests | 1 | 4 |" in table and "CPU numbers" in table
-    assert RP.main(["--workers", "0,-1", "--out", str(tmp_path / "bad")]) == 2  # a usage error, nothing run
+    assert main(["bench", "reward-pool", "--workers", "0,-1", "--out", str(tmp_path / "bad")]) == 2  # usage error
     assert "--workers must be a non-empty list of ints >= 0" in capsys.readouterr().err
     assert not (tmp_path / "bad").exists()
 

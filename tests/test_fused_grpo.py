@@ -1,4 +1,4 @@
-"""The three-GEMM fused GRPO loss (kernels/fused_grpo.py) against float64 references.
+"""The three-GEMM fused GRPO loss (kernels/three_gemm.py) against float64 references.
 
 Every value and gradient is compared with `linear_logprobs_ref` + `grpo_loss_ref` in float64,
 differentiated by autograd (relative L2 errors, kernel_testing.TOLERANCES), for both backends:
@@ -18,8 +18,8 @@ import torch
 from kernel_testing import DEVICE, TOLERANCES, assert_rel_close, rel_err
 
 from prolix.kernels import GRPOLossConfig, RolloutCorrectionConfig, fused_linear_grpo_loss
-from prolix.kernels import fused_grpo as fg
-from prolix.kernels.grpo_loss import KL_ESTIMATORS, LOSS_AGGREGATIONS
+from prolix.kernels import three_gemm as fg
+from prolix.kernels.grpo_config import KL_ESTIMATORS, LOSS_AGGREGATIONS
 from prolix.kernels.reference import grpo_loss_ref, linear_logprobs_ref
 
 BACKENDS = ("torch", "triton")

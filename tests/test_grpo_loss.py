@@ -16,7 +16,7 @@ from grpo_testing import IGNORE, LENGTHS, close, fused_batch, ours_and_ref, pack
 from kernel_testing import DEVICE, TOLERANCES, assert_rel_close, rel_err
 
 from prolix.kernels import FusedLinearGRPOLoss, GRPOLossConfig, fused_linear_grpo_loss, grpo_loss
-from prolix.kernels.grpo_loss import KL_ESTIMATORS, LOSS_AGGREGATIONS
+from prolix.kernels.grpo_config import KL_ESTIMATORS, LOSS_AGGREGATIONS
 from prolix.kernels.reference import grpo_loss_ref, linear_logprobs_ref
 
 # --- tolerances ------------------------------------------------------------------------------

@@ -109,10 +109,10 @@ def test_triton_small_tiles_cover_every_tile_edge(monkeypatch, dtype, sub_tiles)
     cfg = llp.KernelConfig(16, 64, 16, 4, 1, group_n=3, sub_tiles=sub_tiles)
     monkeypatch.setattr(llp, "forward_config", lambda dt, sm=90, variant=None: cfg)
     monkeypatch.setattr(llp, "backward_config", lambda dt, sm=90, variant=None: llp.KernelConfig(16, 32, 16, 4, 1))
-    monkeypatch.setattr(llp, "_BWD_BUFFER_BYTES", 70 * 100 * 4)  # 100 fp32 columns of 70 rows
+    monkeypatch.setattr(llp, "BWD_BUFFER_BYTES", 70 * 100 * 4)  # 100 fp32 columns of 70 rows
     widths = []
-    real_chunk_width = llp._chunk_width
-    monkeypatch.setattr(llp, "_chunk_width", lambda *a: widths.append(real_chunk_width(*a)) or widths[-1])
+    real_chunk_width = llp.chunk_width
+    monkeypatch.setattr(llp, "chunk_width", lambda *a: widths.append(real_chunk_width(*a)) or widths[-1])
     check_against_reference("triton", dtype, (70,), 40, 333, 0.9)
     assert widths and widths[0] < 333, "the backward did not split the vocabulary into chunks"
 
@@ -151,10 +151,10 @@ def test_v2_grid_at_the_reference_shape_is_one_wave_of_grouped_slices():
 def test_backward_buffer_is_flat_in_n_under_v2():
     # v2's dz buffer is a fixed budget (extra memory flat from 16k to 64k tokens); v1's grew with N.
     for N in (16384, 65536):
-        width = llp._chunk_width(N, 151936, 2, 256, "v2")
-        assert N * width * 2 <= llp._BWD_BUFFER_BYTES
-        assert N * (width + 256) * 2 > llp._BWD_BUFFER_BYTES
-    v1 = {N: N * llp._chunk_width(N, 151936, 2, 256, "v1") * 2 for N in (16384, 65536)}
+        width = llp.chunk_width(N, 151936, 2, 256, "v2")
+        assert N * width * 2 <= llp.BWD_BUFFER_BYTES
+        assert N * (width + 256) * 2 > llp.BWD_BUFFER_BYTES
+    v1 = {N: N * llp.chunk_width(N, 151936, 2, 256, "v1") * 2 for N in (16384, 65536)}
     assert v1[65536] > 3.9 * v1[16384]
 
 

@@ -23,7 +23,7 @@ from prolix.kernels import (
     fused_linear_grpo_loss,
     grpo_loss,
 )
-from prolix.kernels.grpo_loss import LOSS_AGGREGATIONS
+from prolix.kernels.grpo_config import LOSS_AGGREGATIONS
 from prolix.kernels.reference import linear_logprobs_ref, rollout_correction_ref
 from prolix.kernels.rollout_correction import kept_counts, rollout_correction
 

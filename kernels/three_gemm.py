@@ -42,9 +42,6 @@ Rows with zero loss weight (prompt tokens, masked rows) are dropped before the G
 
 The torch backend (CPU tensors) runs the same algorithm with torch ops in fp32 (16-bit inputs
 are upcast once): GEMM 1 is `addmm` writing z − c straight into E, then `exp_` in place.
-Verified on CPU (torch backend, and the Triton kernels under TRITON_INTERPRET=1) against float64
-references, and compiled offline for sm_90/sm_80 (`kernels/resources.py`); GPU timings come
-from the device check, not from here.
 """
 
 from __future__ import annotations
@@ -55,16 +52,16 @@ import torch
 import triton
 import triton.language as tl
 
-from .linear_logprob import KernelConfig, _dot_precision, _has_fp32_out_addmm, _sm, grouped_tile
+from ._common import KernelConfig, addmm_fp32, dot_precision, grouped_tile, logit_tile, mm_fp32, sm_version
 
-__all__ = ["E_BUDGET_BYTES", "TORCH_E_BUDGET_BYTES", "gemm1_config", "default_chunk_rows", "three_gemm_logprob_grads",
-           "attach_gradients"]
+__all__ = ["E_BUDGET_BYTES", "TORCH_E_BUDGET_BYTES", "FOLD_BLOCK", "gemm1_config", "default_chunk_rows",
+           "three_gemm_logprob_grads", "attach_gradients", "exp_shifted_kernel", "fold_entropy_kernel"]
 
 E_BUDGET_BYTES = 1.25e9        # the E buffer [C, V] of one chunk (Triton backend)
 TORCH_E_BUDGET_BYTES = 0.25e9  # the torch backend's (CPU): see default_chunk_rows
 _SHIFT_BOUND = 64 * math.log(2.0)   # exp(z − c) is clamped at 2^64: S, E·W, Eᵀ·h stay finite
 _REDO_ABOVE = 2.0 ** 63        # S above this: the row may have hit the clamp, redo with the max
-_FOLD_BLOCK = (4, 1024)        # [rows, cols] tile of the in-place entropy fold
+FOLD_BLOCK = (4, 1024)         # [rows, cols] tile of the in-place entropy fold
 _DW_SLICE = 32768              # vocabulary rows per fp32-output addmm (bounds its temporary)
 
 
@@ -72,7 +69,7 @@ _DW_SLICE = 32768              # vocabulary rows per fp32-output addmm (bounds i
 
 
 @triton.jit
-def _exp_shifted_kernel(
+def exp_shifted_kernel(
     h_ptr, w_ptr, c_ptr,                # data ptrs: hidden rows [C, H], weight [V, H], shift c [C] fp32
     e_ptr, s_ptr, t_ptr, m_ptr,         # out ptrs: E [C, V]; partials S, T, max(z − c) [V_TILES, C] fp32
     C, V, H,                            # shapes
@@ -86,15 +83,8 @@ def _exp_shifted_kernel(
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     cols = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
     row_ok, col_ok = rows < C, cols < V
-    # int64 offsets: C·V and V·H pass 2^31 at real shapes (4096 × 152k)
-    h_rows = h_ptr + rows.to(tl.int64)[:, None] * stride_hn
-    w_rows = w_ptr + cols.to(tl.int64)[:, None] * stride_wv
-    acc = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32)
-    for k0 in range(0, H, BLOCK_K):
-        ks = k0 + tl.arange(0, BLOCK_K)
-        h = tl.load(h_rows + ks[None, :] * stride_hk, mask=row_ok[:, None] & (ks < H)[None, :], other=0.0)
-        w = tl.load(w_rows + ks[None, :] * stride_wk, mask=col_ok[:, None] & (ks < H)[None, :], other=0.0)
-        acc = tl.dot(h, tl.trans(w), acc, input_precision=DOT_PRECISION)
+    acc = logit_tile(h_ptr, w_ptr, rows, cols, row_ok, col_ok, H, stride_hn, stride_hk, stride_wv, stride_wk,
+                     BLOCK_N, BLOCK_V, BLOCK_K, DOT_PRECISION)
 
     c = tl.load(c_ptr + rows, mask=row_ok, other=0.0)
     d = acc * inv_temp - c[:, None]                  # z − c; finite on padded columns (z = 0 there)
@@ -111,7 +101,7 @@ def _exp_shifted_kernel(
 
 
 @triton.jit
-def _fold_entropy_kernel(
+def fold_entropy_kernel(
     e_ptr, a_ptr, b_ptr,                # data ptrs: E [C, V] (in place), α [C], β [C] fp32
     C, V, stride_en,                    # shapes, strides
     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
@@ -134,15 +124,14 @@ def _fold_entropy_kernel(
 
 def gemm1_config(dtype: torch.dtype, sm: int = 90, with_entropy: bool = False) -> KernelConfig:
     """Tiles of `_exp_shifted_kernel`, a GEMM tile with an exp/sum epilogue and a [C, V] store,
-    read off the offline compile (`python -m prolix.kernels.resources`, registers/stack per thread):
+    chosen from the offline compile (`python -m prolix.kernels.resources`, registers/stack per thread):
 
         sm_90, 16-bit, 8 warps   128×256 K64: 255 regs + 8 B stack (T: + 80 B);  128×256 K32:
                                  200 regs, no stack (T: 88 B);  128×128 K64: 140 / 150 regs, none
         sm_80, 16-bit            128×128 K64, 8 warps: 176 regs, none
 
     so the widest tile that does not spill: 128×256 K32 without the entropy's T, 128×128 with it
-    (T = Σ E·(z − c) keeps both tiles live). fp32 inputs (no 16-bit tensor cores): 64×128.
-    Not yet timed on a GPU: the device check measures them."""
+    (T = Σ E·(z − c) keeps both tiles live). fp32 inputs (no 16-bit tensor cores): 64×128."""
     if dtype == torch.float32:
         return KernelConfig(64, 128, 32, 8, 2)
     if sm >= 90 and not with_entropy:
@@ -156,9 +145,7 @@ def default_chunk_rows(V: int, e_bytes: int, budget: float = E_BUDGET_BYTES) -> 
     Triton: 1.25 GB (4096 rows at V = 152k in bf16), few enough chunks that the per-chunk
     host work and syncs vanish next to the GEMMs. torch backend: 0.25 GB (384 fp32 rows at
     V = 152k), which keeps the CPU peak below that of Liger's chunked-torch loss
-    (benchmarks/cpu_fused_grpo.py: ~0.5 GB above the inputs at N = 4096, H = 256); measured on
-    the shared 2-core machine, 384 rows took 30–35 s against 23–29 s for 1024 and 25 s for
-    2048 rows (N = 4096, H = 256, noisy): memory parity costs up to ~25% of CPU time."""
+    (benchmarks/cpu_fused_grpo.py compares them), at the price of more, smaller chunks."""
     return max(128, int(budget // (V * e_bytes)) // 128 * 128)
 
 
@@ -169,18 +156,18 @@ def _gemm1_triton(h, w, c, inv_temp, with_entropy, e):
     """E ← exp(z − c) into `e` [C, V]; returns merged (S, T or None, max(z − c)), each [C] fp32."""
     C, H = h.shape
     V = w.shape[0]
-    cfg = gemm1_config(h.dtype, _sm(h.device), with_entropy)
+    cfg = gemm1_config(h.dtype, sm_version(h.device), with_entropy)
     v_tiles = triton.cdiv(V, cfg.block_v)
     part = torch.empty((3 if with_entropy else 2, v_tiles, C), device=h.device, dtype=torch.float32)
     s, m = part[0], part[1]
     t = part[2] if with_entropy else s   # unused pointer when HAS_ENTROPY is False
     grid = (triton.cdiv(C, cfg.block_n) * v_tiles,)
-    _exp_shifted_kernel[grid](
+    exp_shifted_kernel[grid](
         h, w, c, e, s, t, m,
         C, V, H,
         h.stride(0), h.stride(1), w.stride(0), w.stride(1), e.stride(0),
         inv_temp, _SHIFT_BOUND,
-        HAS_ENTROPY=with_entropy, DOT_PRECISION=_dot_precision(h.dtype),
+        HAS_ENTROPY=with_entropy, DOT_PRECISION=dot_precision(h.dtype),
         BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_K=cfg.block_k, GROUP_N=8,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
@@ -237,9 +224,9 @@ def _redo_overflow(h, w, c, inv_temp, with_entropy, e, s, t, dmax, gemm1):
 def _fold_entropy(e, alpha, beta, use_triton: bool):
     """E ← E·(α + β·ln E) in place: the Triton kernel, or row blocks of torch ops."""
     if use_triton:
-        grid = (triton.cdiv(e.shape[0], _FOLD_BLOCK[0]), triton.cdiv(e.shape[1], _FOLD_BLOCK[1]))
-        _fold_entropy_kernel[grid](e, alpha, beta, e.shape[0], e.shape[1], e.stride(0),
-                                   BLOCK_R=_FOLD_BLOCK[0], BLOCK_C=_FOLD_BLOCK[1], num_warps=4)
+        grid = (triton.cdiv(e.shape[0], FOLD_BLOCK[0]), triton.cdiv(e.shape[1], FOLD_BLOCK[1]))
+        fold_entropy_kernel[grid](e, alpha, beta, e.shape[0], e.shape[1], e.stride(0),
+                                  BLOCK_R=FOLD_BLOCK[0], BLOCK_C=FOLD_BLOCK[1], num_warps=4)
         return
     for r0 in range(0, e.shape[0], 256):   # row blocks bound the ln E temporary
         blk = e[r0 : r0 + 256]
@@ -247,28 +234,14 @@ def _fold_entropy(e, alpha, beta, use_triton: bool):
         blk.mul_(coef)
 
 
-def _mm_fp32(a, b):
-    """a·b with an fp32 result (fp32 accumulation of 16-bit operands where torch offers it)."""
-    if a.dtype == torch.float32:
-        return a @ b
-    if _has_fp32_out_addmm(a.device.type):
-        return torch.addmm(a.new_zeros((a.shape[0], b.shape[1]), dtype=torch.float32), a, b,
-                           out_dtype=torch.float32)
-    return (a @ b).float()
-
-
 def _addmm_fp32_(acc, a, b):
     """acc (fp32) += a·b, over vocabulary slices so an fp32-output temporary stays small."""
     if acc.dtype == a.dtype:
         acc.addmm_(a, b)
         return
-    fp32_out = _has_fp32_out_addmm(a.device.type)
     for v0 in range(0, acc.shape[0], _DW_SLICE):
         sl = slice(v0, v0 + _DW_SLICE)
-        if fp32_out:
-            acc[sl] = torch.addmm(acc[sl], a[sl], b, out_dtype=torch.float32)
-        else:
-            acc[sl] += a[sl] @ b
+        acc[sl] = addmm_fp32(acc[sl], a[sl], b)
 
 
 def _chunk_grads(h_c, w, y_c, e, s, t, g, gh, inv_temp, dh_out, dw, use_triton: bool):
@@ -282,7 +255,7 @@ def _chunk_grads(h_c, w, y_c, e, s, t, g, gh, inv_temp, dh_out, dw, use_triton: 
     else:
         scale = -g_t / s
     if dh_out is not None:
-        ew = _mm_fp32(e, w)                                               # [C, H] fp32
+        ew = mm_fp32(e, w)                                                # [C, H] fp32
         if scale is not None:
             ew.mul_(scale[:, None])
         dh_out.copy_(ew.addcmul_(g_t[:, None], w[y_c].float()))
