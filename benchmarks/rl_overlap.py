@@ -1,7 +1,7 @@
 """`prolix bench rl-overlap`: what the split placement's overlap buys, on CPU processes.
 
     prolix bench rl-overlap                      # calibrate, then 2 passes of 3 runs of 10 steps
-    prolix bench rl-overlap --steps 4 --passes 1 --quick   # a smaller workload (a test runs it)
+    prolix bench rl-overlap --steps 4 --passes 1 --calibrations 1 --quick   # a smaller workload (a test runs it)
 
 The workload is the demo's task (chain_sum) on a randomly initialised demo-sized model (no warm
 start: responses run to rollout.max_tokens, so a step's generation time is fixed), dynamic
@@ -88,13 +88,13 @@ def _medians(rows: list[dict]) -> dict:
         {"lag_max_any": max(r["perf/policy_lag_max"] for r in rows), "steps": len(rows)}
 
 
-def _calibrated(base: list[str], folder: Path, quick: bool) -> list[str]:
+def _calibrated(base: list[str], folder: Path, quick: bool, calibrations: int) -> list[str]:
     """The workload with generation and training balanced (module docstring, step 1): up to
-    CALIBRATIONS colocated runs, each scaling the shorter side by the ratio it measured, until
+    `calibrations` colocated runs, each scaling the shorter side by the ratio it measured, until
     g / t is within [0.8, 1.25]."""
     step_rows = (4 if quick else 8) * load_config().rollout.n
     epochs, batches = 1, 1.0
-    for i in range(CALIBRATIONS):
+    for i in range(calibrations):
         work = [*base, f"optim.epochs={epochs}",
                 f"rollout.engine_options={{max_batch_rows: {max(1, round(step_rows / batches))}}}"]
         calib = _medians(_run(f"calibrate_{i}", work, folder, 1))
@@ -108,20 +108,22 @@ def _calibrated(base: list[str], folder: Path, quick: bool) -> list[str]:
     return work
 
 
-def measure(steps: int, quick: bool, passes: int) -> dict:
+def measure(steps: int, quick: bool, passes: int, calibrations: int = CALIBRATIONS) -> dict:
     """Calibrate, then `passes` rounds of the three runs taking turns (a shared machine's load
     drifts: each placement sees the same drift); medians over every pass's steps."""
     if steps <= WARMUP_STEPS:
         raise ValueError(f"--steps: expected > {WARMUP_STEPS} (the first {WARMUP_STEPS} are start-up), got {steps}")
     if passes < 1:
         raise ValueError(f"--passes: expected >= 1, got {passes}")
+    if calibrations < 1:
+        raise ValueError(f"--calibrations: expected >= 1, got {calibrations}")
     variants = {"colocated": ([], 1), "split_k0": (["rollout.placement=split", "rollout.max_staleness=0"], 2),
                 "split_k1": (["rollout.placement=split", "rollout.max_staleness=1"], 2)}
     rows: dict[str, list[dict]] = {name: [] for name in variants}
     with tempfile.TemporaryDirectory(prefix="prolix-rl-overlap-") as tmp:
         folder = Path(tmp)
         base = _workload(_base_model(folder), folder, steps, quick)
-        work = _calibrated(base, folder, quick)
+        work = _calibrated(base, folder, quick, calibrations)
         for i in range(passes):
             for name, (extra, nproc) in variants.items():
                 rows[name] += _run(f"{name}_{i}", [*work, *extra], folder, nproc)
@@ -178,7 +180,7 @@ def plot(results: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def main_run(steps: int, out: Path | None, quick: bool, passes: int = 2) -> int:
-    results = measure(steps, quick, passes)
+def main_run(steps: int, out: Path | None, quick: bool, passes: int = 2, calibrations: int = CALIBRATIONS) -> int:
+    results = measure(steps, quick, passes, calibrations)
     write_results(results, "rl-overlap", render(results), out, plot=plot)
     return 0

@@ -398,10 +398,12 @@ def test_device_check_out_of_budget_records_every_section_as_skipped(tmp_path):
 
 
 def test_rl_overlap_writes_json_markdown_and_png(tmp_path):
-    """`prolix bench rl-overlap` end to end on the smallest workload: one measured step per run."""
+    """`prolix bench rl-overlap` end to end on the smallest workload: one calibration run, one
+    measured step per run."""
     from prolix.trainer.cli import main
 
-    assert main(["bench", "rl-overlap", "--steps", "3", "--passes", "1", "--quick", "--out", str(tmp_path)]) == 0
+    assert main(["bench", "rl-overlap", "--steps", "3", "--passes", "1", "--calibrations", "1", "--quick",
+                 "--out", str(tmp_path)]) == 0
     [path] = tmp_path.glob("*-rl-overlap-*.json")
     results = json.loads(path.read_text())
     runs = results["runs"]
@@ -419,3 +421,5 @@ def test_rl_overlap_refuses_too_few_steps(tmp_path, capsys):
 
     assert main(["bench", "rl-overlap", "--steps", "2", "--out", str(tmp_path)]) == 2
     assert "--steps: expected > 2" in capsys.readouterr().err
+    assert main(["bench", "rl-overlap", "--steps", "3", "--calibrations", "0", "--out", str(tmp_path)]) == 2
+    assert "--calibrations: expected >= 1, got 0" in capsys.readouterr().err

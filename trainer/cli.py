@@ -107,6 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                  "(CPU processes)")
     overlap.add_argument("--steps", type=int, default=10, help="steps per run, the first 2 not counted (default 10)")
     overlap.add_argument("--passes", type=int, default=2, help="rounds of the three runs, taking turns (default 2)")
+    overlap.add_argument("--calibrations", type=int, default=3,
+                         help="colocated runs at most that balance generation and training first (default 3)")
     overlap.add_argument("--quick", action="store_true", help="a smaller workload (fewer prompts, shorter responses)")
     overlap.add_argument("--out", default=None, help="results folder (default benchmarks/results/)")
     pool = what.add_parser("reward-pool", help="the reward pool: scored responses/s for math-verify and code tests",
@@ -144,7 +146,8 @@ def _bench(args: argparse.Namespace, argv: list[str]) -> int:
         from prolix.benchmarks.rl_overlap import main_run as overlap_run
 
         try:
-            return overlap_run(args.steps, Path(args.out) if args.out else None, args.quick, args.passes)
+            return overlap_run(args.steps, Path(args.out) if args.out else None, args.quick, args.passes,
+                               args.calibrations)
         except ValueError as e:
             print(f"prolix bench rl-overlap: {e}", file=sys.stderr)
             return 2
