@@ -1,5 +1,5 @@
 # prolix: the two commands of the README.
-#   make test    set up .venv, lint (`make lint`), then run the test suite (what CI runs)
+#   make test    set up .venv, lint (`make lint`), then run the test suite on every core (what CI runs)
 #   make lint    ruff (ruff.toml) and import-linter's contracts (.importlinter): no cycles, the
 #                trainer's layers, kernels standalone
 #   make train   set up .venv and run the embedded demo: GRPO on a procedural task, no download
@@ -28,16 +28,20 @@ STAMP   := $(VENV)/.prolix-installed
 
 venv: $(STAMP)
 
+# --no-compile: pip would byte-compile every file of ~3 GB of packages (half the set-up time);
+# Python compiles the modules it imports on first use instead.
+PIP := $(PY) -m pip install --quiet --no-compile
+
 $(STAMP): setup.py
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet "$(TORCH_SPEC)"
-	$(PY) -m pip install --quiet -e ".[dev]" $(VLLM_SPEC)
+	$(PIP) "$(TORCH_SPEC)"
+	$(PIP) -e ".[dev]" $(VLLM_SPEC)
 	$(if $(VLLM_SPEC),$(PY) -m pip uninstall --quiet -y torchvision torchaudio torchcodec)
 	# verl's full requirements would downgrade transformers and pull wandb/peft/torchdata; its
 	# policy-loss registry needs only these (prolix.kernels.integrations.verl is tested on them).
-	$(PY) -m pip install --quiet --no-deps verl==0.9.1
-	$(PY) -m pip install --quiet ray "tensordict>=0.8.0,<=0.10.0,!=0.9.0" omegaconf codetiming
+	$(PIP) --no-deps verl==0.9.1
+	$(PIP) ray "tensordict>=0.8.0,<=0.10.0,!=0.9.0" omegaconf codetiming
 	touch $(STAMP)
 
 # Incremental (CMake keeps build/): cheap when nothing changed. Skipped with a notice without
@@ -53,8 +57,11 @@ lint: $(STAMP)
 
 # PROLIX_SANDBOX_REQUIRE_NATIVE: a launcher that failed to build (with CMake and a C compiler
 # present) fails the tests instead of silently leaving only the Python launcher tested.
+# -n auto --dist loadfile: one pytest-xdist worker per core, each taking whole test modules (a
+# module's fixtures, such as its trained runs, are built once); tests/conftest.py gives every
+# worker, and every process a test starts, one CPU thread. The slowest tests are listed last.
 test: lint native
-	PROLIX_SANDBOX_REQUIRE_NATIVE=1 $(PY) -m pytest -q tests
+	PROLIX_SANDBOX_REQUIRE_NATIVE=1 $(PY) -m pytest -q -n auto --dist loadfile --durations=10 tests
 
 train: $(STAMP)
 	$(VENV)/bin/prolix train
