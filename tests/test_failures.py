@@ -29,7 +29,8 @@ import torch
 from safetensors.torch import load_file
 from trainer_testing import TESTS, read_jsonl, tiny_overrides
 
-from prolix.trainer import checkpoint, engines, metrics
+from prolix.trainer import engines, metrics
+from prolix.trainer.checkpoint import store as checkpoint
 from prolix.trainer.config import ConfigError, load_config
 from prolix.trainer.engines import sample_tokens
 from prolix.trainer.guards import NonFiniteLogitsError, all_finite

@@ -41,6 +41,7 @@ Shapes: N packed rows, S sequences, H hidden, V vocabulary, h/h_kv query/key hea
 from __future__ import annotations
 
 import contextvars
+import copy
 import functools
 import inspect
 import os
@@ -67,6 +68,8 @@ __all__ = [
     "AttnBackend",
     "load_policy",
     "save_policy",
+    "check_model_dir",
+    "frozen_copy",
     "prepare_policy",
     "forward_hidden",
     "lm_head_weight",
@@ -293,7 +296,7 @@ def prepare_policy(model: PreTrainedModel, *, gradient_checkpointing: bool = Fal
     return model
 
 
-def _check_model_dir(path: str | os.PathLike) -> Path:
+def check_model_dir(path: str | os.PathLike) -> Path:
     """The checkpoint directory, or FileNotFoundError naming the path and what is missing."""
     path = Path(path)
     if not path.exists():
@@ -327,7 +330,7 @@ def load_policy(path: str | os.PathLike, dtype: torch.dtype | None = None, devic
         FileNotFoundError / NotADirectoryError naming `path` when it is missing, not a
         directory, or holds no config or no safetensors weights.
     """
-    path = _check_model_dir(path)
+    path = check_model_dir(path)
     device = torch.device(device) if device is not None else _default_device()
     if dtype is None:
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -339,6 +342,15 @@ def load_policy(path: str | os.PathLike, dtype: torch.dtype | None = None, devic
                                                  **{dtype_kw: dtype})
     model.to(device)
     return prepare_policy(model, gradient_checkpointing=gradient_checkpointing, liger=liger)
+
+
+def frozen_copy(policy: torch.nn.Module, compute_dtype: torch.dtype | None) -> torch.nn.Module:
+    """A copy of `policy` that only ever runs forward (the reference): stored in the compute
+    dtype when there is one, in eval mode, without gradients."""
+    ref = copy.deepcopy(policy)
+    if compute_dtype is not None:
+        ref.to(compute_dtype)
+    return ref.eval().requires_grad_(False)
 
 
 def save_policy(model: PreTrainedModel, path: str | os.PathLike, *, tokenizer=None,

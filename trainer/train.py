@@ -74,7 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def launch_command(args: argparse.Namespace) -> list[str]:
     """The torchrun command that runs these arguments on args.nproc local processes."""
-    from .distributed import torchrun_command
+    from .parallel.launch import torchrun_command
 
     train_args = (["--config", args.config] if args.config else []) + \
         (["--resume", args.resume] if args.resume else []) + list(args.overrides)
@@ -117,11 +117,11 @@ def _start(args: argparse.Namespace):
     right after the config is read, before any model is built."""
     from .checkpoint import CheckpointError, resolve_checkpoint
     from .config import ConfigError, load_config, save_config
-    from .loop import Trainer, prepare_data
+    from .data import prepare_data
+    from .loop import Trainer
     from .metrics import MetricsFileError
-    from .parallel import init_parallelism
+    from .parallel import RolloutRank, init_parallelism, init_split
     from .preflight import check_run, os_error_line
-    from .split import RolloutRank, init_split
 
     try:
         ckpt = None
@@ -136,8 +136,8 @@ def _start(args: argparse.Namespace):
         # one process, this rank of a torchrun world, or (split placement) a trainer or rollout rank
         parallel = init_split(cfg) if cfg.rollout.placement == "split" else init_parallelism(cfg.run.device)
         if ckpt is None:
-            run_dir, cfg = parallel.run_on_main(lambda: _new_run(cfg, data))    # rank 0 decides, all follow
-        if parallel.is_main:
+            run_dir, cfg = parallel.world.run_on_first(lambda: _new_run(cfg, data))    # rank 0 decides, all follow
+        if parallel.world.is_main:
             save_config(cfg, run_dir / "config.yaml")
         if isinstance(parallel, RolloutRank):
             return _RolloutStart(cfg, data, parallel)
@@ -165,7 +165,8 @@ class _RolloutStart:
 
 def _serve(start: _RolloutStart) -> int:
     """A rollout rank's run: 0 when the trainer said stop, 1 (one line) when a peer was lost."""
-    from .split import PlacementError, run_rollout_rank
+    from .parallel.rollout_rank import run_rollout_rank
+    from .parallel.split import PlacementError
 
     try:
         run_rollout_rank(start.cfg, start.data.train, start.rank)
@@ -181,12 +182,12 @@ def _fit(trainer, parallel, run_dir: Path):
     that diverged (3), was stopped by a signal (130 / 143) or could not write (2). Only the
     main process prints."""
     from .checkpoint import CheckpointError
-    from .loop import TrainingDivergedError
+    from .guards import TrainingDivergedError
+    from .parallel.split import PlacementError
     from .preflight import os_error_line
     from .signals import GracefulStop, RunStopped
-    from .split import PlacementError
 
-    quiet = not parallel.is_main
+    quiet = not parallel.world.is_main
     try:
         with GracefulStop() as stop:
             return trainer.fit(stop=stop)
@@ -211,7 +212,7 @@ def _fit(trainer, parallel, run_dir: Path):
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
-    from .distributed import launched
+    from .parallel.launch import launched
 
     if args.nproc is not None:
         if launched():
@@ -229,12 +230,12 @@ def main(argv: list[str] | None = None) -> int:
     if isinstance(started, _RolloutStart):
         return _serve(started)
     trainer, parallel, run_dir, ckpt = started
-    if ckpt is not None and parallel.is_main:
+    if ckpt is not None and parallel.world.is_main:
         print(f"resuming {run_dir} from {ckpt.name} (step {trainer.state.step})", flush=True)
     result = _fit(trainer, parallel, run_dir)
     if isinstance(result, int):
         return result
-    if not parallel.is_main:
+    if not parallel.world.is_main:
         return 0
     print(f"run directory: {result.run_dir}")
     first, last = result.first_eval, result.last_eval

@@ -1,4 +1,6 @@
-"""Crash-safe checkpoints: Hugging Face weights plus everything needed to resume exactly.
+"""The checkpoint folder: atomic publication, the manifest, RNG states and the plain format.
+
+A checkpoint holds Hugging Face weights plus everything needed to resume exactly.
 
 Layout of a run directory:
 
@@ -50,21 +52,21 @@ import numpy as np
 import torch
 from safetensors.torch import load_model, save_model
 
-from .model import TOKENIZER_FILES, save_policy
+from ..model import TOKENIZER_FILES, save_policy
 
 __all__ = [
     "CHECKPOINT_DIR",
     "CheckpointError",
     "CheckpointWriteError",
     "save_checkpoint",
-    "load_checkpoint",
+    "load_plain",
     "latest_checkpoint",
     "resolve_checkpoint",
     "verify_checkpoint",
     "capture_rng",
     "restore_rng",
     "as_nested_tuples",
-    # the pieces a checkpoint writer for sharded models (distributed.save_checkpoint) reuses
+    # the pieces the sharded writer (sharded.save_sharded) reuses
     "step_dir_name",
     "save_tokenizer_files",
     "publish_checkpoint",
@@ -382,7 +384,7 @@ def resolve_checkpoint(path: str | Path) -> tuple[Path, Path]:
     raise CheckpointError(f"--resume: no checkpoint of {path} passes verification: " + "; ".join(failures))
 
 
-def load_checkpoint(ckpt: str | Path, *, optimizer: torch.optim.Optimizer | None,
+def load_plain(ckpt: str | Path, *, optimizer: torch.optim.Optimizer | None,
                     reference: torch.nn.Module | None, restore_rng_state: bool = True,
                     verify: bool = True) -> dict[str, Any]:
     """Load optimizer / reference / RNG from a checkpoint (the policy itself is loaded by
