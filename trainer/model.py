@@ -48,7 +48,7 @@ import os
 import shutil
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Literal, get_args
+from typing import get_args
 
 import torch
 import torch.nn.functional as F
@@ -60,6 +60,7 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from prolix.kernels import GRPOLossConfig, fused_linear_grpo_loss, linear_logprobs
 from prolix.kernels.lm_head import plain_lm_head_weight
 
+from .config import AttnBackend
 from .packing import PackedBatch
 
 __all__ = [
@@ -82,7 +83,6 @@ __all__ = [
 ]
 
 ATTN_IMPLEMENTATION = "prolix_packed"
-AttnBackend = Literal["auto", "flash_attn", "torch_varlen", "sdpa_block_mask", "sdpa_per_sequence"]
 ATTN_BACKENDS = get_args(AttnBackend)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
                    "vocab.json", "merges.txt", "tokenizer.model", "chat_template.jinja", "chat_template.json")
