@@ -57,7 +57,7 @@ from transformers import AttentionInterface, AutoModelForCausalLM, PreTrainedMod
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from prolix.kernels import GRPOLossConfig, fused_linear_grpo_loss, linear_logprobs
+from prolix.kernels import GRPOLossConfig, fused_linear_grpo_loss, linear_logprobs, seq_ids
 from prolix.kernels.lm_head import plain_lm_head_weight
 
 from .config import AttnBackend
@@ -168,7 +168,7 @@ def _sdpa_block_mask(q, k, v, cu: torch.Tensor, scaling, dropout, window) -> tor
     """q: (1, h, N, D), k/v: (1, h_kv, N, D) → (1, h, N, D), one SDPA call under a block-diagonal
     causal mask. K/V are repeated to h heads: SDPA's memory-efficient kernel takes masks but not GQA."""
     n = q.shape[2]
-    seq = torch.repeat_interleave(torch.arange(cu.numel() - 1, device=q.device), torch.diff(cu).long())
+    seq = seq_ids(cu, n)
     pos = torch.arange(n, device=q.device)
     mask = _causal_band(pos, pos, window) & (seq[:, None] == seq[None, :])          # (N, N)
     rep = q.shape[1] // k.shape[1]
