@@ -13,7 +13,7 @@ JSONL keys (means over the step's response tokens unless said otherwise):
     loss, pg_loss, kl, entropy, clip_frac, clip_frac_low, clip_frac_high, ratio_mean, ratio_max
     grad_norm (before clipping; null when an update of the step was skipped), lr
     updates, skipped_update         optimizer updates of the step, and how many of them were
-                                    skipped on a non-finite loss or gradient norm (loop.py)
+                                    skipped on a non-finite loss or gradient norm (`loop.Trainer.update`)
     consecutive_skips               steps in a row without an applied update (the run stops at
                                     optim.max_consecutive_skips)
     perf/rollout_tokens_per_s       generated tokens per second of rollout
@@ -22,7 +22,7 @@ JSONL keys (means over the step's response tokens unless said otherwise):
     perf/trainer_idle_s, /engine_idle_s   seconds the trainer waited for the batch and the engine
                                     for weights (colocated: the whole rollout, the whole update)
     perf/policy_lag_mean, /max      updates between the sampling and the trained policy (split
-                                    placement; 0 colocated); sync/probe_logp_max_diff: split.py
+                                    placement; 0 colocated); sync/probe_logp_max_diff: `parallel.split`
     perf/mfu                        CUDA only: model FLOPs / (time · peak), formula in `train_flops`
     reference/resets                resets so far; reference/reset_reason on the step of a reset
     eval/<task>/pass@1, eval/<task>/pass@k, eval/<task>/accuracy, eval/score   on eval steps

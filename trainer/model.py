@@ -32,8 +32,8 @@ One path from a packed batch to the kernels, for the trainer and for any caller:
 `head_inputs(model, batch)` (decoder under optional autocast → hidden [N, H], LM-head weight
 [V, H], one dtype), then `logprobs_from_hidden` / `grpo_loss_from_hidden` (`prolix.kernels`,
 which stream over the vocabulary instead of holding [N, V] logits). `logprobs` and
-`packed_grpo_loss` are the two composed; the trainer composes them through its parallelism
-(`parallel.py`), whose `forward` is `head_inputs` itself or, under FSDP, the root's forward.
+`packed_grpo_loss` are the two composed; the trainer composes them through its sharding
+(`parallel.sharding`), whose `forward` is `head_inputs` itself or, under FSDP, the root's forward.
 
 Shapes: N packed rows, S sequences, H hidden, V vocabulary, h/h_kv query/key heads, D head dim.
 """
@@ -433,7 +433,7 @@ def head_inputs(model: PreTrainedModel, batch: PackedBatch, *, attn_backend: str
     in one dtype. With `compute_dtype` (bf16) the decoder runs under torch.autocast and both are
     cast to it (the cast is differentiable, so fp32 master weights get their gradient); without,
     both stay in the weight's dtype. This is the trainer's forward (under FSDP, the root's
-    registered forward: `distributed.DataParallel.prepare`)."""
+    registered forward: `parallel.sharding.FSDP2.prepare`)."""
     context = torch.autocast(batch.input_ids.device.type, dtype=compute_dtype) if compute_dtype else nullcontext()
     with context:
         hidden = forward_hidden(model, batch, attn_backend=attn_backend)            # (N, H)

@@ -15,7 +15,7 @@ closing are reported as a warning instead of replacing the one that stopped the 
 
 Layer (.importlinter `trainer-layers`): a leaf, beside `packing` and `tokenizer`: it imports
 nothing of prolix, and the loop (`Trainer.fit` polls the request; under data parallelism the
-ranks agree through `Parallelism.stop_signal`) and the entry point (`train.py`) both use it.
+ranks agree through `Communication.stop_signal`) and the entry point (`train.py`) both use it.
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@
     prolix train --nproc 8 --config cfg.yaml              # 8 GPUs of this node: FSDP2 data parallelism
     torchrun --nproc-per-node=8 -m prolix.trainer.cli train --config cfg.yaml   # the same, or multi-node
 
-The algorithm (loop.py): each step samples `optim.prompts_per_step` prompts and `rollout.n`
+The algorithm (`loop.Trainer`): each step samples `optim.prompts_per_step` prompts and `rollout.n`
 responses each, scores them with verifiable rewards, normalises rewards within each group
 (GRPO, or Dr.GRPO without the std), keeps only groups whose rewards differ (dynamic sampling,
 refilled from fresh prompts), and takes `optim.prompts_per_step / optim.mini_batch_prompts`
@@ -41,7 +41,7 @@ sampling: the run stops without checkpointing, so `--resume` restarts from the l
 130 / 143 after SIGINT / SIGTERM. Unexpected errors keep their traceback.
 
 Many GPUs: under torchrun every rank runs this entry point; rank 0 alone creates the run
-directory, builds the demo model and prints, and `distributed.py` does the rest. A checkpoint
+directory, builds the demo model and prints, and the parallel run (`parallel/`) does the rest. A checkpoint
 resumes on any number of ranks (or in a plain process).
 """
 

@@ -28,11 +28,11 @@ are left as they were.
 
 Loading verifies the manifest first (`verify_checkpoint`): a missing manifest or file, or a
 size or checksum that differs, raises `CheckpointError` naming the checkpoint and the file.
-Verifying re-reads every byte (sha256 runs at about 1-2 GB/s per core; a 1.5B run's checkpoint,
-policy + reference + AdamW state, is about 20 GB). `resolve_checkpoint(RUN)` (`--resume RUN`)
+Verifying re-reads every byte (policy, reference and AdamW state). `resolve_checkpoint(RUN)` (`--resume RUN`)
 falls back from a checkpoint that fails to the newest one that verifies, with a warning.
 
-The learning-rate schedule is a pure function of the step (loop.py), so it has no state here.
+The learning-rate schedule is a pure function of the step (`optimizer.learning_rate`), so it has no
+state here.
 """
 
 from __future__ import annotations

@@ -80,12 +80,12 @@ class DemoConfig:
     """SwiGLU MLP width."""
     warmup_steps: int = 600
     """Supervised steps on the task's worked answers before RL: enough to learn the layout and
-    much of the arithmetic (2-3 minutes on 2 CPU cores)."""
+    much of the arithmetic."""
     warmup_batch: int = 32
     """Worked examples per supervised step."""
     warmup_lr: float = 1.5e-3
-    """AdamW learning rate of the warm start (cosine to 10%). At 3e-3 some seeds stalled on a
-    plateau (loss ~0.3, held-out accuracy ~0.02); at 1.5e-3 seeds 0-2 all converged."""
+    """AdamW learning rate of the warm start (cosine to 10%); a larger one can leave the warm start
+    on a plateau for some seeds."""
     tagged_fraction: float = 0.5
     """Share of warm-start answers that end in "<answer>X</answer>"; the rest end in "The answer
     is X.", which the scorer does not read (no tag, no reward). The model leaves the warm start
@@ -97,12 +97,12 @@ class DemoConfig:
             check_field(getattr(self, name) >= 1, f"demo.{name}", f"expected >= 1, got {getattr(self, name)}")
         check_field(self.warmup_steps >= 0, "demo.warmup_steps", f"expected >= 0, got {self.warmup_steps}")
         check_field(self.hidden_size % self.num_heads == 0, "demo.hidden_size",
-               f"expected a multiple of demo.num_heads={self.num_heads}, got {self.hidden_size}")
+                    f"expected a multiple of demo.num_heads={self.num_heads}, got {self.hidden_size}")
         check_field(self.num_heads % self.num_kv_heads == 0, "demo.num_kv_heads",
-               f"expected a divisor of demo.num_heads={self.num_heads}, got {self.num_kv_heads}")
+                    f"expected a divisor of demo.num_heads={self.num_heads}, got {self.num_kv_heads}")
         check_field(self.warmup_lr > 0, "demo.warmup_lr", f"expected > 0, got {self.warmup_lr}")
         check_field(0 <= self.tagged_fraction <= 1, "demo.tagged_fraction",
-               f"expected in [0, 1], got {self.tagged_fraction}")
+                    f"expected in [0, 1], got {self.tagged_fraction}")
 
 
 # The loss terms of the ProRL recipe where they differ from GRPOLossConfig's own defaults:
@@ -137,7 +137,7 @@ class DataConfig:
         check_field(len(self.sources) >= 1, "data.sources", "expected at least one source")
         for i, source in enumerate(self.sources):
             check_field(isinstance(source, SourceConfig), f"data.sources[{i}]",
-                   f"expected a SourceConfig, got {type(source).__name__}")
+                        f"expected a SourceConfig, got {type(source).__name__}")
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -165,7 +165,7 @@ class RolloutConfig:
     """"colocated": every process samples, then trains (the synchronous loop, `make train`).
     "split": the torchrun world is divided into trainer ranks (the first world − rollout_ranks;
     FSDP2 among them) and `rollout_ranks` ranks that each hold an engine and generate while
-    the trainers train (split.py); launched by the same `prolix train --nproc G` / torchrun."""
+    the trainers train (`parallel.split`); launched by the same `prolix train --nproc G` / torchrun."""
     rollout_ranks: int = 1
     """Split placement: how many ranks (the last ones of the world) generate."""
     max_staleness: int = 1
@@ -192,7 +192,7 @@ class RolloutConfig:
         for name in ("max_staleness", "reward_workers"):
             check_field(getattr(self, name) >= 0, f"rollout.{name}", f"expected >= 0, got {getattr(self, name)}")
         check_field(self.split_tis_cap is None or self.split_tis_cap >= 1, "rollout.split_tis_cap",
-               f"expected null or >= 1 (a cap below 1 shrinks every on-policy token), got {self.split_tis_cap}")
+                    f"expected null or >= 1 (a cap below 1 shrinks every on-policy token), got {self.split_tis_cap}")
         check_field(self.sync_bucket_mb > 0, "rollout.sync_bucket_mb", f"expected > 0, got {self.sync_bucket_mb}")
 
 
@@ -229,13 +229,13 @@ class AlgorithmConfig:
     def __post_init__(self) -> None:
         check_literal_fields(self, "algorithm")
         check_field(isinstance(self.loss, GRPOLossConfig), "algorithm.loss",
-               f"expected a GRPOLossConfig, got {type(self.loss).__name__}")
+                    f"expected a GRPOLossConfig, got {type(self.loss).__name__}")
         rc = self.loss.rollout_correction
         check_field(rc is None or rc.off_policy_logp == "old", "algorithm.loss.rollout_correction.off_policy_logp",
-               "expected 'old' (the trainer counts the kept tokens of its normaliser before the loss, from "
+                    "expected 'old' (the trainer counts the kept tokens of its normaliser before the loss, from "
                f"old_logp), got {getattr(rc, 'off_policy_logp', None)!r}")
         check_field(self.max_sampling_tries >= 1, "algorithm.max_sampling_tries",
-               f"expected >= 1, got {self.max_sampling_tries}")
+                    f"expected >= 1, got {self.max_sampling_tries}")
         check_field(self.overlong_penalty >= 0, "algorithm.overlong_penalty",
                     f"expected >= 0, got {self.overlong_penalty}")
 
@@ -245,9 +245,8 @@ class OptimConfig:
     """Batch shape and the optimizer."""
 
     lr: float = 1e-4
-    """AdamW learning rate (finite, > 0), constant after warmup. ProRL: 2e-6 (1.5B). The demo's 1e-4 is about
-    the largest its tiny model tolerates: at 2e-4 and above its held-out accuracy fell in every
-    run we measured (AdamW moves every weight by about lr per step)."""
+    """AdamW learning rate (finite, > 0), constant after warmup. ProRL: 2e-6 (1.5B). The demo's 1e-4 is
+    near the largest its tiny model tolerates (AdamW moves every weight by about lr per step)."""
     warmup_steps: int = 0
     """Linear warmup of the lr over this many RL steps (0: constant from the start)."""
     betas: tuple[float, float] = (0.9, 0.999)
@@ -279,16 +278,17 @@ class OptimConfig:
                    f"{getattr(self, name)}")
         check_field(self.warmup_steps >= 0, "optim.warmup_steps", f"expected >= 0, got {self.warmup_steps}")
         check_field(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "optim.betas",
-               f"expected two values in [0, 1), got {self.betas}")
+                    f"expected two values in [0, 1), got {self.betas}")
         check_field(self.eps > 0, "optim.eps", f"expected > 0, got {self.eps}")
         check_field(self.weight_decay >= 0, "optim.weight_decay", f"expected >= 0, got {self.weight_decay}")
         check_field(self.grad_clip >= 0, "optim.grad_clip", f"expected >= 0, got {self.grad_clip}")
         for name in ("prompts_per_step", "mini_batch_prompts", "epochs", "max_tokens_per_microbatch"):
             check_field(getattr(self, name) >= 1, f"optim.{name}", f"expected >= 1, got {getattr(self, name)}")
         check_field(self.prompts_per_step % self.mini_batch_prompts == 0, "optim.mini_batch_prompts",
-               f"expected a divisor of optim.prompts_per_step={self.prompts_per_step}, got {self.mini_batch_prompts}")
+                    f"expected a divisor of optim.prompts_per_step={self.prompts_per_step}, "
+                    f"got {self.mini_batch_prompts}")
         check_field(self.max_consecutive_skips >= 1, "optim.max_consecutive_skips",
-               f"expected >= 1, got {self.max_consecutive_skips}")
+                    f"expected >= 1, got {self.max_consecutive_skips}")
 
     @property
     def updates_per_rollout(self) -> int:
@@ -321,9 +321,9 @@ class ReferenceConfig:
         check_field(self.patience >= 1, "reference.patience", f"expected >= 1, got {self.patience}")
         check_field(self.every >= 0, "reference.every", f"expected >= 0, got {self.every}")
         check_field(self.mode not in ("every", "both") or self.every >= 1, "reference.every",
-               f"expected >= 1 with reference.mode={self.mode!r}, got {self.every}")
+                    f"expected >= 1 with reference.mode={self.mode!r}, got {self.every}")
         check_field(bool(self.watch_file) and "/" not in self.watch_file, "reference.watch_file",
-               f"expected a plain file name, got {self.watch_file!r}")
+                    f"expected a plain file name, got {self.watch_file!r}")
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -352,13 +352,13 @@ class EvalConfig:
     def __post_init__(self) -> None:
         check_field(self.every >= 0, "eval.every", f"expected >= 0, got {self.every}")
         check_field(self.heldout_size is None or self.heldout_size >= 1, "eval.heldout_size",
-               f"expected >= 1 or null, got {self.heldout_size}")
+                    f"expected >= 1 or null, got {self.heldout_size}")
         check_field(self.n >= 1, "eval.n", f"expected >= 1, got {self.n}")
         check_field(1 <= self.k <= self.n, "eval.k", f"expected 1 <= k <= eval.n={self.n}, got {self.k}")
         check_field(self.temperature > 0, "eval.temperature", f"expected > 0, got {self.temperature}")
         check_field(0 < self.top_p <= 1, "eval.top_p", f"expected in (0, 1], got {self.top_p}")
         check_field(self.max_tokens is None or self.max_tokens >= 1, "eval.max_tokens",
-               f"expected >= 1 or null, got {self.max_tokens}")
+                    f"expected >= 1 or null, got {self.max_tokens}")
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -400,7 +400,7 @@ class RunConfig:
         check_field(self.checkpoint_every >= 0, "run.checkpoint_every", f"expected >= 0, got {self.checkpoint_every}")
         check_field(self.keep_last >= 1, "run.keep_last", f"expected >= 1, got {self.keep_last}")
         check_field(self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"), "run.device",
-               f"expected 'auto', 'cpu', 'cuda' or 'cuda:N', got {self.device!r}")
+                    f"expected 'auto', 'cpu', 'cuda' or 'cuda:N', got {self.device!r}")
         check_field("/" not in self.name, "run.name", f"expected a plain directory name, got {self.name!r}")
         check_field(bool(self.wandb_project.strip()), "run.wandb_project", "expected a project name, got ''")
         for i, tag in enumerate(self.wandb_tags):      # W&B's own limits, checked before the run starts
@@ -425,16 +425,16 @@ class TrainConfig:
         r = self.rollout
         loss = self.algorithm.loss
         check_field(loss.temperature == r.temperature, "algorithm.loss.temperature",          # a config built in code
-               f"expected rollout.temperature ({r.temperature}), the sampling τ the loss divides by, "
+                    f"expected rollout.temperature ({r.temperature}), the sampling τ the loss divides by, "
                f"got {loss.temperature}")
         check_field(r.max_prompt_tokens + r.max_tokens <= r.max_model_len, "rollout.max_tokens",
-               f"a prompt of up to rollout.max_prompt_tokens={r.max_prompt_tokens} plus a response of "
+                    f"a prompt of up to rollout.max_prompt_tokens={r.max_prompt_tokens} plus a response of "
                f"{r.max_tokens} tokens exceeds rollout.max_model_len={r.max_model_len}")
         check_field(self.eval_max_tokens + r.max_prompt_tokens <= r.max_model_len, "eval.max_tokens",
-               f"{self.eval_max_tokens} + rollout.max_prompt_tokens={r.max_prompt_tokens} exceeds "
+                    f"{self.eval_max_tokens} + rollout.max_prompt_tokens={r.max_prompt_tokens} exceeds "
                f"rollout.max_model_len={r.max_model_len}")
         check_field(self.optim.max_tokens_per_microbatch >= r.max_prompt_tokens + r.max_tokens,
-               "optim.max_tokens_per_microbatch",
+                    "optim.max_tokens_per_microbatch",
                f"expected >= the longest sequence, rollout.max_prompt_tokens + rollout.max_tokens = "
                f"{r.max_prompt_tokens + r.max_tokens}, got {self.optim.max_tokens_per_microbatch}")
 
@@ -457,6 +457,6 @@ class TrainConfig:
             return
         r = self.rollout
         check_field(r.max_model_len <= max_position_embeddings, "rollout.max_model_len",
-               f"{r.max_model_len} exceeds the model's context (config.json max_position_embeddings="
+                    f"{r.max_model_len} exceeds the model's context (config.json max_position_embeddings="
                f"{max_position_embeddings}); lower rollout.max_tokens ({r.max_tokens}) or "
                f"rollout.max_prompt_tokens ({r.max_prompt_tokens})")

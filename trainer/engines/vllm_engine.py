@@ -165,7 +165,7 @@ class VLLMEngine:
         max_num_seqs: concurrent sequences. llm_kwargs: anything else for `vllm.LLM`.
         separate_process: run vLLM's engine core in a process of its own (vLLM's V1
             multiprocessing) with a world of one, outside this process's torchrun world; what a
-            rollout rank of the split placement does (split.py), whose world vLLM must not join.
+            rollout rank of the split placement does (`parallel.rollout_rank`), whose world vLLM must not join.
             Weights then travel through a safetensors file in shared memory (`load_weights`).
     """
 
@@ -209,7 +209,7 @@ class VLLMEngine:
         set_num_threads = torch.set_num_threads
         try:
             if model_path is None:
-                from .model import save_policy
+                from ..model import save_policy
                 self._tmpdir = tempfile.mkdtemp(prefix="prolix-vllm-")
                 weakref.finalize(self, shutil.rmtree, self._tmpdir, ignore_errors=True)   # if never closed
                 model_path = str(save_policy(model, self._tmpdir, tokenizer=tokenizer))

@@ -4,8 +4,8 @@
     torchrun --nnodes=2 --nproc-per-node=8 ... -m prolix.trainer.cli train rollout.placement=split ...
 
 The torchrun world is divided by rank: the first `world − rollout.rollout_ranks` ranks train
-(`SplitTrainer`, the loop's `Parallelism`: FSDP2 among them when there are several, exactly as
-`distributed.DataParallel`), the last `rollout_ranks` each hold one engine (`serve_rollouts`)
+(`placement.SplitTrainer`: FSDP2 among them when there are several, as in the colocated
+placement), the last `rollout_ranks` each hold one engine (`rollout_rank.serve_rollouts`)
 and run `rollouts.Rollouts.collect_groups` for step after step, the prompts of a step shared
 among them, their rewards scored by a `RewardPool`. No other framework: four process groups
 built at start-up, the same on NCCL (GPUs) and gloo (CPU):
@@ -34,7 +34,7 @@ the trainer's own old_logp, and the truncated importance weight min(π_old/π_ro
 (`rollout.split_tis_cap`, unless algorithm.loss sets tis_cap or rollout_correction itself).
 
 Weight sync: the trainer iterates the full parameters (gathered tensor by tensor from the FSDP
-shards: `distributed.full_parameters`), packs them into flat buckets of `rollout.sync_bucket_mb`
+shards: `Sharding.full_parameters`), packs them into flat buckets of `rollout.sync_bucket_mb`
 and broadcasts each; the rollout ranks unpack into the same names and `load_weights` into their
 engine between generate calls. After each sync both sides compute the log-probs of one fixed
 probe sequence; the trainer reports the largest difference as `sync/probe_logp_max_diff`.
@@ -83,7 +83,7 @@ def batch_version(step: int, start: int, max_staleness: int) -> int:
 
 def broadcasts_version(version: int, start: int, steps: int, max_staleness: int) -> bool:
     """Whether the trainer sends `version` (after training step `version`): some batch of the
-    run is generated with it. The start version is always sent (`SplitTrainer.begin`)."""
+    run is generated with it. The start version is always sent (`SplitBatches.begin`)."""
     return start < version <= steps - 1 - max_staleness
 
 
