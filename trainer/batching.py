@@ -12,7 +12,7 @@ from prolix.kernels import GRPOLossConfig, seq_ids
 from prolix.kernels.rollout_correction import kept_counts, rollout_correction
 
 from .packing import SequenceRecord
-from .rollouts import Group
+from .rollout.rollouts import Group
 
 __all__ = ["MiniBatchCorrection", "make_records", "mini_batches", "regroup", "correction", "normalizer"]
 

@@ -7,10 +7,10 @@ from collections.abc import Callable
 import torch
 
 from .config import EvalConfig
-from .engines import SamplingConfig
 from .metrics import pass_at_k
 from .problem import Problem
 from .rewards import pop_reward_errors, score
+from .rollout.engines import SamplingConfig
 
 __all__ = ["heldout_metrics"]
 

@@ -4,7 +4,7 @@ One step (`Trainer.train_step`):
 
     groups  = collect_groups(step)        rollout → reward (+ overlong shaping) → group advantages,
                                           dynamic sampling refills the batch with informative groups
-                                          (`rollouts.Rollouts`; in the split placement the rollout
+                                          (`rollout.Rollouts`; in the split placement the rollout
                                           ranks run it and the batch arrives)
     records = make_records(groups)        prompt+response ids, the advantage broadcast per token,
                                           the engine's log-probs (for TIS / rollout correction)
@@ -61,7 +61,6 @@ from prolix.kernels.rollout_correction import PREFIX as CORRECTION_PREFIX
 from . import batching, checkpoint, nvtx
 from .config import TrainConfig
 from .data import Data, check_prompt_lengths, prepare_data
-from .engines import SamplingConfig
 from .evaluation import heldout_metrics
 from .guards import DivergenceGuard, NonFiniteLogitsError, TrainingDivergedError
 from .metrics import (
@@ -78,7 +77,8 @@ from .packing import SequenceRecord, pack_microbatch
 from .parallel import Parallel, UpdateStats, init_parallelism
 from .preflight import policy_source
 from .problem import Problem
-from .rollouts import Group, Rollouts, rollout_seed
+from .rollout.engines import SamplingConfig
+from .rollout.rollouts import Group, Rollouts, rollout_seed
 from .signals import RunStopped, StopRequest, close_run
 from .tokenizer import load_tokenizer
 

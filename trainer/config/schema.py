@@ -29,15 +29,15 @@ __all__ = ["ModelConfig", "DemoConfig", "DataConfig", "RolloutConfig", "Algorith
 Placement = Literal["colocated", "split"]
 """Where generation runs: with training, in turn, or on rollout ranks of its own (`parallel.split`)."""
 EngineName = Literal["torch", "vllm"]
-"""The rollout engines (`engines.ENGINES`)."""
+"""The rollout engines (`rollout.engines.ENGINES`)."""
 AttnBackend = Literal["auto", "flash_attn", "torch_varlen", "sdpa_block_mask", "sdpa_per_sequence"]
 """Packed attention backends (`model.ATTN_BACKENDS`)."""
 KernelBackend = Literal["auto", "torch", "triton"]
 """`prolix.kernels` backends: Triton on CUDA tensors, streaming torch on CPU, or "auto"."""
 AdvantageMethod = Literal["grpo", "dr_grpo"]
-"""Group advantages (`advantages.group_advantages`)."""
+"""Group advantages (`rollout.advantages.group_advantages`)."""
 OverlongMode = Literal["none", "penalty", "mask"]
-"""Truncated responses (`advantages.shape_overlong`)."""
+"""Truncated responses (`rollout.advantages.shape_overlong`)."""
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -145,7 +145,7 @@ class RolloutConfig:
     """Sampling of the training rollouts."""
 
     engine: str = "torch"
-    """Rollout engine by name (`prolix.trainer.engines.ENGINES`): "vllm" or "torch" (a KV-cache
+    """Rollout engine by name (`prolix.trainer.rollout.engines.ENGINES`): "vllm" or "torch" (a KV-cache
     sampler for machines without vLLM); checked at load, before any model is built."""
     n: int = 8
     """Samples per prompt (the GRPO group). ProRL: 16."""
@@ -222,7 +222,7 @@ class AlgorithmConfig:
     """Rollout rounds per step at most when refilling; a batch still short trains on what it has."""
     overlong: OverlongMode = "none"
     """Responses truncated at max_tokens: "none", "penalty" (reward lowered, see
-    `advantages.shape_overlong`) or "mask" (excluded from the loss, DAPO's overlong filtering)."""
+    `rollout.advantages.shape_overlong`) or "mask" (excluded from the loss, DAPO's overlong filtering)."""
     overlong_penalty: float = 1.0
     """Reward subtracted from truncated responses in "penalty" mode."""
 

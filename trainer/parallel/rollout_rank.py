@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 
 from ..config import TrainConfig
-from ..rollouts import Rollouts
+from ..rollout.rollouts import Rollouts
 from .colocated import shared_rollout
 from .comm import GroupComm
 from .split import (
@@ -131,9 +131,9 @@ class RolloutServer:
 def run_rollout_rank(cfg: TrainConfig, train_source, rank: RolloutRank) -> None:
     """Build this rollout rank's engine (on the policy's architecture and tokenizer from
     model.path; the weights come from the trainer) and its reward pool, then `serve_rollouts`."""
-    from ..engines import make_engine
     from ..model import load_policy
     from ..reward_pool import RewardPool
+    from ..rollout.engines import make_engine
     from ..tokenizer import load_tokenizer
 
     path = Path(cfg.model.path)

@@ -6,7 +6,7 @@
 The torchrun world is divided by rank: the first `world − rollout.rollout_ranks` ranks train
 (`placement.SplitTrainer`: FSDP2 among them when there are several, as in the colocated
 placement), the last `rollout_ranks` each hold one engine (`rollout_rank.serve_rollouts`)
-and run `rollouts.Rollouts.collect_groups` for step after step, the prompts of a step shared
+and run `rollout.Rollouts.collect_groups` for step after step, the prompts of a step shared
 among them, their rewards scored by a `RewardPool`. No other framework: four process groups
 built at start-up, the same on NCCL (GPUs) and gloo (CPU):
 
@@ -41,7 +41,7 @@ probe sequence; the trainer reports the largest difference as `sync/probe_logp_m
 
 Engines: the torch sampler, or vLLM with its engine core in a process of its own (a world of
 one: vLLM must not join the torchrun world), which reads each sync from a safetensors file in
-/dev/shm (`engines.VLLMEngine(separate_process=True)`); the probe is then vLLM's prompt log-probs.
+/dev/shm (`rollout.engines.VLLMEngine(separate_process=True)`); the probe is then vLLM's prompt log-probs.
 
 Resume: the checkpoint holds the prompt sampler's state after the last trained batch; the
 rollout ranks restart from it (batches in flight are discarded and regenerated: the same
@@ -60,7 +60,7 @@ import torch
 import torch.distributed as dist
 
 from ..config import ConfigError
-from ..rollouts import Group
+from ..rollout.rollouts import Group
 
 __all__ = ["Layout", "PlacementError", "Groups", "Batch", "new_groups", "batch_version", "broadcasts_version",
            "call", "lost", "send_message", "receive_message", "header", "send_weights", "receive_weights",

@@ -9,8 +9,8 @@ import time
 import torch
 
 from ..config import TrainConfig
-from ..engines import sequence_logprobs
-from ..rollouts import Group
+from ..rollout.engines import sequence_logprobs
+from ..rollout.rollouts import Group
 from .colocated import shared_rollout
 from .protocols import Communication, Sharding
 from .split import (

@@ -11,7 +11,7 @@ from collections.abc import Iterable
 
 import torch
 
-from ..guards import NonFiniteLogitsError
+from ...guards import NonFiniteLogitsError
 from .base import Completion, SamplingConfig, check_prompts, stop_token_ids
 
 __all__ = ["TorchSampler", "sample_tokens", "sequence_logprobs"]

@@ -209,7 +209,7 @@ class VLLMEngine:
         set_num_threads = torch.set_num_threads
         try:
             if model_path is None:
-                from ..model import save_policy
+                from ...model import save_policy
                 self._tmpdir = tempfile.mkdtemp(prefix="prolix-vllm-")
                 weakref.finalize(self, shutil.rmtree, self._tmpdir, ignore_errors=True)   # if never closed
                 model_path = str(save_policy(model, self._tmpdir, tokenizer=tokenizer))

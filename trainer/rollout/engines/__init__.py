@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import torch
 
-from ..guards import NonFiniteLogitsError
+from ...guards import NonFiniteLogitsError
 from .base import Completion, RolloutEngine, SamplingConfig
 from .torch_sampler import TorchSampler, sample_tokens, sequence_logprobs
 from .vllm_engine import VLLMEngine, import_vllm

@@ -21,14 +21,14 @@ from typing import Any
 
 import torch
 
-from . import nvtx
+from .. import nvtx
+from ..config import TrainConfig
+from ..problem import Problem, ProblemSource
+from ..reward_pool import RewardPool
+from ..rewards import pop_reward_errors
+from ..tokenizer import format_prompt
 from .advantages import group_advantages, informative_groups, shape_overlong
-from .config import TrainConfig
 from .engines import Completion, SamplingConfig, make_engine
-from .problem import Problem, ProblemSource
-from .reward_pool import RewardPool
-from .rewards import pop_reward_errors
-from .tokenizer import format_prompt
 
 __all__ = ["Group", "Rollouts", "rollout_seed"]
 
@@ -57,7 +57,7 @@ class Rollouts:
 
     def __init__(self, cfg: TrainConfig, train: ProblemSource, tokenizer, engine, *,
                  rollout: Rollout | None = None, pool: RewardPool | None = None) -> None:
-        """`train`: the training prompt source; `engine`: the rollout engine (engines.py);
+        """`train`: the training prompt source; `engine`: the rollout engine (`engines`);
         `rollout`: how a call is shared among processes (default: all here); `pool`: the reward
         scorer (default: serial, in this process)."""
         self.cfg, self.train, self.tokenizer, self.engine = cfg, train, tokenizer, engine

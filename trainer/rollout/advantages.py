@@ -37,7 +37,7 @@ from typing import get_args
 
 import torch
 
-from .config import AdvantageMethod, OverlongMode
+from ..config import AdvantageMethod, OverlongMode
 
 __all__ = ["AdvantageMethod", "ADVANTAGE_METHODS", "OverlongMode", "OVERLONG_MODES", "group_advantages", "informative_groups", "shape_overlong"]
 
