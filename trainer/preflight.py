@@ -2,17 +2,16 @@
 
 `prolix train` runs `check_run(cfg, run_dir)` right after reading the config: a device that is
 not there, an engine that is not installed, a `model.path` that holds no model, a run directory
-that cannot be written. They raise `ConfigError` (exit status 2); before these checks a wrong
-`model.path` surfaced as a Hugging Face "Repo id must be in the form..." traceback, and
-`run.device=cuda` without CUDA as a traceback from the demo's warm start.
+that cannot be written. They raise `ConfigError` (exit status 2) instead of a traceback from
+deep inside Hugging Face or the demo's warm start.
 
 `os_error_line(e)` turns the write errors a run can meet later (full disk, read-only or
 unwritable folder) into the same kind of line; other OSErrors are unexpected and keep their
 traceback.
 
-Layer (.importlinter `trainer-layers`): beside `distributed`, between the loop and `config`. It
-reads the config schema and the model folder layout (`model`), and both the entry point
-(`train.py`) and the loop (`Trainer` checks `model.path` when it is built directly) call it.
+It reads the config schema, the model folder layout (`model`) and checkpoint manifests; both
+the entry point (`train.py`) and the loop (`Trainer` checks its model source when it is built
+directly: `policy_source`) call it.
 """
 
 from __future__ import annotations
