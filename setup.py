@@ -157,8 +157,10 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     # `prolix` itself is an implicit namespace package: it has no folder of its own.
-    packages=["prolix.kernels", "prolix.kernels.integrations", "prolix.trainer", "prolix.trainer.rewards",
-              "prolix.trainer.rewards.sandbox", "prolix.benchmarks"],
+    packages=["prolix.kernels", "prolix.kernels.integrations", "prolix.trainer", "prolix.benchmarks",
+              "prolix.trainer.checkpoint", "prolix.trainer.config", "prolix.trainer.parallel",
+              "prolix.trainer.rollout", "prolix.trainer.rollout.engines", "prolix.trainer.rewards",
+              "prolix.trainer.rewards.sandbox"],
     package_dir={
         "prolix.kernels": "kernels",
         "prolix.trainer": "trainer",

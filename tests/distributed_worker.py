@@ -25,9 +25,9 @@ from trainer_testing import tiny_overrides
 
 from prolix.trainer import loop
 from prolix.trainer.config import load_config
-from prolix.trainer.distributed import full_parameters
 from prolix.trainer.loop import Trainer
 from prolix.trainer.packing import SequenceRecord
+from prolix.trainer.parallel.sharding import full_parameters
 from prolix.trainer.train import main as train_main
 
 # One RL step of 4 prompts in 2 mini-batches, with old_logp (2 updates) and a KL term. The
@@ -106,9 +106,9 @@ def main(out: Path, base_model: Path, untied_model: Path, problems: Path, single
         trainer = Trainer(cfg, out / name / "run")
         dp = trainer.parallel                                               # a DataParallel: 2 ranks
         result = run_updates(trainer, premade_records(trainer.policy.config.vocab_size))
-        result["plans"] = dp.all_gather(result["plans"])                   # [rank][update][micro-batch]
-        result["world_size"] = dp.world_size
-        if dp.is_main:
+        result["plans"] = dp.comm.all_gather(result["plans"])                   # [rank][update][micro-batch]
+        result["world_size"] = dp.comm.world_size
+        if dp.comm.is_main:
             torch.save(result, out / f"update_{name}.pt")
         trainer.engine.close()
 
@@ -118,7 +118,7 @@ def main(out: Path, base_model: Path, untied_model: Path, problems: Path, single
     def save_and_record(self):
         path = save(self)
         state = state_of(self)
-        if self.parallel.is_main:
+        if self.parallel.comm.is_main:
             torch.save(state, out / f"saved_{self.state.step}.pt")
         return path
 
@@ -133,7 +133,7 @@ def main(out: Path, base_model: Path, untied_model: Path, problems: Path, single
     cfg = load_config(single_ckpt.parent.parent / "config.yaml")
     trainer = Trainer(cfg, single_ckpt.parent.parent, resume_from=single_ckpt)
     state = state_of(trainer)
-    if dp.is_main:
+    if dp.comm.is_main:
         torch.save(state, out / "resumed.pt")
     trainer.engine.close()
     torch.distributed.destroy_process_group()

@@ -22,7 +22,7 @@ def record_batches(out: Path) -> None:
 
     def collect_and_record(self, step):
         groups, metrics = collect(self, step)
-        if self.parallel.is_main:
+        if self.parallel.comm.is_main:
             row = {"step": step, "groups": [{"prompt": g.problem.prompt,
                                              "responses": [c.response_ids for c in g.completions],
                                              "rewards": g.rewards.tolist()} for g in groups]}

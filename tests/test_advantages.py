@@ -7,7 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from prolix.trainer.advantages import group_advantages, informative_groups, shape_overlong
+from prolix.trainer.rollout.advantages import group_advantages, informative_groups, shape_overlong
 
 
 def test_grpo_advantages_match_hand_computed_values():

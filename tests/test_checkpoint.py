@@ -126,7 +126,7 @@ def test_a_resumed_trainer_samples_and_trains_exactly_the_next_step(base_model, 
 KILLER = textwrap.dedent("""
     import os, signal, sys
     sys.path.insert(0, {tests!r})
-    from prolix.trainer import checkpoint
+    from prolix.trainer.checkpoint import store as checkpoint
     from prolix.trainer.train import main
 
     real, calls = checkpoint.capture_rng, []

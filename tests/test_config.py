@@ -115,7 +115,7 @@ def test_model_context_smaller_than_the_budget_is_rejected(jsonl):
 
 
 def test_missing_answer_field_is_a_config_error_naming_file_row_and_field(tmp_path):
-    from prolix.trainer.loop import prepare_data
+    from prolix.trainer.data import prepare_data
 
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "1+1", "answer": "2"}\n{"prompt": "2+2"}\n')

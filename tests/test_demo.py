@@ -15,7 +15,8 @@ from trainer_testing import SMALL_DEMO
 
 from prolix.trainer import demo
 from prolix.trainer.config import load_config
-from prolix.trainer.loop import load_tokenizer, prepare_data
+from prolix.trainer.data import prepare_data
+from prolix.trainer.tokenizer import load_tokenizer
 from prolix.trainer.train import main as train_main
 
 pytest.importorskip("reasoning_gym")

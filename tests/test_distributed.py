@@ -28,12 +28,12 @@ from distributed_worker import STEP, premade_records, run_updates
 from trainer_testing import TESTS, as_jsonl_record, offline_runs, read_jsonl, tiny_overrides, wandb_importable
 from transformers import AutoModelForCausalLM
 
-from prolix.trainer import distributed
 from prolix.trainer.config import load_config, save_config
 from prolix.trainer.loop import Trainer
 from prolix.trainer.model import save_policy
 from prolix.trainer.packing import attention_crossover, balance
 from prolix.trainer.parallel import SingleProcess
+from prolix.trainer.parallel.launch import torchrun_command
 from prolix.trainer.train import build_parser, launch_command
 from prolix.trainer.train import main as train_main
 
@@ -215,7 +215,7 @@ def test_nproc_builds_the_torchrun_command():
     args = build_parser().parse_args(["--resume", "runs/x", "--nproc=2", "run.steps=10"])
     assert launch_command(args)[-5:] == ["prolix.trainer.cli", "train", "--resume", "runs/x", "run.steps=10"]
     with pytest.raises(ValueError, match="--nproc"):
-        distributed.torchrun_command(0, [])
+        torchrun_command(0, [])
 
 
 def test_nproc_inside_torchrun_is_an_error(monkeypatch, capsys):

@@ -19,10 +19,10 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
-from prolix.trainer.engines import ENGINES, SamplingConfig, TorchSampler, make_engine, sample_tokens
 from prolix.trainer.model import logprobs as policy_logprobs
 from prolix.trainer.model import save_policy
 from prolix.trainer.packing import SequenceRecord, pack
+from prolix.trainer.rollout.engines import ENGINES, SamplingConfig, TorchSampler, make_engine, sample_tokens
 
 ALPHABET = "abcdefghijklmnopqrstuvwxyz0123456789 +-*/=()<>.,?"
 MAX_MODEL_LEN = 128

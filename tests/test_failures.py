@@ -29,12 +29,14 @@ import torch
 from safetensors.torch import load_file
 from trainer_testing import TESTS, read_jsonl, tiny_overrides
 
-from prolix.trainer import checkpoint, engines, metrics
+from prolix.trainer import metrics
+from prolix.trainer.checkpoint import store as checkpoint
 from prolix.trainer.config import ConfigError, load_config
-from prolix.trainer.engines import sample_tokens
 from prolix.trainer.guards import NonFiniteLogitsError, all_finite
 from prolix.trainer.loop import Trainer
 from prolix.trainer.metrics import MetricsFileError, MetricsLogger
+from prolix.trainer.rollout import engines
+from prolix.trainer.rollout.engines import sample_tokens
 from prolix.trainer.train import main as train_main
 
 # the signal tests compare this process's runs with a subprocess's (OMP_NUM_THREADS="1") bit for bit

@@ -14,7 +14,8 @@ import torch
 from trainer_testing import make_trainer, read_jsonl
 from transformers import AutoModelForCausalLM
 
-from prolix.trainer.loop import Trainer, load_tokenizer
+from prolix.trainer.loop import Trainer
+from prolix.trainer.tokenizer import load_tokenizer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

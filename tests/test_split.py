@@ -33,7 +33,7 @@ from trainer_testing import TESTS, read_jsonl, tiny_overrides
 
 from prolix.trainer import checkpoint
 from prolix.trainer.config import ConfigError, load_config
-from prolix.trainer.split import Layout, batch_version, broadcasts_version
+from prolix.trainer.parallel.split import Layout, batch_version, broadcasts_version
 
 TIMEOUT_S = 300        # a torchrun world of two takes ~20 s on 2 busy cores
 KILL_BOUND_S = 120     # from a killed rank to the end of the whole run

@@ -10,7 +10,7 @@
     prolix bench rl-overlap [--steps 10] [--passes 2] [--out DIR]   # split placement vs the synchronous loop (CPU)
     prolix bench reward-pool [--workers 0,1,2] [--reps 5] [--quick] [--out DIR]   # scored responses/s
     prolix train [--config X.yaml] [--resume DIR] [--nproc G] [key=value ...]   # see prolix.trainer.train
-    torchrun --nproc-per-node=G -m prolix.trainer.cli train ...     # data parallel (trainer/distributed.py)
+    torchrun --nproc-per-node=G -m prolix.trainer.cli train ...     # data parallel (trainer/parallel/)
 
 Everything heavy (torch, the kernels, the trainer, the benchmark suite) is imported inside the
 handler, so `prolix --help` is instant and needs no trainer dependency.
@@ -89,7 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     bench = commands.add_parser("bench", help="benchmark the kernels against their baselines",
                                 description="Benchmark prolix's kernels against the baselines of "
-                                            "shared/BENCHMARKS.md; writes JSON, a markdown table and a PNG.")
+                                            "benchmarks/; writes JSON, a markdown table and a PNG.")
     what = bench.add_subparsers(dest="what", required=True, metavar="KERNEL")
     sweep = _sweep_options()
     helps = {"linear-logprobs": "fused LM head + log-prob gather", "grpo-loss": "GRPO loss on [N] log-probs",

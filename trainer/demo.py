@@ -41,6 +41,7 @@ import torch
 from transformers import AutoModelForCausalLM, Qwen2Config
 
 from .config import TrainConfig
+from .data import check_prompt_lengths
 from .model import logprobs, prepare_policy, save_policy
 from .packing import SequenceRecord, pack
 from .problem import Problem
@@ -111,7 +112,6 @@ def warm_start(model, tokenizer, cfg: TrainConfig, data, *, device: torch.device
 
 def build_base_model(cfg: TrainConfig, run_dir: str | Path, data) -> Path:
     """Tokenizer + tiny Qwen2 + warm start, saved in HF format to RUN/base_model; returns the path."""
-    from .loop import check_prompt_lengths
 
     out = Path(run_dir) / "base_model"
     t0 = time.perf_counter()

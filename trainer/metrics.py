@@ -13,7 +13,7 @@ JSONL keys (means over the step's response tokens unless said otherwise):
     loss, pg_loss, kl, entropy, clip_frac, clip_frac_low, clip_frac_high, ratio_mean, ratio_max
     grad_norm (before clipping; null when an update of the step was skipped), lr
     updates, skipped_update         optimizer updates of the step, and how many of them were
-                                    skipped on a non-finite loss or gradient norm (loop.py)
+                                    skipped on a non-finite loss or gradient norm (`loop.Trainer.update`)
     consecutive_skips               steps in a row without an applied update (the run stops at
                                     optim.max_consecutive_skips)
     perf/rollout_tokens_per_s       generated tokens per second of rollout
@@ -22,7 +22,7 @@ JSONL keys (means over the step's response tokens unless said otherwise):
     perf/trainer_idle_s, /engine_idle_s   seconds the trainer waited for the batch and the engine
                                     for weights (colocated: the whole rollout, the whole update)
     perf/policy_lag_mean, /max      updates between the sampling and the trained policy (split
-                                    placement; 0 colocated); sync/probe_logp_max_diff: split.py
+                                    placement; 0 colocated); sync/probe_logp_max_diff: `parallel.split`
     perf/mfu                        CUDA only: model FLOPs / (time · peak), formula in `train_flops`
     reference/resets                resets so far; reference/reset_reason on the step of a reset
     eval/<task>/pass@1, eval/<task>/pass@k, eval/<task>/accuracy, eval/score   on eval steps
@@ -41,6 +41,7 @@ import torch
 from .sinks import MetricSink, SinkContext, SinkSettings, describe_error, open_sinks
 
 __all__ = ["MetricsLogger", "MetricsFileError", "JsonlSink", "SilentLogger", "is_extreme", "merge_extremes", "pass_at_k",
+           "policy_flops", "step_throughput", "reduce_updates",
            "train_flops", "peak_flops", "plot_curves", "read_metrics", "read_metrics_tolerant", "records_to_resume"]
 
 METRICS_FILE = "metrics.jsonl"
@@ -85,6 +86,49 @@ def train_flops(num_params: int, num_layers: int, attn_width: int, seq_lengths: 
     tokens = sum(seq_lengths)
     squares = sum(L * L for L in seq_lengths)
     return passes * (2.0 * num_params * tokens + 2.0 * num_layers * attn_width * squares)
+
+
+def policy_flops(policy: torch.nn.Module, seq_lengths: list[int], *, passes: float) -> float:
+    """`train_flops` of a Hugging Face causal LM: the weights touched per token are all but the
+    input embedding (a lookup), plus the LM head (the embedding again when they are tied)."""
+    c = policy.config
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    embed = policy.get_input_embeddings().weight
+    params = sum(p.numel() for p in policy.parameters()) - embed.numel()
+    if c.tie_word_embeddings:
+        params += embed.numel()
+    return train_flops(params, c.num_hidden_layers, c.num_attention_heads * head_dim, seq_lengths, passes=passes)
+
+
+def step_throughput(metrics: dict[str, Any], seq_lengths: list[int], t_rollout: float, t_train: float,
+                    epochs: int) -> dict[str, float]:
+    """A step's throughput and overlap metrics; the perf/* entries a batch source reported
+    (the split placement's waits, lag and generation time) are taken out of `metrics`.
+    Colocated, the trainer waits for the whole rollout and the engine for the whole update."""
+    generation_s = metrics.pop("perf/generation_s", t_rollout)
+    return {"batch/sequences": len(seq_lengths), "perf/rollout_s": generation_s, "perf/train_s": t_train,
+            "perf/rollout_tokens_per_s": metrics.pop("perf/rollout_tokens") / max(generation_s, 1e-9),
+            "perf/train_tokens_per_s": epochs * sum(seq_lengths) / max(t_train, 1e-9),
+            "perf/trainer_idle_s": metrics.pop("perf/trainer_idle_s", t_rollout),
+            "perf/engine_idle_s": metrics.pop("perf/engine_idle_s", t_train),
+            "perf/policy_lag_mean": metrics.pop("perf/policy_lag_mean", 0.0),
+            "perf/policy_lag_max": metrics.pop("perf/policy_lag_max", 0.0)}
+
+
+def reduce_updates(stats: list[dict[str, float]]) -> dict[str, float]:
+    """A step's metrics from its updates': the mean (max for *_max, min for *_min, the sum for
+    skipped_update). An update skipped on its first micro-batch has no loss-term metrics:
+    those average over the others."""
+    if not stats:
+        return {"updates": 0}
+    out = {}
+    for key in dict.fromkeys(k for s in stats for k in s):        # every key, in first-seen order
+        values = [s[key] for s in stats if key in s]
+        reduce = max if key.endswith("_max") else min if key.endswith("_min") else (lambda v: sum(v) / len(v))
+        out[key] = reduce(values)
+    out["skipped_update"] = sum(s["skipped_update"] for s in stats)
+    out["updates"] = len(stats)
+    return out
 
 
 def peak_flops(device: torch.device) -> float | None:

@@ -32,8 +32,8 @@ One path from a packed batch to the kernels, for the trainer and for any caller:
 `head_inputs(model, batch)` (decoder under optional autocast → hidden [N, H], LM-head weight
 [V, H], one dtype), then `logprobs_from_hidden` / `grpo_loss_from_hidden` (`prolix.kernels`,
 which stream over the vocabulary instead of holding [N, V] logits). `logprobs` and
-`packed_grpo_loss` are the two composed; the trainer composes them through its parallelism
-(`parallel.py`), whose `forward` is `head_inputs` itself or, under FSDP, the root's forward.
+`packed_grpo_loss` are the two composed; the trainer composes them through its sharding
+(`parallel.sharding`), whose `forward` is `head_inputs` itself or, under FSDP, the root's forward.
 
 Shapes: N packed rows, S sequences, H hidden, V vocabulary, h/h_kv query/key heads, D head dim.
 """
@@ -41,13 +41,14 @@ Shapes: N packed rows, S sequences, H hidden, V vocabulary, h/h_kv query/key hea
 from __future__ import annotations
 
 import contextvars
+import copy
 import functools
 import inspect
 import os
 import shutil
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Literal, get_args
+from typing import get_args
 
 import torch
 import torch.nn.functional as F
@@ -56,9 +57,10 @@ from transformers import AttentionInterface, AutoModelForCausalLM, PreTrainedMod
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from prolix.kernels import GRPOLossConfig, fused_linear_grpo_loss, linear_logprobs
+from prolix.kernels import GRPOLossConfig, fused_linear_grpo_loss, linear_logprobs, seq_ids
 from prolix.kernels.lm_head import plain_lm_head_weight
 
+from .config import AttnBackend
 from .packing import PackedBatch
 
 __all__ = [
@@ -67,6 +69,8 @@ __all__ = [
     "AttnBackend",
     "load_policy",
     "save_policy",
+    "check_model_dir",
+    "frozen_copy",
     "prepare_policy",
     "forward_hidden",
     "lm_head_weight",
@@ -79,7 +83,6 @@ __all__ = [
 ]
 
 ATTN_IMPLEMENTATION = "prolix_packed"
-AttnBackend = Literal["auto", "flash_attn", "torch_varlen", "sdpa_block_mask", "sdpa_per_sequence"]
 ATTN_BACKENDS = get_args(AttnBackend)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
                    "vocab.json", "merges.txt", "tokenizer.model", "chat_template.jinja", "chat_template.json")
@@ -165,7 +168,7 @@ def _sdpa_block_mask(q, k, v, cu: torch.Tensor, scaling, dropout, window) -> tor
     """q: (1, h, N, D), k/v: (1, h_kv, N, D) → (1, h, N, D), one SDPA call under a block-diagonal
     causal mask. K/V are repeated to h heads: SDPA's memory-efficient kernel takes masks but not GQA."""
     n = q.shape[2]
-    seq = torch.repeat_interleave(torch.arange(cu.numel() - 1, device=q.device), torch.diff(cu).long())
+    seq = seq_ids(cu, n)
     pos = torch.arange(n, device=q.device)
     mask = _causal_band(pos, pos, window) & (seq[:, None] == seq[None, :])          # (N, N)
     rep = q.shape[1] // k.shape[1]
@@ -293,7 +296,7 @@ def prepare_policy(model: PreTrainedModel, *, gradient_checkpointing: bool = Fal
     return model
 
 
-def _check_model_dir(path: str | os.PathLike) -> Path:
+def check_model_dir(path: str | os.PathLike) -> Path:
     """The checkpoint directory, or FileNotFoundError naming the path and what is missing."""
     path = Path(path)
     if not path.exists():
@@ -327,7 +330,7 @@ def load_policy(path: str | os.PathLike, dtype: torch.dtype | None = None, devic
         FileNotFoundError / NotADirectoryError naming `path` when it is missing, not a
         directory, or holds no config or no safetensors weights.
     """
-    path = _check_model_dir(path)
+    path = check_model_dir(path)
     device = torch.device(device) if device is not None else _default_device()
     if dtype is None:
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -339,6 +342,15 @@ def load_policy(path: str | os.PathLike, dtype: torch.dtype | None = None, devic
                                                  **{dtype_kw: dtype})
     model.to(device)
     return prepare_policy(model, gradient_checkpointing=gradient_checkpointing, liger=liger)
+
+
+def frozen_copy(policy: torch.nn.Module, compute_dtype: torch.dtype | None) -> torch.nn.Module:
+    """A copy of `policy` that only ever runs forward (the reference): stored in the compute
+    dtype when there is one, in eval mode, without gradients."""
+    ref = copy.deepcopy(policy)
+    if compute_dtype is not None:
+        ref.to(compute_dtype)
+    return ref.eval().requires_grad_(False)
 
 
 def save_policy(model: PreTrainedModel, path: str | os.PathLike, *, tokenizer=None,
@@ -421,7 +433,7 @@ def head_inputs(model: PreTrainedModel, batch: PackedBatch, *, attn_backend: str
     in one dtype. With `compute_dtype` (bf16) the decoder runs under torch.autocast and both are
     cast to it (the cast is differentiable, so fp32 master weights get their gradient); without,
     both stay in the weight's dtype. This is the trainer's forward (under FSDP, the root's
-    registered forward: `distributed.DataParallel.prepare`)."""
+    registered forward: `parallel.sharding.FSDP2.prepare`)."""
     context = torch.autocast(batch.input_ids.device.type, dtype=compute_dtype) if compute_dtype else nullcontext()
     with context:
         hidden = forward_hidden(model, batch, attn_backend=attn_backend)            # (N, H)

@@ -48,6 +48,8 @@ from typing import Any
 
 import torch
 
+from prolix.kernels import seq_ids
+
 __all__ = [
     "IGNORE_INDEX",
     "DEFAULT_ATTENTION_CROSSOVER",
@@ -210,8 +212,7 @@ class PackedBatch:
 
     def seq_ids(self) -> torch.Tensor:
         """[N] int64: the sequence index of each row."""
-        lengths = torch.diff(self.cu_seqlens).long()
-        return torch.repeat_interleave(torch.arange(self.num_sequences, device=lengths.device), lengths)
+        return seq_ids(self.cu_seqlens, int(self.cu_seqlens[-1]))
 
     def to(self, device: torch.device | str, *, non_blocking: bool = False) -> PackedBatch:
         """A copy with every tensor on `device` (a no-op copy of references if already there)."""
@@ -286,7 +287,7 @@ def pack(sequences: Sequence[SequenceRecord | Mapping], *, ignore_index: int = I
     cu[1:] = torch.cumsum(lengths, 0)
     n = int(cu[-1])
 
-    seq_id = torch.repeat_interleave(torch.arange(len(records)), lengths)       # (N,)
+    seq_id = seq_ids(cu, n)                                                     # (N,)
     local = torch.arange(n) - cu[:-1][seq_id]                                   # (N,) position in sequence
     last = local == lengths[seq_id] - 1
     input_ids = torch.cat(ids)

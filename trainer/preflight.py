@@ -2,17 +2,16 @@
 
 `prolix train` runs `check_run(cfg, run_dir)` right after reading the config: a device that is
 not there, an engine that is not installed, a `model.path` that holds no model, a run directory
-that cannot be written. They raise `ConfigError` (exit status 2); before these checks a wrong
-`model.path` surfaced as a Hugging Face "Repo id must be in the form..." traceback, and
-`run.device=cuda` without CUDA as a traceback from the demo's warm start.
+that cannot be written. They raise `ConfigError` (exit status 2) instead of a traceback from
+deep inside Hugging Face or the demo's warm start.
 
 `os_error_line(e)` turns the write errors a run can meet later (full disk, read-only or
 unwritable folder) into the same kind of line; other OSErrors are unexpected and keep their
 traceback.
 
-Layer (.importlinter `trainer-layers`): beside `distributed`, between the loop and `config`. It
-reads the config schema and the model folder layout (`model`), and both the entry point
-(`train.py`) and the loop (`Trainer` checks `model.path` when it is built directly) call it.
+It reads the config schema, the model folder layout (`model`) and checkpoint manifests; both
+the entry point (`train.py`) and the loop (`Trainer` checks its model source when it is built
+directly: `policy_source`) call it.
 """
 
 from __future__ import annotations
@@ -25,9 +24,11 @@ from pathlib import Path
 
 import torch
 
+from .checkpoint import verify_checkpoint
 from .config import ConfigError, TrainConfig
 
-__all__ = ["check_run", "check_device", "check_engine", "check_model_path", "check_writable", "os_error_line"]
+__all__ = ["check_run", "check_device", "check_engine", "check_model_path", "check_writable", "os_error_line",
+           "policy_source"]
 
 # The write errors of a full, read-only or unwritable file system: the user's to fix, not a bug.
 EXPECTED_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
@@ -54,10 +55,10 @@ def check_engine(engine: str) -> None:
 
 def check_model_path(path: str) -> None:
     """`model.path`: a local Hugging Face model directory with a config, weights and a tokenizer."""
-    from .model import TOKENIZER_FILES, _check_model_dir
+    from .model import TOKENIZER_FILES, check_model_dir
 
     try:
-        _check_model_dir(path)
+        check_model_dir(path)
     except (FileNotFoundError, NotADirectoryError) as e:
         raise ConfigError(f"model.path: {e}") from None
     if not any((Path(path) / name).is_file() for name in TOKENIZER_FILES):
@@ -90,6 +91,20 @@ def check_run(cfg: TrainConfig, run_dir: Path | None) -> None:
     check_writable(folder, key)
     if (folder / "checkpoints").is_dir():
         check_writable(folder / "checkpoints", key)
+
+
+def policy_source(cfg: TrainConfig, resume_from: str | Path | None, resume_verified: bool) -> Path:
+    """The folder a `Trainer` reads the policy and tokenizer from: model.path, checked, or the
+    checkpoint it resumes, verified against its manifest unless the caller has done so
+    (`checkpoint.resolve_checkpoint` does), so no file is hashed twice."""
+    if not cfg.model.path and not resume_from:
+        raise ConfigError("model.path: empty (the demo builds its model before the trainer starts)")
+    if not resume_from:
+        check_model_path(cfg.model.path)          # one line naming model.path, not a Hub error
+        return Path(cfg.model.path)
+    if not resume_verified:
+        verify_checkpoint(resume_from)
+    return Path(resume_from)
 
 
 def os_error_line(e: OSError) -> str | None:

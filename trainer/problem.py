@@ -1,9 +1,9 @@
 """The types every part of the trainer passes problems in: a `Problem` (one question, its ground
 truth, the name of the reward that scores it) and the `ProblemSource` protocol that yields them.
 
-A leaf module: the tasks that build problems (`tasks.py`), the rewards that score them
-(`reward_registry.py`, `rewards.py`, `code_reward.py`) and the loop import it, and it imports
-nothing of theirs.
+A leaf module, the bottom of the trainer's layers: the tasks that build problems (`tasks`),
+the reward code that scores them (`rewards`) and the loop import it, and it imports nothing
+of theirs.
 """
 
 from __future__ import annotations

@@ -13,9 +13,9 @@ raises `RunStopped`; `prolix train` then exits with 128 + the signal number (130
 skipped when the failure is a write error (a full disk would fail it too), and errors while
 closing are reported as a warning instead of replacing the one that stopped the run.
 
-Layer (.importlinter `trainer-layers`): a leaf, beside `packing` and `tokenizer`: it imports
-nothing of prolix, and the loop (`Trainer.fit` polls the request; under data parallelism the
-ranks agree through `Parallelism.stop_signal`) and the entry point (`train.py`) both use it.
+It imports nothing of prolix: the loop (`Trainer.fit` polls the request; under data
+parallelism the ranks agree through `Communication.stop_signal`) and the entry point
+(`train.py`) both use it.
 """
 
 from __future__ import annotations

@@ -30,7 +30,7 @@ import subprocess
 from pathlib import Path
 from typing import Any, Callable, Protocol
 
-from .config_tree import config_to_dict
+from .config import config_to_dict
 
 __all__ = ["MetricSink", "SinkSettings", "WandbSettings", "SinkContext", "TensorBoardSink", "WandbSink",
            "OPTIONAL_SINKS", "open_sinks", "git_commit", "describe_error", "WANDB_STATE_FILE"]

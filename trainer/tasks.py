@@ -29,17 +29,13 @@ out, drawn without replacement within a call. `metadata` is the whole row (for u
 
 from __future__ import annotations
 
-import dataclasses
-import difflib
 import json
 import math
-import os
 import random
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
-from . import rewards
+from .config.sources import SOURCE_KINDS, SourceConfig, create_rg_dataset
 from .problem import Problem, ProblemSource
 
 __all__ = [
@@ -53,16 +49,9 @@ __all__ = [
     "make_source",
 ]
 
-SOURCE_KINDS = ("reasoning_gym", "jsonl", "parquet")
-DEFAULT_REWARD = {"reasoning_gym": "reasoning_gym", "jsonl": "math_verify", "parquet": "math_verify"}
 TRAIN_SEED_SPACE = 2**31
 HELDOUT_SEED_OFFSET = 2**32
 MAX_DRAW_ROUNDS = 100  # sample(): fresh datasets tried before giving up on a tiny problem space
-
-
-def _close(word: str, choices) -> str:
-    near = difflib.get_close_matches(word, list(choices), n=5, cutoff=0.5)
-    return f"; did you mean {', '.join(map(repr, near))}?" if near else ""
 
 
 def _check_n(n: int) -> None:
@@ -70,87 +59,7 @@ def _check_n(n: int) -> None:
         raise ValueError(f"n must be an int >= 0, got {n!r}")
 
 
-def _rg_registry() -> dict:
-    from reasoning_gym.factory import DATASETS
-
-    return DATASETS
-
-
-@dataclasses.dataclass(kw_only=True)
-class SourceConfig:
-    """One prompt source; validated on construction."""
-
-    kind: str
-    """"reasoning_gym" | "jsonl" | "parquet"."""
-    name: str = ""
-    """reasoning-gym dataset name (e.g. "chain_sum"); for files the task name (default: file stem)."""
-    path: str = ""
-    """JSONL or parquet file (file kinds only)."""
-    prompt_field: str = "prompt"
-    answer_field: str = "answer"
-    reward: str = ""
-    """Reward fn name or "pkg.mod:fn"; default "reasoning_gym" for reasoning_gym, else "math_verify"."""
-    weight: float = 1.0
-    """Mixing weight among sources (> 0)."""
-    heldout_size: int = 64
-    """Held-out problems (distinct questions) kept out of training."""
-    dataset_kwargs: dict = dataclasses.field(default_factory=dict)
-    """Passed to reasoning_gym.create_dataset (difficulty etc.); not seed or size."""
-    seed: int = 0
-    """Seeds the held-out set (reasoning_gym) or the held-out split (files)."""
-
-    def __post_init__(self) -> None:
-        if self.kind not in SOURCE_KINDS:
-            raise ValueError(f"source kind must be one of {SOURCE_KINDS}, got {self.kind!r}"
-                             + _close(str(self.kind), SOURCE_KINDS))
-        if self.kind == "reasoning_gym":
-            self._validate_reasoning_gym()
-        else:
-            if not self.path:
-                raise ValueError(f"a {self.kind} source needs path=")
-            if not os.path.isfile(self.path):
-                raise ValueError(f"{self.kind} source path {self.path!r} is not a file (no such file)")
-            if not self.prompt_field or not self.answer_field:
-                raise ValueError(f"prompt_field and answer_field must be non-empty, got "
-                                 f"{self.prompt_field!r}, {self.answer_field!r}")
-            self.name = self.name or Path(self.path).stem
-        if not (isinstance(self.weight, (int, float)) and math.isfinite(self.weight) and self.weight > 0):
-            raise ValueError(f"weight must be a finite number > 0, got {self.weight!r} (source {self.name!r})")
-        if not isinstance(self.heldout_size, int) or self.heldout_size < 0:
-            raise ValueError(f"heldout_size must be an int >= 0, got {self.heldout_size!r} (source {self.name!r})")
-        self.reward = self.reward or DEFAULT_REWARD[self.kind]
-        rewards.get_reward(self.reward)  # unknown name / unimportable callable: fail now
-
-    def _validate_reasoning_gym(self) -> None:
-        registry = _rg_registry()
-        if self.name not in registry:
-            raise ValueError(f"unknown reasoning-gym dataset name={self.name!r}" + _close(self.name, registry)
-                             + f" ({len(registry)} datasets: see reasoning_gym.factory.DATASETS)")
-        if not isinstance(self.dataset_kwargs, dict):
-            raise ValueError(f"dataset_kwargs must be a dict, got {type(self.dataset_kwargs).__name__}")
-        for key in ("seed", "size"):
-            if key in self.dataset_kwargs:
-                raise ValueError(f"dataset_kwargs must not set {key!r}: the source picks seeds and sizes "
-                                 "(use SourceConfig.seed for the held-out set)")
-        _, config_cls = registry[self.name]
-        fields = {f.name for f in dataclasses.fields(config_cls)} - {"seed", "size"}
-        for key in self.dataset_kwargs:
-            if key not in fields:
-                raise ValueError(f"dataset_kwargs key {key!r} is not an option of reasoning-gym "
-                                 f"{self.name!r}{_close(key, fields)}; options: {sorted(fields)}")
-        _create_rg(self.name, self.dataset_kwargs, seed=0, size=1)  # value checks (config.validate)
-
-
 # --------------------------------------------------------------------------- reasoning-gym
-
-def _create_rg(name: str, kwargs: dict, *, seed: int, size: int):
-    import reasoning_gym
-
-    try:
-        return reasoning_gym.create_dataset(name, seed=seed, size=size, **kwargs)
-    except (AssertionError, TypeError, ValueError) as e:
-        raise ValueError(f"reasoning-gym {name!r} rejected dataset_kwargs={kwargs!r}: {e or type(e).__name__}") from e
-
 
 class ReasoningGymSource:
     """A reasoning-gym dataset: fresh seeds per training draw, a fixed deduplicated held-out set."""
@@ -175,7 +84,7 @@ class ReasoningGymSource:
         if want == 0:
             return []
         scan = 4 * want + 16  # room for duplicate questions in small problem spaces
-        ds = _create_rg(self.name, self.cfg.dataset_kwargs, seed=self.cfg.seed + HELDOUT_SEED_OFFSET, size=scan)
+        ds = create_rg_dataset(self.name, self.cfg.dataset_kwargs, seed=self.cfg.seed + HELDOUT_SEED_OFFSET, size=scan)
         seen: dict[str, Problem] = {}
         for i in range(scan):
             entry = ds[i]
@@ -191,7 +100,7 @@ class ReasoningGymSource:
         for _ in range(MAX_DRAW_ROUNDS):
             if len(out) >= n:
                 return out
-            ds = _create_rg(self.name, self.cfg.dataset_kwargs, seed=rng.randrange(TRAIN_SEED_SPACE), size=n)
+            ds = create_rg_dataset(self.name, self.cfg.dataset_kwargs, seed=rng.randrange(TRAIN_SEED_SPACE), size=n)
             for i in range(n):
                 entry = ds[i]
                 if entry["question"] not in self._heldout_questions:

@@ -9,7 +9,7 @@
     prolix train --nproc 8 --config cfg.yaml              # 8 GPUs of this node: FSDP2 data parallelism
     torchrun --nproc-per-node=8 -m prolix.trainer.cli train --config cfg.yaml   # the same, or multi-node
 
-The algorithm (loop.py): each step samples `optim.prompts_per_step` prompts and `rollout.n`
+The algorithm (`loop.Trainer`): each step samples `optim.prompts_per_step` prompts and `rollout.n`
 responses each, scores them with verifiable rewards, normalises rewards within each group
 (GRPO, or Dr.GRPO without the std), keeps only groups whose rewards differ (dynamic sampling,
 refilled from fresh prompts), and takes `optim.prompts_per_step / optim.mini_batch_prompts`
@@ -41,7 +41,7 @@ sampling: the run stops without checkpointing, so `--resume` restarts from the l
 130 / 143 after SIGINT / SIGTERM. Unexpected errors keep their traceback.
 
 Many GPUs: under torchrun every rank runs this entry point; rank 0 alone creates the run
-directory, builds the demo model and prints, and `distributed.py` does the rest. A checkpoint
+directory, builds the demo model and prints, and the parallel run (`parallel/`) does the rest. A checkpoint
 resumes on any number of ranks (or in a plain process).
 """
 
@@ -74,7 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def launch_command(args: argparse.Namespace) -> list[str]:
     """The torchrun command that runs these arguments on args.nproc local processes."""
-    from .distributed import torchrun_command
+    from .parallel.launch import torchrun_command
 
     train_args = (["--config", args.config] if args.config else []) + \
         (["--resume", args.resume] if args.resume else []) + list(args.overrides)
@@ -117,11 +117,11 @@ def _start(args: argparse.Namespace):
     right after the config is read, before any model is built."""
     from .checkpoint import CheckpointError, resolve_checkpoint, thread_count_warning
     from .config import ConfigError, load_config, save_config
-    from .loop import Trainer, prepare_data
+    from .data import prepare_data
+    from .loop import Trainer
     from .metrics import MetricsFileError
-    from .parallel import init_parallelism
+    from .parallel import RolloutRank, init_parallelism, init_split
     from .preflight import check_run, os_error_line
-    from .split import RolloutRank, init_split
 
     try:
         ckpt = None
@@ -136,15 +136,15 @@ def _start(args: argparse.Namespace):
         # one process, this rank of a torchrun world, or (split placement) a trainer or rollout rank
         parallel = init_split(cfg) if cfg.rollout.placement == "split" else init_parallelism(cfg.run.device)
         if ckpt is None:
-            run_dir, cfg = parallel.run_on_main(lambda: _new_run(cfg, data))    # rank 0 decides, all follow
-        if parallel.is_main:
+            run_dir, cfg = parallel.world.run_on_first(lambda: _new_run(cfg, data))    # rank 0 decides, all follow
+        if parallel.world.is_main:
             save_config(cfg, run_dir / "config.yaml")
         if isinstance(parallel, RolloutRank):
             return _RolloutStart(cfg, data, parallel)
         trainer = Trainer(cfg, run_dir, data=data, resume_from=ckpt, resume_verified=True,  # resolve_checkpoint
                           parallel=parallel)
         warning = thread_count_warning(ckpt) if ckpt is not None and trainer.device.type == "cpu" else None
-        if warning and parallel.is_main:
+        if warning and parallel.world.is_main:
             print(warning, file=sys.stderr, flush=True)
     except (ConfigError, FileNotFoundError, CheckpointError, MetricsFileError) as e:
         return _fail(str(e))
@@ -168,7 +168,8 @@ class _RolloutStart:
 
 def _serve(start: _RolloutStart) -> int:
     """A rollout rank's run: 0 when the trainer said stop, 1 (one line) when a peer was lost."""
-    from .split import PlacementError, run_rollout_rank
+    from .parallel.rollout_rank import run_rollout_rank
+    from .parallel.split import PlacementError
 
     try:
         run_rollout_rank(start.cfg, start.data.train, start.rank)
@@ -184,12 +185,12 @@ def _fit(trainer, parallel, run_dir: Path):
     that diverged (3), was stopped by a signal (130 / 143) or could not write (2). Only the
     main process prints."""
     from .checkpoint import CheckpointError
-    from .loop import TrainingDivergedError
+    from .guards import TrainingDivergedError
+    from .parallel.split import PlacementError
     from .preflight import os_error_line
     from .signals import GracefulStop, RunStopped
-    from .split import PlacementError
 
-    quiet = not parallel.is_main
+    quiet = not parallel.world.is_main
     try:
         with GracefulStop() as stop:
             return trainer.fit(stop=stop)
@@ -214,7 +215,7 @@ def _fit(trainer, parallel, run_dir: Path):
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
-    from .distributed import launched
+    from .parallel.launch import launched
 
     if args.nproc is not None:
         if launched():
@@ -232,12 +233,12 @@ def main(argv: list[str] | None = None) -> int:
     if isinstance(started, _RolloutStart):
         return _serve(started)
     trainer, parallel, run_dir, ckpt = started
-    if ckpt is not None and parallel.is_main:
+    if ckpt is not None and parallel.world.is_main:
         print(f"resuming {run_dir} from {ckpt.name} (step {trainer.state.step})", flush=True)
     result = _fit(trainer, parallel, run_dir)
     if isinstance(result, int):
         return result
-    if not parallel.is_main:
+    if not parallel.world.is_main:
         return 0
     print(f"run directory: {result.run_dir}")
     first, last = result.first_eval, result.last_eval

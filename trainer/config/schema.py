@@ -1,22 +1,10 @@
-"""The typed configuration of one training run: the schema (a dataclass tree) and its loader.
+"""The schema of a training run: one `@dataclass(kw_only=True)` per config section and
+`TrainConfig`, their root. Every field has a docstring; every section checks its own fields in
+`__post_init__`, and `TrainConfig` adds the checks that span sections.
 
-    cfg = load_config("examples/prorl_1p5b_stage1_8k.yaml", ["optim.lr=1e-6", "rollout.n=8"])
-    save_config(cfg, run_dir / "config.yaml")          # the resolved config, saved with the run
-
-Every section is a `@dataclass(kw_only=True)` with a docstring under each field and its own
-checks in `__post_init__`; `TrainConfig.__post_init__` adds the checks that span sections (a
-prompt plus a response must fit the model's context and a micro-batch). Errors are
-`ConfigError`s that name the field (`rollout.max_tokens: ...`), raised before anything heavy
-is built. Unknown keys, in YAML or on the command line, are errors that list the valid keys.
-
-A field with a fixed set of values is typed with the `Literal` of the module that owns the
-choice (`model.AttnBackend`, `advantages.AdvantageMethod`, ...), so each list is written once;
-`rollout.engine` is checked against `engines.ENGINES` and the loss options by the kernels'
-`GRPOLossConfig`, all at load, before any model is built. The YAML / override machinery, which
-knows no schema, is `config_tree.py`.
-
-The defaults are the embedded demo (`make train`): a tiny model built and warm-started on CPU
-(see `demo.py`), then the ProRL recipe scaled down. `examples/` holds the real 1.5B configs.
+A field with a fixed set of values is a `Literal` defined here (`AttnBackend`, `EngineName`,
+...): the modules that implement the choices import these types, so each list is written once
+and the schema imports none of them. The loss options are the kernels' own `GRPOLossConfig`.
 """
 
 from __future__ import annotations
@@ -24,33 +12,32 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
-import sys
-from collections.abc import Sequence
-from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from prolix.kernels import GRPOLossConfig
-from prolix.kernels.linear_logprob import KernelBackend
 
-from . import config_tree
-from .advantages import AdvantageMethod, OverlongMode
-from .config_tree import ConfigError, check_literal_fields, config_from_dict, config_to_dict
-from .config_tree import check_choice as _choice
-from .config_tree import check_field as _check
-from .engines import ENGINES
-from .model import AttnBackend
-from .tasks import SourceConfig
+from .sources import SourceConfig
+from .tree import check_choice, check_field, check_literal_fields
 
-__all__ = ["ConfigError", "ModelConfig", "DemoConfig", "DataConfig", "RolloutConfig", "AlgorithmConfig",
-           "OptimConfig", "ReferenceConfig", "EvalConfig", "RunConfig", "TrainConfig", "load_config",
-           "save_config", "config_to_dict", "config_from_dict", "apply_overrides", "default_tree"]
+__all__ = ["ModelConfig", "DemoConfig", "DataConfig", "RolloutConfig", "AlgorithmConfig", "OptimConfig",
+           "ReferenceConfig", "EvalConfig", "RunConfig", "TrainConfig", "PRORL_LOSS", "Placement", "EngineName",
+           "AttnBackend", "KernelBackend", "AdvantageMethod", "OverlongMode"]
 
 
 # ----------------------------------------------------------------------------- sections
 
 Placement = Literal["colocated", "split"]
-"""Where generation runs: with training, in turn, or on rollout ranks of its own (split.py)."""
-
+"""Where generation runs: with training, in turn, or on rollout ranks of its own (`parallel.split`)."""
+EngineName = Literal["torch", "vllm"]
+"""The rollout engines (`rollout.engines.ENGINES`)."""
+AttnBackend = Literal["auto", "flash_attn", "torch_varlen", "sdpa_block_mask", "sdpa_per_sequence"]
+"""Packed attention backends (`model.ATTN_BACKENDS`)."""
+KernelBackend = Literal["auto", "torch", "triton"]
+"""`prolix.kernels` backends: Triton on CUDA tensors, streaming torch on CPU, or "auto"."""
+AdvantageMethod = Literal["grpo", "dr_grpo"]
+"""Group advantages (`rollout.advantages.group_advantages`)."""
+OverlongMode = Literal["none", "penalty", "mask"]
+"""Truncated responses (`rollout.advantages.shape_overlong`)."""
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -93,12 +80,12 @@ class DemoConfig:
     """SwiGLU MLP width."""
     warmup_steps: int = 600
     """Supervised steps on the task's worked answers before RL: enough to learn the layout and
-    much of the arithmetic (2-3 minutes on 2 CPU cores)."""
+    much of the arithmetic."""
     warmup_batch: int = 32
     """Worked examples per supervised step."""
     warmup_lr: float = 1.5e-3
-    """AdamW learning rate of the warm start (cosine to 10%). At 3e-3 some seeds stalled on a
-    plateau (loss ~0.3, held-out accuracy ~0.02); at 1.5e-3 seeds 0-2 all converged."""
+    """AdamW learning rate of the warm start (cosine to 10%); a larger one can leave the warm start
+    on a plateau for some seeds."""
     tagged_fraction: float = 0.5
     """Share of warm-start answers that end in "<answer>X</answer>"; the rest end in "The answer
     is X.", which the scorer does not read (no tag, no reward). The model leaves the warm start
@@ -107,27 +94,20 @@ class DemoConfig:
 
     def __post_init__(self) -> None:
         for name in ("hidden_size", "num_layers", "num_heads", "num_kv_heads", "intermediate_size", "warmup_batch"):
-            _check(getattr(self, name) >= 1, f"demo.{name}", f"expected >= 1, got {getattr(self, name)}")
-        _check(self.warmup_steps >= 0, "demo.warmup_steps", f"expected >= 0, got {self.warmup_steps}")
-        _check(self.hidden_size % self.num_heads == 0, "demo.hidden_size",
-               f"expected a multiple of demo.num_heads={self.num_heads}, got {self.hidden_size}")
-        _check(self.num_heads % self.num_kv_heads == 0, "demo.num_kv_heads",
-               f"expected a divisor of demo.num_heads={self.num_heads}, got {self.num_kv_heads}")
-        _check(self.warmup_lr > 0, "demo.warmup_lr", f"expected > 0, got {self.warmup_lr}")
-        _check(0 <= self.tagged_fraction <= 1, "demo.tagged_fraction",
-               f"expected in [0, 1], got {self.tagged_fraction}")
+            check_field(getattr(self, name) >= 1, f"demo.{name}", f"expected >= 1, got {getattr(self, name)}")
+        check_field(self.warmup_steps >= 0, "demo.warmup_steps", f"expected >= 0, got {self.warmup_steps}")
+        check_field(self.hidden_size % self.num_heads == 0, "demo.hidden_size",
+                    f"expected a multiple of demo.num_heads={self.num_heads}, got {self.hidden_size}")
+        check_field(self.num_heads % self.num_kv_heads == 0, "demo.num_kv_heads",
+                    f"expected a divisor of demo.num_heads={self.num_heads}, got {self.num_kv_heads}")
+        check_field(self.warmup_lr > 0, "demo.warmup_lr", f"expected > 0, got {self.warmup_lr}")
+        check_field(0 <= self.tagged_fraction <= 1, "demo.tagged_fraction",
+                    f"expected in [0, 1], got {self.tagged_fraction}")
 
 
 # The loss terms of the ProRL recipe where they differ from GRPOLossConfig's own defaults:
 # DAPO's clip-higher (ProRL: 0.4) and a small KL to the reference (ProRL does not report its β).
 PRORL_LOSS = {"clip_high": 0.4, "kl_coef": 1e-4}
-
-# Keys of configs written before the loss options were the kernels' GRPOLossConfig
-# (`algorithm.loss`): they are read at their new place (`_move_renamed_keys`), with a note.
-RENAMED_KEYS = {f"algorithm.{old}": f"algorithm.loss.{new}" for old, new in (
-    ("clip_low", "clip_low"), ("clip_high", "clip_high"), ("dual_clip", "dual_clip"), ("kl_coef", "kl_coef"),
-    ("kl_estimator", "kl_estimator"), ("entropy_coef", "entropy_coef"), ("tis_cap", "tis_cap"),
-    ("loss_agg", "loss_agg"), ("loss_max_len", "max_len"))}
 
 # The demo's task, as YAML would write it: `load_config` starts from this tree, so reading a
 # config that names its own sources never builds (or imports) the default one.
@@ -154,10 +134,10 @@ class DataConfig:
     which the reasoning-gym rewards extract (the examples set it)."""
 
     def __post_init__(self) -> None:
-        _check(len(self.sources) >= 1, "data.sources", "expected at least one source")
+        check_field(len(self.sources) >= 1, "data.sources", "expected at least one source")
         for i, source in enumerate(self.sources):
-            _check(isinstance(source, SourceConfig), f"data.sources[{i}]",
-                   f"expected a SourceConfig, got {type(source).__name__}")
+            check_field(isinstance(source, SourceConfig), f"data.sources[{i}]",
+                        f"expected a SourceConfig, got {type(source).__name__}")
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -165,7 +145,7 @@ class RolloutConfig:
     """Sampling of the training rollouts."""
 
     engine: str = "torch"
-    """Rollout engine by name (`prolix.trainer.engines.ENGINES`): "vllm" or "torch" (a KV-cache
+    """Rollout engine by name (`prolix.trainer.rollout.engines.ENGINES`): "vllm" or "torch" (a KV-cache
     sampler for machines without vLLM); checked at load, before any model is built."""
     n: int = 8
     """Samples per prompt (the GRPO group). ProRL: 16."""
@@ -185,7 +165,7 @@ class RolloutConfig:
     """"colocated": every process samples, then trains (the synchronous loop, `make train`).
     "split": the torchrun world is divided into trainer ranks (the first world − rollout_ranks;
     FSDP2 among them) and `rollout_ranks` ranks that each hold an engine and generate while
-    the trainers train (split.py); launched by the same `prolix train --nproc G` / torchrun."""
+    the trainers train (`parallel.split`); launched by the same `prolix train --nproc G` / torchrun."""
     rollout_ranks: int = 1
     """Split placement: how many ranks (the last ones of the world) generate."""
     max_staleness: int = 1
@@ -199,20 +179,21 @@ class RolloutConfig:
     """Split placement: the weights go to the rollout ranks in flat buckets of this size (MiB)."""
     reward_workers: int = 0
     """Processes that score completions (math-verify and sandboxed code tests are CPU-bound);
-    0 scores in the sampling process itself. Both placements (`reward_pool.RewardPool`)."""
+    0 scores in the sampling process itself. Both placements (`rewards.RewardPool`)."""
 
     def __post_init__(self) -> None:
-        _choice(self.engine, "rollout.engine", tuple(ENGINES))
-        _check(self.n >= 2, "rollout.n", f"expected >= 2 (group advantages need 2 samples per prompt), got {self.n}")
-        _check(self.temperature > 0, "rollout.temperature", f"expected > 0, got {self.temperature}")
-        _check(0 < self.top_p <= 1, "rollout.top_p", f"expected in (0, 1], got {self.top_p}")
+        check_choice(self.engine, "rollout.engine", get_args(EngineName))
+        check_field(self.n >= 2, "rollout.n",
+                    f"expected >= 2 (group advantages need 2 samples per prompt), got {self.n}")
+        check_field(self.temperature > 0, "rollout.temperature", f"expected > 0, got {self.temperature}")
+        check_field(0 < self.top_p <= 1, "rollout.top_p", f"expected in (0, 1], got {self.top_p}")
         for name in ("max_tokens", "max_prompt_tokens", "max_model_len", "rollout_ranks"):
-            _check(getattr(self, name) >= 1, f"rollout.{name}", f"expected >= 1, got {getattr(self, name)}")
+            check_field(getattr(self, name) >= 1, f"rollout.{name}", f"expected >= 1, got {getattr(self, name)}")
         for name in ("max_staleness", "reward_workers"):
-            _check(getattr(self, name) >= 0, f"rollout.{name}", f"expected >= 0, got {getattr(self, name)}")
-        _check(self.split_tis_cap is None or self.split_tis_cap >= 1, "rollout.split_tis_cap",
-               f"expected null or >= 1 (a cap below 1 shrinks every on-policy token), got {self.split_tis_cap}")
-        _check(self.sync_bucket_mb > 0, "rollout.sync_bucket_mb", f"expected > 0, got {self.sync_bucket_mb}")
+            check_field(getattr(self, name) >= 0, f"rollout.{name}", f"expected >= 0, got {getattr(self, name)}")
+        check_field(self.split_tis_cap is None or self.split_tis_cap >= 1, "rollout.split_tis_cap",
+                    f"expected null or >= 1 (a cap below 1 shrinks every on-policy token), got {self.split_tis_cap}")
+        check_field(self.sync_bucket_mb > 0, "rollout.sync_bucket_mb", f"expected > 0, got {self.sync_bucket_mb}")
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -241,21 +222,22 @@ class AlgorithmConfig:
     """Rollout rounds per step at most when refilling; a batch still short trains on what it has."""
     overlong: OverlongMode = "none"
     """Responses truncated at max_tokens: "none", "penalty" (reward lowered, see
-    `advantages.shape_overlong`) or "mask" (excluded from the loss, DAPO's overlong filtering)."""
+    `rollout.advantages.shape_overlong`) or "mask" (excluded from the loss, DAPO's overlong filtering)."""
     overlong_penalty: float = 1.0
     """Reward subtracted from truncated responses in "penalty" mode."""
 
     def __post_init__(self) -> None:
         check_literal_fields(self, "algorithm")
-        _check(isinstance(self.loss, GRPOLossConfig), "algorithm.loss",
-               f"expected a GRPOLossConfig, got {type(self.loss).__name__}")
+        check_field(isinstance(self.loss, GRPOLossConfig), "algorithm.loss",
+                    f"expected a GRPOLossConfig, got {type(self.loss).__name__}")
         rc = self.loss.rollout_correction
-        _check(rc is None or rc.off_policy_logp == "old", "algorithm.loss.rollout_correction.off_policy_logp",
-               "expected 'old' (the trainer counts the kept tokens of its normaliser before the loss, from "
+        check_field(rc is None or rc.off_policy_logp == "old", "algorithm.loss.rollout_correction.off_policy_logp",
+                    "expected 'old' (the trainer counts the kept tokens of its normaliser before the loss, from "
                f"old_logp), got {getattr(rc, 'off_policy_logp', None)!r}")
-        _check(self.max_sampling_tries >= 1, "algorithm.max_sampling_tries",
-               f"expected >= 1, got {self.max_sampling_tries}")
-        _check(self.overlong_penalty >= 0, "algorithm.overlong_penalty", f"expected >= 0, got {self.overlong_penalty}")
+        check_field(self.max_sampling_tries >= 1, "algorithm.max_sampling_tries",
+                    f"expected >= 1, got {self.max_sampling_tries}")
+        check_field(self.overlong_penalty >= 0, "algorithm.overlong_penalty",
+                    f"expected >= 0, got {self.overlong_penalty}")
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -263,9 +245,8 @@ class OptimConfig:
     """Batch shape and the optimizer."""
 
     lr: float = 1e-4
-    """AdamW learning rate (finite, > 0), constant after warmup. ProRL: 2e-6 (1.5B). The demo's 1e-4 is about
-    the largest its tiny model tolerates: at 2e-4 and above its held-out accuracy fell in every
-    run we measured (AdamW moves every weight by about lr per step)."""
+    """AdamW learning rate (finite, > 0), constant after warmup. ProRL: 2e-6 (1.5B). The demo's 1e-4 is
+    near the largest its tiny model tolerates (AdamW moves every weight by about lr per step)."""
     warmup_steps: int = 0
     """Linear warmup of the lr over this many RL steps (0: constant from the start)."""
     betas: tuple[float, float] = (0.9, 0.999)
@@ -291,22 +272,23 @@ class OptimConfig:
     steps the run stops with an error, without checkpointing, so `latest` stays the last good one."""
 
     def __post_init__(self) -> None:
-        _check(math.isfinite(self.lr) and self.lr > 0, "optim.lr", f"expected a finite value > 0, got {self.lr}")
+        check_field(math.isfinite(self.lr) and self.lr > 0, "optim.lr", f"expected a finite value > 0, got {self.lr}")
         for name in ("eps", "weight_decay", "grad_clip"):        # inf or nan would reach every weight
-            _check(math.isfinite(getattr(self, name)), f"optim.{name}", f"expected a finite value, got "
+            check_field(math.isfinite(getattr(self, name)), f"optim.{name}", f"expected a finite value, got "
                    f"{getattr(self, name)}")
-        _check(self.warmup_steps >= 0, "optim.warmup_steps", f"expected >= 0, got {self.warmup_steps}")
-        _check(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "optim.betas",
-               f"expected two values in [0, 1), got {self.betas}")
-        _check(self.eps > 0, "optim.eps", f"expected > 0, got {self.eps}")
-        _check(self.weight_decay >= 0, "optim.weight_decay", f"expected >= 0, got {self.weight_decay}")
-        _check(self.grad_clip >= 0, "optim.grad_clip", f"expected >= 0, got {self.grad_clip}")
+        check_field(self.warmup_steps >= 0, "optim.warmup_steps", f"expected >= 0, got {self.warmup_steps}")
+        check_field(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "optim.betas",
+                    f"expected two values in [0, 1), got {self.betas}")
+        check_field(self.eps > 0, "optim.eps", f"expected > 0, got {self.eps}")
+        check_field(self.weight_decay >= 0, "optim.weight_decay", f"expected >= 0, got {self.weight_decay}")
+        check_field(self.grad_clip >= 0, "optim.grad_clip", f"expected >= 0, got {self.grad_clip}")
         for name in ("prompts_per_step", "mini_batch_prompts", "epochs", "max_tokens_per_microbatch"):
-            _check(getattr(self, name) >= 1, f"optim.{name}", f"expected >= 1, got {getattr(self, name)}")
-        _check(self.prompts_per_step % self.mini_batch_prompts == 0, "optim.mini_batch_prompts",
-               f"expected a divisor of optim.prompts_per_step={self.prompts_per_step}, got {self.mini_batch_prompts}")
-        _check(self.max_consecutive_skips >= 1, "optim.max_consecutive_skips",
-               f"expected >= 1, got {self.max_consecutive_skips}")
+            check_field(getattr(self, name) >= 1, f"optim.{name}", f"expected >= 1, got {getattr(self, name)}")
+        check_field(self.prompts_per_step % self.mini_batch_prompts == 0, "optim.mini_batch_prompts",
+                    f"expected a divisor of optim.prompts_per_step={self.prompts_per_step}, "
+                    f"got {self.mini_batch_prompts}")
+        check_field(self.max_consecutive_skips >= 1, "optim.max_consecutive_skips",
+                    f"expected >= 1, got {self.max_consecutive_skips}")
 
     @property
     def updates_per_rollout(self) -> int:
@@ -336,12 +318,12 @@ class ReferenceConfig:
 
     def __post_init__(self) -> None:
         check_literal_fields(self, "reference")
-        _check(self.patience >= 1, "reference.patience", f"expected >= 1, got {self.patience}")
-        _check(self.every >= 0, "reference.every", f"expected >= 0, got {self.every}")
-        _check(self.mode not in ("every", "both") or self.every >= 1, "reference.every",
-               f"expected >= 1 with reference.mode={self.mode!r}, got {self.every}")
-        _check(bool(self.watch_file) and "/" not in self.watch_file, "reference.watch_file",
-               f"expected a plain file name, got {self.watch_file!r}")
+        check_field(self.patience >= 1, "reference.patience", f"expected >= 1, got {self.patience}")
+        check_field(self.every >= 0, "reference.every", f"expected >= 0, got {self.every}")
+        check_field(self.mode not in ("every", "both") or self.every >= 1, "reference.every",
+                    f"expected >= 1 with reference.mode={self.mode!r}, got {self.every}")
+        check_field(bool(self.watch_file) and "/" not in self.watch_file, "reference.watch_file",
+                    f"expected a plain file name, got {self.watch_file!r}")
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -368,15 +350,15 @@ class EvalConfig:
     """A sample counts as correct (accuracy, pass@k) when its reward is >= this."""
 
     def __post_init__(self) -> None:
-        _check(self.every >= 0, "eval.every", f"expected >= 0, got {self.every}")
-        _check(self.heldout_size is None or self.heldout_size >= 1, "eval.heldout_size",
-               f"expected >= 1 or null, got {self.heldout_size}")
-        _check(self.n >= 1, "eval.n", f"expected >= 1, got {self.n}")
-        _check(1 <= self.k <= self.n, "eval.k", f"expected 1 <= k <= eval.n={self.n}, got {self.k}")
-        _check(self.temperature > 0, "eval.temperature", f"expected > 0, got {self.temperature}")
-        _check(0 < self.top_p <= 1, "eval.top_p", f"expected in (0, 1], got {self.top_p}")
-        _check(self.max_tokens is None or self.max_tokens >= 1, "eval.max_tokens",
-               f"expected >= 1 or null, got {self.max_tokens}")
+        check_field(self.every >= 0, "eval.every", f"expected >= 0, got {self.every}")
+        check_field(self.heldout_size is None or self.heldout_size >= 1, "eval.heldout_size",
+                    f"expected >= 1 or null, got {self.heldout_size}")
+        check_field(self.n >= 1, "eval.n", f"expected >= 1, got {self.n}")
+        check_field(1 <= self.k <= self.n, "eval.k", f"expected 1 <= k <= eval.n={self.n}, got {self.k}")
+        check_field(self.temperature > 0, "eval.temperature", f"expected > 0, got {self.temperature}")
+        check_field(0 < self.top_p <= 1, "eval.top_p", f"expected in (0, 1], got {self.top_p}")
+        check_field(self.max_tokens is None or self.max_tokens >= 1, "eval.max_tokens",
+                    f"expected >= 1 or null, got {self.max_tokens}")
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -414,15 +396,15 @@ class RunConfig:
     """W&B tags of the run (1-64 characters each)."""
 
     def __post_init__(self) -> None:
-        _check(self.steps >= 0, "run.steps", f"expected >= 0, got {self.steps}")
-        _check(self.checkpoint_every >= 0, "run.checkpoint_every", f"expected >= 0, got {self.checkpoint_every}")
-        _check(self.keep_last >= 1, "run.keep_last", f"expected >= 1, got {self.keep_last}")
-        _check(self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"), "run.device",
-               f"expected 'auto', 'cpu', 'cuda' or 'cuda:N', got {self.device!r}")
-        _check("/" not in self.name, "run.name", f"expected a plain directory name, got {self.name!r}")
-        _check(bool(self.wandb_project.strip()), "run.wandb_project", "expected a project name, got ''")
+        check_field(self.steps >= 0, "run.steps", f"expected >= 0, got {self.steps}")
+        check_field(self.checkpoint_every >= 0, "run.checkpoint_every", f"expected >= 0, got {self.checkpoint_every}")
+        check_field(self.keep_last >= 1, "run.keep_last", f"expected >= 1, got {self.keep_last}")
+        check_field(self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"), "run.device",
+                    f"expected 'auto', 'cpu', 'cuda' or 'cuda:N', got {self.device!r}")
+        check_field("/" not in self.name, "run.name", f"expected a plain directory name, got {self.name!r}")
+        check_field(bool(self.wandb_project.strip()), "run.wandb_project", "expected a project name, got ''")
         for i, tag in enumerate(self.wandb_tags):      # W&B's own limits, checked before the run starts
-            _check(1 <= len(tag) <= 64, f"run.wandb_tags[{i}]", f"expected 1-64 characters, got {tag!r}")
+            check_field(1 <= len(tag) <= 64, f"run.wandb_tags[{i}]", f"expected 1-64 characters, got {tag!r}")
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -442,17 +424,17 @@ class TrainConfig:
     def __post_init__(self) -> None:
         r = self.rollout
         loss = self.algorithm.loss
-        _check(loss.temperature == r.temperature, "algorithm.loss.temperature",          # a config built in code
-               f"expected rollout.temperature ({r.temperature}), the sampling τ the loss divides by, "
+        check_field(loss.temperature == r.temperature, "algorithm.loss.temperature",          # a config built in code
+                    f"expected rollout.temperature ({r.temperature}), the sampling τ the loss divides by, "
                f"got {loss.temperature}")
-        _check(r.max_prompt_tokens + r.max_tokens <= r.max_model_len, "rollout.max_tokens",
-               f"a prompt of up to rollout.max_prompt_tokens={r.max_prompt_tokens} plus a response of "
+        check_field(r.max_prompt_tokens + r.max_tokens <= r.max_model_len, "rollout.max_tokens",
+                    f"a prompt of up to rollout.max_prompt_tokens={r.max_prompt_tokens} plus a response of "
                f"{r.max_tokens} tokens exceeds rollout.max_model_len={r.max_model_len}")
-        _check(self.eval_max_tokens + r.max_prompt_tokens <= r.max_model_len, "eval.max_tokens",
-               f"{self.eval_max_tokens} + rollout.max_prompt_tokens={r.max_prompt_tokens} exceeds "
+        check_field(self.eval_max_tokens + r.max_prompt_tokens <= r.max_model_len, "eval.max_tokens",
+                    f"{self.eval_max_tokens} + rollout.max_prompt_tokens={r.max_prompt_tokens} exceeds "
                f"rollout.max_model_len={r.max_model_len}")
-        _check(self.optim.max_tokens_per_microbatch >= r.max_prompt_tokens + r.max_tokens,
-               "optim.max_tokens_per_microbatch",
+        check_field(self.optim.max_tokens_per_microbatch >= r.max_prompt_tokens + r.max_tokens,
+                    "optim.max_tokens_per_microbatch",
                f"expected >= the longest sequence, rollout.max_prompt_tokens + rollout.max_tokens = "
                f"{r.max_prompt_tokens + r.max_tokens}, got {self.optim.max_tokens_per_microbatch}")
 
@@ -474,66 +456,7 @@ class TrainConfig:
         if max_position_embeddings is None:
             return
         r = self.rollout
-        _check(r.max_model_len <= max_position_embeddings, "rollout.max_model_len",
-               f"{r.max_model_len} exceeds the model's context (config.json max_position_embeddings="
+        check_field(r.max_model_len <= max_position_embeddings, "rollout.max_model_len",
+                    f"{r.max_model_len} exceeds the model's context (config.json max_position_embeddings="
                f"{max_position_embeddings}); lower rollout.max_tokens ({r.max_tokens}) or "
                f"rollout.max_prompt_tokens ({r.max_prompt_tokens})")
-
-
-# ----------------------------------------------------------------------------- load / save
-
-
-def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> TrainConfig:
-    """Defaults ← YAML file (if any) ← `key=value` overrides, validated as a whole
-    (`config_tree.load`). Keys of older configs (`RENAMED_KEYS`) are read at their new place.
-    Raises ConfigError naming the field (or the file)."""
-    return config_tree.load(TrainConfig, path, [_renamed_override(o) for o in overrides],
-                            migrate=_move_renamed_keys, complete=_complete_loss)
-
-
-def _renamed_override(item: str) -> str:
-    key, sep, value = item.partition("=")
-    new = RENAMED_KEYS.get(key.strip())
-    if new is None:
-        return item
-    print(f"prolix: config key {key.strip()} is now {new}; read as such", file=sys.stderr)
-    return f"{new}{sep}{value}"
-
-
-def _move_renamed_keys(tree: dict) -> dict:
-    """Keys of a file written before `algorithm.loss` (`RENAMED_KEYS`) moved to their new place."""
-    algorithm = tree.get("algorithm")
-    if not isinstance(algorithm, dict):
-        return tree
-    for old, new in RENAMED_KEYS.items():
-        name = old.split(".", 1)[1]
-        if name in algorithm and isinstance(algorithm.setdefault("loss", {}), dict):
-            print(f"prolix: config key {old} is now {new}; read as such", file=sys.stderr)
-            algorithm["loss"][new.rsplit(".", 1)[1]] = algorithm.pop(name)
-    return tree
-
-
-def _complete_loss(tree: dict) -> dict:
-    """`algorithm.loss` made the kernels' whole config: its temperature is rollout.temperature,
-    and seq-mean-token-sum-norm's max_len defaults to rollout.max_tokens."""
-    rollout, loss = tree.get("rollout", {}), tree.get("algorithm", {}).get("loss")
-    if isinstance(loss, dict) and isinstance(rollout, dict):
-        loss["temperature"] = rollout.get("temperature", 1.0)
-        if loss.get("loss_agg") == "seq-mean-token-sum-norm" and loss.get("max_len") is None:
-            loss["max_len"] = rollout.get("max_tokens")
-    return tree
-
-
-def save_config(cfg: TrainConfig, path: str | Path) -> Path:
-    """Write the resolved config as YAML (loadable with `load_config`)."""
-    return config_tree.save(cfg, path)
-
-
-def default_tree(cls: type = TrainConfig) -> dict:
-    """The defaults of `cls` (TrainConfig) as plain data (`config_tree.default_tree`)."""
-    return config_tree.default_tree(cls)
-
-
-def apply_overrides(tree: dict, overrides: Sequence[str], cls: type = TrainConfig) -> dict:
-    """`a.b.c=value` overrides applied to a config dict in place (`config_tree.apply_overrides`)."""
-    return config_tree.apply_overrides(tree, overrides, cls)

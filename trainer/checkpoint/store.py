@@ -1,4 +1,6 @@
-"""Crash-safe checkpoints: Hugging Face weights plus everything needed to resume exactly.
+"""The checkpoint folder: atomic publication, the manifest, RNG states and the plain format.
+
+A checkpoint holds Hugging Face weights plus everything needed to resume exactly.
 
 Layout of a run directory:
 
@@ -26,11 +28,11 @@ are left as they were.
 
 Loading verifies the manifest first (`verify_checkpoint`): a missing manifest or file, or a
 size or checksum that differs, raises `CheckpointError` naming the checkpoint and the file.
-Verifying re-reads every byte (sha256 runs at about 1-2 GB/s per core; a 1.5B run's checkpoint,
-policy + reference + AdamW state, is about 20 GB). `resolve_checkpoint(RUN)` (`--resume RUN`)
+Verifying re-reads every byte (policy, reference and AdamW state). `resolve_checkpoint(RUN)` (`--resume RUN`)
 falls back from a checkpoint that fails to the newest one that verifies, with a warning.
 
-The learning-rate schedule is a pure function of the step (loop.py), so it has no state here.
+The learning-rate schedule is a pure function of the step (`optimizer.learning_rate`), so it has no
+state here.
 """
 
 from __future__ import annotations
@@ -50,21 +52,21 @@ import numpy as np
 import torch
 from safetensors.torch import load_model, save_model
 
-from .model import TOKENIZER_FILES, save_policy
+from ..model import TOKENIZER_FILES, save_policy
 
 __all__ = [
     "CHECKPOINT_DIR",
     "CheckpointError",
     "CheckpointWriteError",
     "save_checkpoint",
-    "load_checkpoint",
+    "load_plain",
     "latest_checkpoint",
     "resolve_checkpoint",
     "verify_checkpoint",
     "capture_rng",
     "restore_rng",
     "as_nested_tuples",
-    # the pieces a checkpoint writer for sharded models (distributed.save_checkpoint) reuses
+    # the pieces the sharded writer (sharded.save_sharded) reuses
     "step_dir_name",
     "save_tokenizer_files",
     "publish_checkpoint",
@@ -396,7 +398,7 @@ def thread_count_warning(ckpt: str | Path) -> str | None:
             f"{now} (OMP_NUM_THREADS): the resumed run will not be bit-identical to an uninterrupted one")
 
 
-def load_checkpoint(ckpt: str | Path, *, optimizer: torch.optim.Optimizer | None,
+def load_plain(ckpt: str | Path, *, optimizer: torch.optim.Optimizer | None,
                     reference: torch.nn.Module | None, restore_rng_state: bool = True,
                     verify: bool = True) -> dict[str, Any]:
     """Load optimizer / reference / RNG from a checkpoint (the policy itself is loaded by

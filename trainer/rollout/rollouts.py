@@ -21,18 +21,18 @@ from typing import Any
 
 import torch
 
-from . import nvtx
+from .. import nvtx
+from ..config import TrainConfig
+from ..problem import Problem, ProblemSource
+from ..rewards import RewardPool, pop_reward_errors
+from ..tokenizer import format_prompt
 from .advantages import group_advantages, informative_groups, shape_overlong
-from .config import TrainConfig
-from .engines import Completion, SamplingConfig
-from .problem import Problem, ProblemSource
-from .rewards import RewardPool, pop_reward_errors
-from .tokenizer import format_prompt
+from .engines import Completion, SamplingConfig, make_engine
 
-__all__ = ["Colocated", "Group", "Rollouts", "rollout_seed"]
+__all__ = ["Group", "Rollouts", "rollout_seed"]
 
 Rollout = Callable[[list[Problem], SamplingConfig, Callable], tuple[list[list[Completion]], torch.Tensor]]
-"""`Parallelism.rollout`: (problems, sampling, generate_and_score) -> (completions per problem,
+"""`BatchSource.rollout`: (problems, sampling, generate_and_score) -> (completions per problem,
 rewards [P, n]), the work shared among the processes that sample."""
 
 
@@ -51,33 +51,28 @@ def rollout_seed(run_seed: int, step: int, attempt: int) -> int:
     return (run_seed * 1_000_003 + step * 1_009 + attempt) % (2**31 - 1)
 
 
-class Colocated:
-    """The `parallel.Parallelism` members of a placement whose processes sample their own
-    batches (`SingleProcess`, `DataParallel`): the rollout engine is the configured one, there is
-    nothing to start, and a step's batch is `rollouts.collect_groups` run here."""
-
-    def engine_name(self, name: str) -> str:
-        return name
-
-    def begin(self, step: int, rollouts: Rollouts, policy) -> None:
-        return None
-
-    def collect(self, step: int, rollouts: Rollouts) -> tuple[list[Group], dict[str, float]]:
-        return rollouts.collect_groups(step)
-
-
 class Rollouts:
     """Samples, scores and groups one step's batch (see the module docstring)."""
 
     def __init__(self, cfg: TrainConfig, train: ProblemSource, tokenizer, engine, *,
                  rollout: Rollout | None = None, pool: RewardPool | None = None) -> None:
-        """`train`: the training prompt source; `engine`: the rollout engine (engines.py);
+        """`train`: the training prompt source; `engine`: the rollout engine (`engines`);
         `rollout`: how a call is shared among processes (default: all here); `pool`: the reward
         scorer (default: serial, in this process)."""
         self.cfg, self.train, self.tokenizer, self.engine = cfg, train, tokenizer, engine
         self.rollout = rollout or (lambda problems, sampling, fn: fn(problems, sampling))
         self.pool = pool or RewardPool(0)
         self.rng = random.Random(cfg.run.seed)
+
+    @classmethod
+    def build(cls, cfg: TrainConfig, train: ProblemSource, tokenizer, model, *, engine: str,
+              rollout: Rollout | None = None) -> Rollouts:
+        """Rollouts with a new `engine` over `model` (the configured engine options apply to the
+        configured engine only) and a pool of rollout.reward_workers scorers."""
+        options = cfg.rollout.engine_options if engine == cfg.rollout.engine else {}
+        engine = make_engine(engine, model, tokenizer, max_model_len=cfg.rollout.max_model_len, seed=cfg.run.seed,
+                             **options)
+        return cls(cfg, train, tokenizer, engine, rollout=rollout, pool=RewardPool(cfg.rollout.reward_workers))
 
     def prompt_ids(self, problem: Problem) -> list[int]:
         ids = format_prompt(self.tokenizer, problem.prompt, self.cfg.data.system_prompt)

@@ -33,15 +33,15 @@ All functions copy; none modifies its input.
 from __future__ import annotations
 
 import math
-from typing import Literal, get_args
+from typing import get_args
 
 import torch
 
+from ..config import AdvantageMethod, OverlongMode
+
 __all__ = ["AdvantageMethod", "ADVANTAGE_METHODS", "OverlongMode", "OVERLONG_MODES", "group_advantages", "informative_groups", "shape_overlong"]
 
-AdvantageMethod = Literal["grpo", "dr_grpo"]
 ADVANTAGE_METHODS = get_args(AdvantageMethod)
-OverlongMode = Literal["none", "penalty", "mask"]
 OVERLONG_MODES = get_args(OverlongMode)
 
 
