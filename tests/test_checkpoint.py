@@ -296,6 +296,6 @@ def test_a_checkpoint_written_by_an_older_prolix_resumes_and_continues_its_traje
     compared = [k for k in old[3] if k != "time" and not k.startswith("perf/")]
     assert {"reward/mean", "loss", "kl", "grad_norm", "eval/score"} <= set(compared)
     # the same rollouts and rewards exactly; the loss terms and gradient norm to fp32 rounding, since
-    # the default fused loss (three GEMMs, issue 13) sums them in another order than that commit's
+    # the default fused loss (three GEMMs) sums them in another order than the old code's four-GEMM one
     assert {k: new[3].get(k) for k in compared} == pytest.approx({k: old[3][k] for k in compared}, rel=1e-5)
     assert (run / "checkpoints" / "latest").read_text().strip() == "step_000003"

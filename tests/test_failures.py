@@ -1,4 +1,4 @@
-"""Failing clearly, never saving a broken state, stopping gracefully (issue 18).
+"""Failing clearly, never saving a broken state, stopping gracefully.
 
 - Expected failures (configuration, a missing model, no CUDA, an unwritable run directory, a full
   disk) end in one line naming the key or path, exit status 2, before any model is built.

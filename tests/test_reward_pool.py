@@ -2,7 +2,7 @@
 workers' failures home, knows the parent's rewards, and fails clearly (never hangs) when a worker dies.
 
 The pools with processes are module-scoped: a worker's start (a fresh interpreter importing the
-rewards, sympy on the first math-verify call) costs about a second on this machine, the rest is
+rewards, sympy on the first math-verify call) costs about a second, the rest is
 milliseconds, so each worker count starts once."""
 
 import logging

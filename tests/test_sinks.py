@@ -28,9 +28,9 @@ def wandb_env(tmp_path) -> dict[str, str]:
     tmp_path (never ~), no WANDB_DIR (the sink then puts its files in the run directory).
 
     Real W&B runs happen in a subprocess, never in the pytest process: wandb reads the
-    environment once per process, and after one in-process W&B start (even a failed one)
-    test_soak.py, later in the same session, saw its gc-tracked objects jump by ~170 once
-    mid-run (measured twice; the cause inside wandb was not pinned down)."""
+    environment once per process, and one in-process W&B start (even a failed one) makes the
+    gc-tracked objects of a later test_soak.py in the same session jump by ~170 once mid-run
+    (the cause inside wandb is unknown)."""
     if not wandb_importable():
         pytest.skip("wandb is not installed")
     home = tmp_path / "wandb_home"

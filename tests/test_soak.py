@@ -8,11 +8,11 @@ AdamW every RESET_EVERY steps, logging, checkpoints) runs STEPS steps of the tin
 after WARMUP steps the resident set size, the live tensors, the gc-tracked objects and Python's
 allocated memory blocks may grow by at most the slacks below.
 
-Measured on the 2-core CPU box (torch sampler, one thread, 16 responses of <= 4 tokens a
-step): 65-75 ms per step, 20-23 s for the test. From step 100 to 300: RSS +0.6 to +4.7 MB (one
-allocator step, then flat), live tensors 134 -> 134, other gc-tracked objects unchanged,
-Python memory blocks +1.3 per step (library caches; +0.1 per step over steps 300-1000 of a
-1000-step run, RSS +1 MB over those 700 steps).
+The slacks leave room around these figures of a 2-core CPU box (torch sampler, one thread,
+16 responses of <= 4 tokens a step): 65-75 ms per step, 20-23 s for the test. From step 100 to
+300: RSS +0.6 to +4.7 MB (one allocator step, then flat), live tensors 134 -> 134, other
+gc-tracked objects unchanged, Python memory blocks +1.3 per step (library caches; +0.1 per
+step over steps 300-1000 of a 1000-step run, RSS +1 MB over those 700 steps).
 `-m "not soak"` deselects it.
 """
 
