@@ -1,4 +1,4 @@
-"""Data parallelism (trainer/distributed.py) on CPU: two torchrun ranks over gloo, FSDP2.
+"""Data parallelism (trainer/parallel/: FSDP2 sharding, group communication) on CPU: two torchrun ranks over gloo, FSDP2.
 
 One torchrun launch of `distributed_worker.py` (2 processes) serves every two-rank test; the
 single-process side runs here. What is proved:

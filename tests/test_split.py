@@ -1,4 +1,4 @@
-"""The split placement (trainer/split.py) on CPU: torchrun worlds of one or two trainer ranks and
+"""The split placement (trainer/parallel/split*.py, rollout_rank.py) on CPU: torchrun worlds of one or two trainer ranks and
 one rollout rank over gloo, the torch sampler unless said otherwise.
 
 What is proved:

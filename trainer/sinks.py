@@ -16,8 +16,8 @@ W&B's files go to RUN/wandb (or $WANDB_DIR). `WANDB_MODE=offline` writes the run
 any network access, for `wandb sync RUN/wandb` later. Under torchrun only rank 0 has a
 `MetricsLogger` (the other ranks a `metrics.SilentLogger`), so only rank 0 logs.
 
-The sinks read the resolved `config.TrainConfig` by its shape (`SinkSettings`): config.py sits
-above the trainer's parts, which never import it (.importlinter).
+The sinks read the resolved `config.TrainConfig` by its shape (`SinkSettings`), so a sink can be
+built and tested from any object with those fields.
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@
     merge(tree, yaml.safe_load(...)); apply_overrides(tree, ["optim.lr=1e-6"], TrainConfig)
     cfg = config_from_dict(TrainConfig, tree)            # coerced to the declared types, validated
 
-`load(cls, path, overrides)` does the three in order; `config.py` holds the schema (the dataclass
+`load(cls, path, overrides)` does the three in order; `schema.py` holds the schema (the dataclass
 sections with their checks) and calls it. Field types understood: bool, int, float, str, Any,
 `Literal[...]` (a choice: the value must be one of its arguments), Optional/unions, lists,
 tuples, dicts and nested dataclasses. Every error is a `ConfigError` naming the dotted field,
