@@ -57,11 +57,11 @@ lint: $(STAMP)
 
 # PROLIX_SANDBOX_REQUIRE_NATIVE: a launcher that failed to build (with CMake and a C compiler
 # present) fails the tests instead of silently leaving only the Python launcher tested.
-# -n auto --dist loadfile: one pytest-xdist worker per core, each taking whole test modules (a
-# module's fixtures, such as its trained runs, are built once); tests/conftest.py gives every
-# worker, and every process a test starts, one CPU thread. The slowest tests are listed last.
+# -n auto --dist loadgroup: one pytest-xdist worker per core; the tests sharing a module-scoped
+# fixture (a trained run, say) stay on one worker, the rest spread (tests/conftest.py), and every
+# worker and every process a test starts computes on one CPU thread. The slowest are listed last.
 test: lint native
-	PROLIX_SANDBOX_REQUIRE_NATIVE=1 $(PY) -m pytest -q -n auto --dist loadfile --durations=10 tests
+	PROLIX_SANDBOX_REQUIRE_NATIVE=1 $(PY) -m pytest -q -n auto --dist loadgroup --durations=10 tests
 
 train: $(STAMP)
 	$(VENV)/bin/prolix train

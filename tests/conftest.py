@@ -68,16 +68,28 @@ def pytest_configure(config):
 
 
 # The modules that start torchrun worlds, vLLM engines or whole training runs, slowest first.
-# `make test` runs them first (pytest-xdist hands out whole modules in collection order), so
-# that no worker is still busy with a long one when the other has run out of work.
+# `make test` (pytest-xdist, --dist loadgroup) hands out work in collection order, so these go
+# first and no worker is still busy with a long one when the other has run out of work.
 SLOW_MODULES = ("test_split.py", "test_benchmarks.py", "test_failures.py", "test_checkpoint.py", "test_sinks.py",
                 "test_distributed.py", "test_soak.py", "test_kernels_shadowing.py", "test_kernel_resources.py",
                 "test_engines.py", "test_loop.py", "test_vllm_cpu_eval.py", "test_loop_rollout_correction.py")
 
 
+def _uses_a_module_fixture(item) -> bool:
+    """Whether the test needs a module-scoped fixture of its own module (a trained run, say)."""
+    module = item.nodeid.split("::")[0]
+    return any(d.scope == "module" and d.baseid == module
+               for defs in item._fixtureinfo.name2fixturedefs.values() for d in defs)
+
+
 def pytest_collection_modifyitems(config, items):
     rank = {name: i for i, name in enumerate(SLOW_MODULES)}
     items.sort(key=lambda item: rank.get(item.path.name, len(SLOW_MODULES)))   # stable: the rest keep their order
+    # Under --dist loadgroup, the tests of a module that share one of its module-scoped fixtures
+    # stay on one worker (the fixture is built once); every other test may run on any worker.
+    for item in items:
+        if _uses_a_module_fixture(item):
+            item.add_marker(pytest.mark.xdist_group(item.path.stem))
 
 
 @pytest.fixture(scope="module")
