@@ -82,13 +82,21 @@ def _uses_a_module_fixture(item) -> bool:
                for defs in item._fixtureinfo.name2fixturedefs.values() for d in defs)
 
 
+# The tests that start sandboxed programs: each checks that none outlives its run by scanning the
+# machine's processes for the sandbox's uids, so they run on one worker, one after the other.
+SANDBOX_TESTS = ("test_sandbox.py", "test_sandbox_native.py", "test_code_reward.py", "test_reward_pool.py",
+                 "test_benchmarks.py::test_reward_pool_bench")
+
+
 def pytest_collection_modifyitems(config, items):
     rank = {name: i for i, name in enumerate(SLOW_MODULES)}
     items.sort(key=lambda item: rank.get(item.path.name, len(SLOW_MODULES)))   # stable: the rest keep their order
     # Under --dist loadgroup, the tests of a module that share one of its module-scoped fixtures
     # stay on one worker (the fixture is built once); every other test may run on any worker.
     for item in items:
-        if _uses_a_module_fixture(item):
+        if any(f"{item.path.name}::{item.name}".startswith(prefix) for prefix in SANDBOX_TESTS):
+            item.add_marker(pytest.mark.xdist_group("sandbox"))
+        elif _uses_a_module_fixture(item):
             item.add_marker(pytest.mark.xdist_group(item.path.stem))
 
 
