@@ -60,8 +60,10 @@ lint: $(STAMP)
 # -n auto --dist loadgroup: one pytest-xdist worker per core; the tests sharing a module-scoped
 # fixture (a trained run, say) stay on one worker, the rest spread (tests/conftest.py), and every
 # worker and every process a test starts computes on one CPU thread. The slowest are listed last.
+# The sandbox tests (marker `sandbox`) then run alone: their cleanup checks scan the machine.
 test: lint native
-	PROLIX_SANDBOX_REQUIRE_NATIVE=1 $(PY) -m pytest -q -n auto --dist loadgroup --durations=10 tests
+	PROLIX_SANDBOX_REQUIRE_NATIVE=1 $(PY) -m pytest -q -n auto --dist loadgroup --durations=10 -m "not sandbox" tests
+	PROLIX_SANDBOX_REQUIRE_NATIVE=1 $(PY) -m pytest -q -m sandbox tests
 
 train: $(STAMP)
 	$(VENV)/bin/prolix train

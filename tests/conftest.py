@@ -65,6 +65,7 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "soak: a long run checking memory and live objects stay flat (< 60 s)")
     # `python -m prolix.benchmarks.device_check` runs `pytest -m gpu` on a GPU machine.
     config.addinivalue_line("markers", "gpu: needs CUDA (skipped without it); selected by `pytest -m gpu`")
+    config.addinivalue_line("markers", "sandbox: starts sandboxed programs (`make test` runs these alone, after the rest)")
 
 
 # The modules that start torchrun worlds, vLLM engines or whole training runs, slowest first.
@@ -82,8 +83,10 @@ def _uses_a_module_fixture(item) -> bool:
                for defs in item._fixtureinfo.name2fixturedefs.values() for d in defs)
 
 
-# The tests that start sandboxed programs: each checks that none outlives its run by scanning the
-# machine's processes for the sandbox's uids, so they run on one worker, one after the other.
+# The tests that start sandboxed programs (marked `sandbox`): each checks that none outlives its
+# run by scanning the machine's processes for the sandbox's uids, and the checks right after a
+# kill assume a machine not saturated by other tests' torchrun worlds. `make test` runs them
+# after the parallel part, in one process, one after the other.
 SANDBOX_TESTS = ("test_sandbox.py", "test_sandbox_native.py", "test_code_reward.py", "test_reward_pool.py",
                  "test_benchmarks.py::test_reward_pool_bench")
 
@@ -95,6 +98,7 @@ def pytest_collection_modifyitems(config, items):
     # stay on one worker (the fixture is built once); every other test may run on any worker.
     for item in items:
         if any(f"{item.path.name}::{item.name}".startswith(prefix) for prefix in SANDBOX_TESTS):
+            item.add_marker(pytest.mark.sandbox)
             item.add_marker(pytest.mark.xdist_group("sandbox"))
         elif _uses_a_module_fixture(item):
             item.add_marker(pytest.mark.xdist_group(item.path.stem))
