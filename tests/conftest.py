@@ -26,8 +26,8 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 # On CPU a matmul's reduction order follows the number of threads, so two runs agree bit for bit
-# only under the same count. The session computes on one thread (pytest-xdist runs a worker per
-# core), and every process a test starts inherits the same count through OMP_NUM_THREADS; the
+# only under the same count. The session computes on one thread (`make test-parallel` runs a
+# worker per core), and every process a test starts inherits the same count through OMP_NUM_THREADS; the
 # bit-exact comparisons pin it on both sides explicitly as well (`one_thread`, OMP_NUM_THREADS="1").
 TEST_THREADS = 1
 os.environ["OMP_NUM_THREADS"] = str(TEST_THREADS)
@@ -65,12 +65,13 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "soak: a long run checking memory and live objects stay flat (< 60 s)")
     # `python -m prolix.benchmarks.device_check` runs `pytest -m gpu` on a GPU machine.
     config.addinivalue_line("markers", "gpu: needs CUDA (skipped without it); selected by `pytest -m gpu`")
-    config.addinivalue_line("markers", "sandbox: starts sandboxed programs (`make test` runs these alone, after the rest)")
+    config.addinivalue_line("markers", "sandbox: starts sandboxed programs (`make test-parallel` runs these alone, "
+                                       "after the rest)")
 
 
 # The modules that start torchrun worlds, vLLM engines or whole training runs, slowest first.
-# `make test` (pytest-xdist, --dist loadgroup) hands out work in collection order, so these go
-# first and no worker is still busy with a long one when the other has run out of work.
+# `make test-parallel` (pytest-xdist, --dist loadgroup) hands out work in collection order, so
+# these go first and no worker is still busy with a long one when the other has run out of work.
 SLOW_MODULES = ("test_split.py", "test_benchmarks.py", "test_failures.py", "test_checkpoint.py", "test_sinks.py",
                 "test_distributed.py", "test_soak.py", "test_kernels_shadowing.py", "test_kernel_resources.py",
                 "test_engines.py", "test_loop.py", "test_vllm_cpu_eval.py", "test_loop_rollout_correction.py")
@@ -85,13 +86,15 @@ def _uses_a_module_fixture(item) -> bool:
 
 # The tests that start sandboxed programs (marked `sandbox`): each checks that none outlives its
 # run by scanning the machine's processes for the sandbox's uids, and the checks right after a
-# kill assume a machine not saturated by other tests' torchrun worlds. `make test` runs them
-# after the parallel part, in one process, one after the other.
+# kill assume a machine not saturated by other tests' torchrun worlds. `make test-parallel` runs
+# them after the parallel part, in one process, one after the other.
 SANDBOX_TESTS = ("test_sandbox.py", "test_sandbox_native.py", "test_code_reward.py", "test_reward_pool.py",
                  "test_benchmarks.py::test_reward_pool_bench")
 
 
 def pytest_collection_modifyitems(config, items):
+    if not getattr(config.option, "numprocesses", None):
+        return                                   # one process (`make test`): the files' own order
     rank = {name: i for i, name in enumerate(SLOW_MODULES)}
     items.sort(key=lambda item: rank.get(item.path.name, len(SLOW_MODULES)))   # stable: the rest keep their order
     # Under --dist loadgroup, the tests of a module that share one of its module-scoped fixtures
