@@ -64,8 +64,8 @@ def _sandboxed(launcher: str, cgroup: bool) -> Callable[[], None]:
 
 def _bare() -> None:
     """The program in the interpreter the sandbox runs (its base interpreter), without a sandbox."""
-    exe = sandbox.PYTHON or getattr(sys, "_base_executable", None) or sys.executable
-    subprocess.run([os.path.realpath(exe), "-I", "-S", "-B", "-c", PROGRAM], check=True)
+    exe, _ = sandbox.interpreter()
+    subprocess.run([exe, "-I", "-S", "-B", "-c", PROGRAM], check=True)
 
 
 def time_interleaved(variants: dict[str, Callable[[], None]], runs: int) -> dict[str, dict]:

@@ -156,7 +156,7 @@ def run_python(code: str, stdin: str = "", timeout: float = 5.0, memory_mb: int 
         raise ValueError(f"memory_mb must be an int in [32, 2**20], got {memory_mb!r}")
     if not isinstance(max_output_bytes, int) or max_output_bytes < 1:
         raise ValueError(f"max_output_bytes must be an int >= 1, got {max_output_bytes!r}")
-    exe, prefix = _interpreter()
+    exe, prefix = interpreter()
     native = _native_launcher()
     with _uid_slot() as (uid, swept, slot_fd):
         workdir = tempfile.mkdtemp(prefix="prolix-sandbox-")  # 0700, the trainer's user
@@ -210,7 +210,7 @@ def _native_argv(launcher: str, cfg: dict) -> list[str]:
     return argv
 
 
-def _interpreter() -> tuple[str, str | None]:
+def interpreter() -> tuple[str, str | None]:
     """(interpreter path, prefix to bind-mount or None): the base interpreter, not a venv shim."""
     if PYTHON is not None:
         return os.path.realpath(PYTHON), None
