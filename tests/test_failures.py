@@ -313,7 +313,7 @@ def test_a_full_disk_during_a_save_leaves_latest_and_the_previous_checkpoint(
 
     fill_the_disk_at(writer, monkeypatch)
     monkeypatch.setattr(metrics, "plot_curves", plot_on_a_full_disk)
-    argv = tiny_overrides(base_model, problems, tmp_path, **{"run.checkpoint_every": 1})
+    argv = tiny_overrides(base_model, problems, tmp_path, **{"run.checkpoint_every": 1, "run.plot": "true"})
     assert train_main(argv) == 2
     run = tmp_path / "run"
     root = run / "checkpoints"

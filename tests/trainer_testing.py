@@ -59,6 +59,7 @@ def tiny_overrides(base_model: Path, problems: Path, out_dir: Path, **extra) -> 
         "eval.every": 2, "eval.n": 2, "eval.k": 2, "eval.correct_threshold": 0.5,
         "run.out_dir": str(out_dir), "run.name": "run", "run.steps": 4, "run.checkpoint_every": 2,
         "run.progress": "false", "run.tensorboard": "false",
+        "run.plot": "false",                  # matplotlib's import and a figure: ~1 s a run
     }
     values.update(extra)
     return [f"{k}={v}" for k, v in values.items()]

@@ -147,7 +147,8 @@ class Trainer:
         logger = MetricsLogger if self.parallel.comm.is_main else SilentLogger
         self._step_end: float | None = None
         self.log = logger(self.run_dir, total_steps=cfg.run.steps, start_step=self.state.step,
-                          tensorboard=cfg.run.tensorboard, progress=cfg.run.progress, config=cfg)
+                          tensorboard=cfg.run.tensorboard, progress=cfg.run.progress, plot=cfg.run.plot,
+                          config=cfg)
         self.guard = DivergenceGuard(self.parallel.comm.any_rank, lambda: checkpoint.latest_checkpoint(self.run_dir),
                                      cfg.optim.max_consecutive_skips)
         peak = peak_flops(self.device)

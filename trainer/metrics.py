@@ -221,9 +221,10 @@ class MetricsLogger:
     and is what W&B records; a sink that fails is dropped with one warning line."""
 
     def __init__(self, run_dir: str | Path, *, total_steps: int, start_step: int = 0,
-                 tensorboard: bool = True, progress: bool = True,
+                 tensorboard: bool = True, progress: bool = True, plot: bool = True,
                  config: SinkSettings | None = None) -> None:
         self.run_dir = Path(run_dir)
+        self._plot = plot
         self.path = self.run_dir / METRICS_FILE
         if self.path.is_file():
             # Resuming: drop the lines a killed run wrote after its last checkpoint, so the
@@ -278,7 +279,7 @@ class MetricsLogger:
             except Exception as e:    # the run's own files are complete; say so and finish
                 self.write(f"warning: metrics sink {sink.name!r} did not close cleanly ({describe_error(e)})")
         self._sinks = []
-        return plot_curves(self.run_dir) if plot else None
+        return plot_curves(self.run_dir) if plot and self._plot else None
 
 
 

@@ -258,10 +258,12 @@ def _apply_liger(model: PreTrainedModel, liger: bool | None) -> bool:
     if liger is False:
         return False
     on_cuda = next(model.parameters()).device.type == "cuda"
-    try:
-        from liger_kernel.transformers import _apply_liger_kernel_to_instance
-    except ImportError:
-        _apply_liger_kernel_to_instance = None
+    _apply_liger_kernel_to_instance = None
+    if on_cuda or liger:        # importing Liger costs 1-3 s (it imports many model families)
+        try:
+            from liger_kernel.transformers import _apply_liger_kernel_to_instance
+        except ImportError:
+            pass
     if not on_cuda or _apply_liger_kernel_to_instance is None:
         if liger:
             raise ValueError("liger=True needs a CUDA model and liger-kernel installed "

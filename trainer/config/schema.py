@@ -383,6 +383,8 @@ class RunConfig:
     """Also write TensorBoard events when tensorboard is installed."""
     progress: bool = True
     """Show a tqdm progress bar."""
+    plot: bool = True
+    """Write RUN/curves.png (matplotlib, when installed) as the run ends."""
     wandb: bool = False
     """Also log every metrics.jsonl record, at the same step, to Weights & Biases (`pip install
     "prolix[wandb]"`; `wandb login`, or WANDB_MODE=offline and `wandb sync RUN/wandb` later).
