@@ -13,11 +13,10 @@ import json
 import sys
 from pathlib import Path
 
-from prolix.trainer import loop
-from prolix.trainer.train import main as train_main
-
 
 def record_batches(out: Path) -> None:
+    from prolix.trainer import loop
+
     collect = loop.Trainer.collect_groups
 
     def collect_and_record(self, step):
@@ -33,7 +32,11 @@ def record_batches(out: Path) -> None:
     loop.Trainer.collect_groups = collect_and_record
 
 
+# The imports of torch and the trainer stay out of the module's top level: a reward pool's
+# workers start by "spawn", which imports this script again in each of them.
 if __name__ == "__main__":
+    from prolix.trainer.train import main as train_main
+
     out = Path(sys.argv[1])
     out.mkdir(parents=True, exist_ok=True)
     record_batches(out)

@@ -265,12 +265,13 @@ def test_layout_and_config_checks(tmp_path):
     assert own.loss_config().tis_cap == 5.0
 
 
-def test_split_outside_torchrun_is_a_usage_error(base_model, problems, tmp_path):
-    args = _args(base_model, problems, tmp_path, **{"rollout.placement": "split"})
-    proc = subprocess.run([sys.executable, "-m", "prolix.trainer.cli", "train", *args], capture_output=True,
-                          text=True, env=_env(), timeout=TIMEOUT_S)
-    assert proc.returncode == 2
-    assert proc.stderr.strip().splitlines()[-1].startswith("prolix train: error: rollout.placement: 'split'")
+def test_split_outside_torchrun_is_a_usage_error(base_model, problems, tmp_path, capsys):
+    from prolix.trainer.cli import main
+
+    assert "WORLD_SIZE" not in os.environ
+    assert main(["train", *_args(base_model, problems, tmp_path, **{"rollout.placement": "split"})]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith(
+        "prolix train: error: rollout.placement: 'split'")
 
 
 @pytest.mark.skipif(importlib.util.find_spec("vllm") is None,
