@@ -3,21 +3,24 @@
 Three commands, as a user types them, each in a process of its own so that a CUDA crash fails
 that command (exit status and the end of its output recorded) instead of the whole check:
 
-    prolix train run.device=cuda rollout.engine=torch model.autocast=bf16 model.kernel_backend=triton
-                 demo.hidden_size=256 demo.num_layers=4 ... run.steps=4 run.checkpoint_every=2
+    prolix train model.path=OUT/model data.sources=[{kind: jsonl, path: OUT/sums.jsonl, ...}]
+                 run.device=cuda rollout.engine=torch model.autocast=bf16 model.kernel_backend=triton
+                 run.steps=4 run.checkpoint_every=2 ...
     prolix train --resume RUN run.steps=6
     prolix eval RUN --n 4 --k 1,4 --engine torch --out RUN/eval     # the run's held-out set
 
-The model is the embedded demo's (a random Qwen2 with a character tokenizer, no download) at
-256 hidden / 4 layers, warm-started briefly, trained in bf16 autocast with the Triton LM head
-and, where liger-kernel is installed, Liger's decoder kernels (`model.load_policy`). Each command
+The model is a random Qwen2 (512 hidden, 4 layers, 8 heads) over the embedded demo's character
+tokenizer, written by this section (no download, no reasoning-gym: the device image need not
+have it), trained in bf16 autocast with the Triton LM head and, where liger-kernel is installed,
+Liger's decoder kernels (`model.load_policy`); 16 prompts × 8 responses of 128 tokens a step,
+every group trained on. Each command
 runs through this module's `__main__`, which calls the `prolix` entry point and then reports
 the process's peak CUDA memory. From RUN/metrics.jsonl each training command records steps/s,
 training and generation tokens/s and MFU; the evaluation its samples and generated tokens per
 second (model loading included) and its summary.
 
-`--quick` (CPU, the test of the device check) runs the same three commands in this process at
-the tests' demo size: seconds, no numbers that mean anything.
+`--quick` (CPU, the test of the device check) runs the same three commands in this process with
+the tests' tiny model: seconds, no numbers that mean anything.
 """
 
 from __future__ import annotations
@@ -30,29 +33,56 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["run_commands", "train_overrides", "QUICK_DEMO", "FULL_DEMO"]
+__all__ = ["run_commands", "write_model_and_data", "train_overrides", "markdown", "FULL_MODEL", "QUICK_MODEL"]
 
 PEAK_LINE = "prolix-device-commands: peak_memory_gb="
-# Demo-sized on the GPU: head dim 64 (256 / 4 heads), long enough steps to time.
-FULL_DEMO = ["demo.hidden_size=256", "demo.intermediate_size=1024", "demo.num_layers=4", "demo.num_heads=4",
-             "demo.num_kv_heads=2", "demo.warmup_steps=40", "data.sources.0.heldout_size=32",
-             "run.device=cuda", "model.autocast=bf16", "model.kernel_backend=triton"]
-# The tests' smallest demo (tests/trainer_testing.SMALL_DEMO): seconds on a CPU.
-QUICK_DEMO = ["demo.hidden_size=32", "demo.intermediate_size=64", "demo.num_layers=1", "demo.num_heads=2",
-              "demo.num_kv_heads=1", "demo.warmup_steps=3", "demo.warmup_batch=4", "data.sources.0.heldout_size=4",
-              "rollout.n=2", "rollout.max_tokens=16", "optim.prompts_per_step=2", "optim.mini_batch_prompts=1",
-              "run.device=cpu"]
+# Head dim 64 (512 / 8 heads); long enough steps to time. The vocabulary is the character
+# tokenizer's 101 tokens.
+FULL_MODEL = {"hidden_size": 512, "intermediate_size": 2048, "num_hidden_layers": 4, "num_attention_heads": 8,
+              "num_key_value_heads": 4}
+# The tests' tiny model (tests/conftest.py): seconds on a CPU.
+QUICK_MODEL = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 2,
+               "num_key_value_heads": 1}
+CONTEXT = 256
 
 
-def train_overrides(out: Path, quick: bool) -> list[str]:
+def write_model_and_data(out: Path, quick: bool) -> tuple[Path, Path]:
+    """A random Qwen2 with the demo's character tokenizer in OUT/model, and 96 sums in
+    OUT/sums.jsonl ("add 3 4" -> "7"): nothing to download, nothing beyond the trainer's own
+    dependencies (no reasoning-gym)."""
+    from transformers import AutoModelForCausalLM, Qwen2Config
+
+    from prolix.trainer.model import save_policy
+    from prolix.trainer.tokenizer import build_char_tokenizer, save_tokenizer
+
+    tokenizer = build_char_tokenizer()
+    config = Qwen2Config(vocab_size=len(tokenizer), max_position_embeddings=CONTEXT, tie_word_embeddings=True,
+                         eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id, **(QUICK_MODEL if quick else FULL_MODEL))
+    torch.manual_seed(0)
+    model_dir, data = out / "model", out / "sums.jsonl"
+    save_policy(AutoModelForCausalLM.from_config(config, dtype=torch.float32), model_dir)
+    save_tokenizer(tokenizer, str(model_dir))
+    data.write_text("".join(json.dumps({"prompt": f"add {i % 10} {i // 10}", "answer": str(i % 10 + i // 10)}) + "\n"
+                            for i in range(96)))
+    return model_dir, data
+
+
+def train_overrides(out: Path, model_dir: Path, data: Path, quick: bool) -> list[str]:
     """The first `prolix train`: 4 steps (2 with --quick), a checkpoint every 2 (1), validation
-    only at the end (a short held-out set). Every group is trained on, rewards equal or not (no
-    dynamic sampling): a barely warm-started model scores 0 everywhere, and the update is timed."""
-    steps, every = (2, 1) if quick else (4, 2)
-    return [*(QUICK_DEMO if quick else FULL_DEMO), "rollout.engine=torch", "algorithm.dynamic_sampling=false",
-            f"run.out_dir={out}", "run.name=run",
-            f"run.steps={steps}", f"run.checkpoint_every={every}", "eval.every=0", "eval.at_start=false",
-            "eval.n=2", "eval.k=2", "run.progress=false", "run.tensorboard=false"]
+    only at the end, on 32 held-out sums (4). Every group is trained on, rewards equal or not (no
+    dynamic sampling): a random model scores 0 everywhere, and the update is what is timed."""
+    steps, every, heldout = (2, 1, 4) if quick else (4, 2, 32)
+    sizes = ["rollout.n=2", "rollout.max_tokens=8", "optim.prompts_per_step=2", "optim.mini_batch_prompts=1",
+             "run.device=cpu"] if quick else \
+        ["rollout.n=8", "rollout.max_tokens=128", "optim.prompts_per_step=16", "optim.mini_batch_prompts=8",
+         "run.device=cuda", "model.autocast=bf16", "model.kernel_backend=triton"]
+    return [f"model.path={model_dir}", f"data.sources=[{{kind: jsonl, path: {data}, reward: exact, "
+            f"heldout_size: {heldout}}}]", "data.system_prompt=", *sizes, "rollout.engine=torch",
+            "rollout.max_prompt_tokens=64", f"rollout.max_model_len={CONTEXT}", "algorithm.dynamic_sampling=false",
+            f"run.out_dir={out}", "run.name=run", f"run.steps={steps}", f"run.checkpoint_every={every}",
+            "eval.every=0", "eval.at_start=false", "eval.n=2", "eval.k=2", "run.progress=false",
+            "run.tensorboard=false"]
 
 
 def _in_process(argv: list[str]) -> tuple[int, str, float | None]:
@@ -106,7 +136,8 @@ def _commands(out: Path, quick: bool) -> list[tuple[str, list[str], tuple[int, i
     run = out / "run"
     first, resumed = (2, 3) if quick else (4, 6)
     n = "2" if quick else "4"
-    return [("train", ["train", *train_overrides(out, quick)], (1, first)),
+    model_dir, data = write_model_and_data(out, quick)
+    return [("train", ["train", *train_overrides(out, model_dir, data, quick)], (1, first)),
             ("resume", ["train", "--resume", str(run), f"run.steps={resumed}"], (first + 1, resumed)),
             ("eval", ["eval", str(run), "--n", n, "--k", f"1,{n}", "--engine", "torch", "--out", str(run / "eval")],
              None)]
@@ -119,7 +150,7 @@ def run_commands(ck, budget: float) -> dict:
     out = ck.out / f"{ck.stem.name}-commands"
     ck.results["commands"] = rows = []
     end = time.monotonic() + budget
-    quick = ck.quick or ck.device.type != "cuda"            # the demo's GPU sizes want a GPU
+    quick = ck.quick or ck.device.type != "cuda"            # the GPU sizes want a GPU
     for name, argv, steps in _commands(out, quick):
         t0 = time.monotonic()
         status, tail, peak = _in_process(argv) if quick else _subprocess(argv, end - t0)
