@@ -83,6 +83,7 @@ from .tokenizer import load_tokenizer
 
 __all__ = ["Group", "TrainerState", "TrainResult", "Trainer", "TrainingDivergedError"]
 
+
 @dataclasses.dataclass
 class TrainerState:
     """Everything of the loop that a checkpoint must carry (JSON-serialisable)."""

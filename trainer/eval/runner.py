@@ -184,11 +184,11 @@ def run(spec: EvalSpec, *, progress: bool = True) -> dict:
     (spec.out / OPTIONS_FILE).write_text(json.dumps(spec.fingerprint(), indent=1) + "\n")
     store = SampleStore(spec)
     pending = store.pending()
-    total = len(spec.targets) * sum(len(ps) for ps in spec.sources.values())
+    total = len(spec.targets) * sum(len(ps) for ps in spec.sources.values())          # problems to score in all
+    left = sum(len(chunk_ranges(len(spec.sources[s]), spec.chunk)[c]) for _, s, c in pending)
     finished = False
-    bar = tqdm(total=total, initial=total - sum(len(chunk_ranges(len(spec.sources[s]), spec.chunk)[c])
-                                                for _, s, c in pending),
-               desc="prolix eval", unit="problem", dynamic_ncols=True, file=sys.stderr, disable=not progress)
+    bar = tqdm(total=total, initial=total - left, desc="prolix eval", unit="problem", dynamic_ncols=True,
+               file=sys.stderr, disable=not progress)
 
     def emit(target: Target, source: str, c: int, results) -> None:
         results = [r if isinstance(r, ProblemResult) else ProblemResult.from_record(r) for r in results]
