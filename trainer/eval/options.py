@@ -95,9 +95,9 @@ def _ints(text: str) -> tuple[int, ...]:
 
 def build_parser() -> argparse.ArgumentParser:
     p = OneLineParser(prog="prolix eval", formatter_class=argparse.RawDescriptionHelpFormatter,
-                      description="Score a model, a run's latest checkpoint or every checkpoint of a run: n samples "
-                                  "per problem, pass@k (unbiased estimator), mean response length, truncated "
-                                  "fraction. Writes OUT/summary.json, summary.md, samples.jsonl (and with "
+                      description="Score a model, a run's latest checkpoint or every checkpoint of a run: n samples\n"
+                                  "per problem, pass@k (unbiased estimator), mean response length, truncated\n"
+                                  "fraction. Writes OUT/summary.json, summary.md, samples.jsonl (and with\n"
                                   "--all-checkpoints pass_at_k.png); run the same command again to resume.",
                       epilog="examples:\n"
                              "  prolix eval /models/R1-Distill-Qwen-1.5B --data aime24.jsonl --out eval/base\n"
