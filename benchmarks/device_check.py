@@ -1,6 +1,6 @@
 """The kernels' GPU measurements in one run: `python -m prolix.benchmarks.device_check --out DIR`.
 
-Every number the targets of `device_report.py` read, in one process that fits a short GPU lease (≤ 8 min
+Every number the targets of `device_report.py` read, in one process that fits a short GPU lease (≤ 10 min
 on one H100/H200 by default), writing `DIR/device-check-<date>-<device>-<commit>.json` after
 every section (nothing measured is lost if the run is cut short) and, from that JSON alone,
 a `.md` report with a PASS/FAIL line per target and a `.png` plot (`device_report.py`):
@@ -16,6 +16,7 @@ a `.md` report with a PASS/FAIL line per target and a `.png` plot (`device_repor
 |                 | "v1"): no-grad forward, backward, fwd+bwd                                      |
 | breakdown       | `breakdown.stages` at qwen-1.5b, N = 16384                                     |
 | train           | `prolix bench train` at qwen-1.5b, N = 16384                                  |
+| commands        | `prolix train`, its `--resume` and `prolix eval` on CUDA (`device_commands`)   |
 
 Baselines (eager, torch.compile, Liger's two forms, CCE, TRL's chunked head) run when
 installed and are `skipped` with the reason otherwise; an out-of-memory baseline is an `OOM`
@@ -44,11 +45,12 @@ import torch
 
 from . import cases as C
 from . import harness
+from .device_commands import run_commands
 from .providers import BASELINES, PROVIDERS, Context, bench_config, no_donated_buffers
 
 SCHEMA = "prolix-device-check/1"
 REPO = Path(__file__).resolve().parent.parent
-FULL_BUDGET_S = 450.0   # 7.5 minutes of sections: the whole run stays under 8 on an H100/H200
+FULL_BUDGET_S = 570.0   # 9.5 minutes of sections: the whole run stays under 10 on an H100/H200
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,6 +69,7 @@ SECTIONS = (
     Section("configs", 45.0),
     Section("breakdown", 30.0, "breakdown.stages times cuBLAS and the Triton kernels on a GPU"),
     Section("train", 70.0),
+    Section("commands", 120.0),
 )
 # Where the compile baseline is dropped: less than this left in a kernel section.
 COMPILE_RESERVE_S = 45.0
@@ -396,6 +399,7 @@ RUNNERS = {
     "tests": run_tests, "gemm": run_gemm, "configs": run_configs, "breakdown": run_breakdown, "train": run_train,
     "linear-logprobs": lambda ck, b: run_kernel(ck, "linear-logprobs", b),
     "fused-grpo": lambda ck, b: run_kernel(ck, "fused-grpo", b),
+    "commands": run_commands,
 }
 
 

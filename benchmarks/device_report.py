@@ -21,6 +21,8 @@ import json
 import sys
 from pathlib import Path
 
+from .device_commands import markdown as markdown_commands
+
 TARGETS = (
     # (name, source, limit, unit)
     ("fused GRPO fwd+bwd", "fused", 3.6, "× GEMM"),
@@ -101,7 +103,7 @@ def markdown(r: dict) -> str:
     lines += [f"| {g['shape']} | {g['N']} | {_f(g.get('ms'))} | {_f(g.get('tflops'))} |" if g["status"] == "ok"
               else f"| {g['shape']} | {g['N']} | **{g['status']}** | {g['reason']} |" for g in r["gemm"]]
     lines += ["", *_cases_md(r["cases"]), *_configs_md(r["configs"]), *_breakdown_md(r["breakdown"]),
-              *_tests_md(r["tests"])]
+              *_tests_md(r["tests"]), *(markdown_commands(r["commands"]) if r.get("commands") else [])]
     return "\n".join(lines) + "\n"
 
 

@@ -74,7 +74,8 @@ def pytest_configure(config):
 # these go first and no worker is still busy with a long one when the other has run out of work.
 SLOW_MODULES = ("test_split.py", "test_benchmarks.py", "test_failures.py", "test_checkpoint.py", "test_sinks.py",
                 "test_distributed.py", "test_soak.py", "test_kernels_shadowing.py", "test_kernel_resources.py",
-                "test_engines.py", "test_loop.py", "test_vllm_cpu_eval.py", "test_loop_rollout_correction.py")
+                "test_engines.py", "test_loop.py", "test_eval.py", "test_vllm_cpu_eval.py",
+                "test_loop_rollout_correction.py")
 
 
 def _uses_a_module_fixture(item) -> bool:

@@ -387,6 +387,20 @@ def test_device_check_targets_pass_or_fail_only_on_cuda(device_check_run):
     assert verdicts["extra memory at 16k"] == verdicts["extra memory flat to 64k"] == "PASS"
 
 
+def test_device_check_runs_train_its_resume_and_eval_commands(device_check_run):
+    """The `commands` section (CPU, in-process with --quick): `prolix train` 2 steps, `--resume`
+    to 3, `prolix eval` of the step-3 checkpoint on the run's held-out set; numbers recorded."""
+    path, r = device_check_run
+    assert r["sections"]["commands"]["status"] == "ok", r["sections"]["commands"]
+    rows = {c["command"]: c for c in r["commands"]}
+    assert list(rows) == ["train", "resume", "eval"] and all(c["exit"] == 0 for c in rows.values())
+    assert rows["train"]["steps"] == 2 and rows["resume"]["steps"] == 1
+    assert all(rows[c]["steps_per_s"] > 0 and rows[c]["train_tokens_per_s"] > 0 for c in ("train", "resume"))
+    [ckpt] = rows["eval"]["summary"]
+    assert ckpt["step"] == 3 and rows["eval"]["samples"] == 4 * 2 and rows["eval"]["samples_per_s"] > 0
+    assert "## Commands" in path.with_suffix(".md").read_text()
+
+
 def test_device_check_out_of_budget_records_every_section_as_skipped(tmp_path):
     from prolix.benchmarks import device_check
 

@@ -11,6 +11,7 @@
     prolix bench reward-pool [--workers 0,1,2] [--reps 5] [--quick] [--out DIR]   # scored responses/s
     prolix train [--config X.yaml] [--resume DIR] [--nproc G] [key=value ...]   # see prolix.trainer.train
     torchrun --nproc-per-node=G -m prolix.trainer.cli train ...     # data parallel (trainer/parallel/)
+    prolix eval TARGET [--data FILE[:REWARD]]... [--reasoning-gym TASK[:COUNT]]... --out DIR   # see prolix.trainer.eval
 
 Everything heavy (torch, the kernels, the trainer, the benchmark suite) is imported inside the
 handler, so `prolix --help` is instant and needs no trainer dependency.
@@ -100,6 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
         what.add_parser(name, parents=[sweep], help=text, description=text)
     commands.add_parser("train", help="GRPO for prolonged RL (the ProRL recipe); no arguments: the demo",
                         add_help=False)   # its own parser (prolix.trainer.train) handles the rest
+    commands.add_parser("eval", help="pass@k of a model or of a run's checkpoints on benchmark files and "
+                                     "reasoning-gym tasks", add_help=False)   # prolix.trainer.eval.options
     box = what.add_parser("sandbox", help="the code reward's sandbox: ms per run_python and runs/s, each launcher")
     box.add_argument("--runs", type=int, default=50, help="runs per launcher and per concurrency (default 50)")
     box.add_argument("--out", default=None, help="results folder (default benchmarks/results/)")
@@ -183,6 +186,10 @@ def main(argv: list[str] | None = None) -> int:
         from prolix.trainer.train import main as train_main
 
         return train_main(argv[1:])
+    if argv[:1] == ["eval"]:
+        from prolix.trainer.eval.command import main as eval_main
+
+        return eval_main(argv[1:])
     args = build_parser().parse_args(argv)
     if args.command == "bench":
         return _bench(args, argv)

@@ -77,14 +77,11 @@ from .packing import SequenceRecord, pack_microbatch
 from .parallel import Parallel, UpdateStats, init_parallelism
 from .preflight import policy_source
 from .problem import Problem
-from .rollout.engines import SamplingConfig
 from .rollout.rollouts import Group, Rollouts, rollout_seed
 from .signals import RunStopped, StopRequest, close_run
 from .tokenizer import load_tokenizer
 
 __all__ = ["Group", "TrainerState", "TrainResult", "Trainer", "TrainingDivergedError"]
-
-EVAL_SEED_OFFSET = 7_777_777   # evaluations reuse one seed: every eval sees the same random numbers
 
 
 @dataclasses.dataclass
@@ -409,12 +406,13 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
-        """`evaluation.heldout_metrics` at the eval section's sampling, with one seed for all."""
-        e = self.cfg.eval
-        sampling = SamplingConfig(n=e.n, temperature=e.temperature, top_p=e.top_p,
-                                  max_tokens=self.cfg.eval_max_tokens, seed=self.cfg.run.seed + EVAL_SEED_OFFSET)
+        """`evaluation.heldout_metrics` at the eval section's sampling, seeded by run.seed alone:
+        every evaluation sees the same random numbers, and `prolix eval RUN --seed <run.seed>`
+        samples what this one does."""
         with nvtx.range("eval"):
-            return heldout_metrics(self.engine, self.data.heldout, self.prompt_ids, e, sampling)
+            return heldout_metrics(self.engine, self.data.heldout, self.prompt_ids, self.cfg.eval,
+                                   seed=self.cfg.run.seed, max_tokens=self.cfg.eval_max_tokens,
+                                   score=self.rollouts.pool.score)
 
     def _track_validation(self, value: float) -> None:
         best = self.state.best_score

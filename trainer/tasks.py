@@ -47,6 +47,7 @@ __all__ = [
     "FileSource",
     "MixedSource",
     "make_source",
+    "read_file_problems",
 ]
 
 TRAIN_SEED_SPACE = 2**31
@@ -159,17 +160,24 @@ def _row_problem(cfg: SourceConfig, row: Any, rownum: int) -> Problem:
     return Problem(prompt=prompt, answer=str(answer), task=cfg.name, reward=cfg.reward, metadata=dict(row))
 
 
+def read_file_problems(cfg: SourceConfig) -> list[Problem]:
+    """Every row of a JSONL or parquet source as a Problem, in file order, each one validated
+    (ValueError naming the file, the row and the field); what `prolix eval --data` scores."""
+    if cfg.kind not in ("jsonl", "parquet"):
+        raise ValueError(f"a file source needs kind='jsonl' or 'parquet', got {cfg.kind!r}")
+    problems = [_row_problem(cfg, row, i) for i, row in enumerate(_read_rows(cfg), 1) if row is not None]
+    if not problems:
+        raise ValueError(f"{cfg.path}: no rows")
+    return problems
+
+
 class FileSource:
     """Problems from a JSONL or parquet file, validated row by row, with a seeded held-out split."""
 
     def __init__(self, cfg: SourceConfig):
-        if cfg.kind not in ("jsonl", "parquet"):
-            raise ValueError(f"FileSource needs kind='jsonl' or 'parquet', got {cfg.kind!r}")
         self.cfg = cfg
         self.name = cfg.name
-        problems = [_row_problem(cfg, row, i) for i, row in enumerate(_read_rows(cfg), 1) if row is not None]
-        if not problems:
-            raise ValueError(f"{cfg.path}: no rows")
+        problems = read_file_problems(cfg)
         order = list(range(len(problems)))
         random.Random(cfg.seed).shuffle(order)
         held: dict[str, Problem] = {}

@@ -15,6 +15,7 @@ from .store import (
     as_nested_tuples,
     capture_rng,
     latest_checkpoint,
+    list_checkpoints,
     resolve_checkpoint,
     restore_rng,
     save_checkpoint,
@@ -23,5 +24,5 @@ from .store import (
 )
 
 __all__ = ["CHECKPOINT_DIR", "CheckpointError", "CheckpointWriteError", "as_nested_tuples", "capture_rng",
-           "is_distributed_checkpoint", "latest_checkpoint", "load_checkpoint", "resolve_checkpoint", "restore_rng",
+           "is_distributed_checkpoint", "latest_checkpoint", "list_checkpoints", "load_checkpoint", "resolve_checkpoint", "restore_rng",
            "save_checkpoint", "save_sharded", "thread_count_warning", "verify_checkpoint"]

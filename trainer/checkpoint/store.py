@@ -350,6 +350,12 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
     return complete[-1] if complete else None
 
 
+def list_checkpoints(run_dir: str | Path) -> list[Path]:
+    """Every complete checkpoint of a run, oldest first ([] when there is none)."""
+    root = Path(run_dir) / CHECKPOINT_DIR
+    return _complete_checkpoints(root) if root.is_dir() else []
+
+
 def resolve_checkpoint(path: str | Path) -> tuple[Path, Path]:
     """(run_dir, checkpoint_dir) for `--resume PATH`, the checkpoint verified (`verify_checkpoint`).
 
