@@ -224,6 +224,28 @@ def run_section(ck, budget: float) -> dict:
     return {"status": "ok", "reason": None}
 
 
+def markdown_lines(rec: dict | None) -> list[str]:
+    """The device check report's "Batch-invariant head" part (nothing when the section did not run)."""
+    if not rec or "bits" not in rec:
+        return []
+    b = rec["bits"]
+    lines = ["## Batch-invariant head", "",
+             f"Rows whose log-prob or entropy bits differ from their bits in one batch of the pool, per N "
+             f"(row block T = {b['row_block']}): **{'all equal' if b['ok'] else 'DIFFERENT'}** in the mode.", "",
+             "| N | batch_invariant=True | default |", "|---:|---:|---:|"]
+    lines += [f"| {n} | {i} | {d} |" for n, i, d in zip(b["N"], b["invariant"], b["default"])]
+    lines += ["", f"Fused loss log-probs vs `linear_logprobs`: {b['fused_logp_mismatches']} rows differ; "
+              f"gradients of two identical runs: {b['gradient_mismatches']} elements differ.", ""]
+    if rec.get("cost"):
+        lines += [f"Cost (target ≤ {rec['target_ratio']}× for the head):", "",
+                  "| stage | shape | N | default ms | invariant ms | ratio |", "|---|---|---:|---:|---:|---:|"]
+        lines += [f"| {c['stage']} | {c['shape']} | {c['N']} | {c['default_ms']:.3g} | {c['invariant_ms']:.3g} | "
+                  f"{c['ratio']:.3f} |" for c in rec["cost"]]
+    elif rec.get("cost_skipped"):
+        lines.append(f"Cost: not measured ({rec['cost_skipped']}).")
+    return lines + [""]
+
+
 # ----------------------------------------------------------------------------- CLI
 
 
