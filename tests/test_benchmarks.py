@@ -401,6 +401,20 @@ def test_device_check_runs_train_its_resume_and_eval_commands(device_check_run):
     assert "## Commands" in path.with_suffix(".md").read_text()
 
 
+def test_device_check_bitwise_head_holds_the_bits_and_times_both_modes(device_check_run):
+    path, r = device_check_run
+    rec = r["bitwise_head"]
+    bits = rec["bits"]
+    T = bits["row_block"]
+    assert bits["ok"] and {1, T - 1, T, T + 1} <= set(bits["N"])
+    assert bits["invariant"] == [0] * len(bits["N"]) and len(bits["default"]) == len(bits["N"])
+    assert bits["fused_logp_mismatches"] == 0 and bits["gradient_mismatches"] == 0
+    assert [c["stage"] for c in rec["cost"]] == ["logprobs fwd", "logprobs fwdbwd", "fused fwdbwd"]
+    assert all(c["default_ms"] > 0 and c["ratio"] == pytest.approx(c["invariant_ms"] / c["default_ms"])
+               for c in rec["cost"])
+    assert "## Batch-invariant head" in path.with_suffix(".md").read_text()
+
+
 def test_device_check_out_of_budget_records_every_section_as_skipped(tmp_path):
     from prolix.benchmarks import device_check
 
