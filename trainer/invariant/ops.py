@@ -1,0 +1,145 @@
+"""Batch-invariant operators: a row's result has the same bits whatever else is computed with it.
+
+Why the stock CPU operators are not: a GEMM picks its kernel from the shape, so row n of
+`linear(x[:M], W)` changes bits with M (a one-row call takes a GEMV path); an element-wise
+transcendental (SiLU, exp, rsqrt, cos, sin) runs vectorised over whole vectors and falls back to
+the scalar libm routine on the tail, so an element's bits depend on where the tensor ends; a
+reduction with a single output is split across threads.
+
+`batch_invariant_ops()` is a context (a `TorchFunctionMode`) under which the operators a Hugging
+Face decoder reaches are replaced at the Python API:
+
+    operator                                how
+    linear, matmul (2-D right operand),     rows in blocks of ROW_BLOCK (the last one padded with
+    mm, addmm, softmax / log_softmax,       zeros): every call has the shape [ROW_BLOCK, K], so
+    rms_norm, layer_norm, mean / sum /      kernel choice and reduction order depend on K and
+    amax / logsumexp over the last dim      the weights alone
+    exp, sigmoid, silu, gelu, tanh, rsqrt,  the flattened tensor in chunks of FLAT_CHUNK elements
+    cos, sin, log                           (a multiple of every vector width, below the
+                                            threading grain): every element on the vector path
+    matmul / bmm with inner dimension 1     unchanged (one product per output: exact)
+    scaled_dot_product_attention, bmm,      an error naming the operator: nothing here makes
+    baddbmm, a floating reduction over      them invariant, so a model that reaches them is not
+    another dimension                       covered (attention is `attention.py`'s job)
+
+Additions, products and divisions are correctly rounded on every path and pass through, as do
+indexing, concatenation and embedding lookups. Backward passes use the stock operators (the
+promise is about forward bits). The cost is the padding of the last block and one call per block.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+
+import torch
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
+
+__all__ = ["ROW_BLOCK", "FLAT_CHUNK", "batch_invariant_ops", "row_blocks", "flat_chunks", "stock_ops"]
+
+ROW_BLOCK = 64
+"""Rows per call of a row operator (matmul, normalisation, last-dim reduction)."""
+FLAT_CHUNK = 8192
+"""Elements per call of an element-wise transcendental: a multiple of 2 × the widest vector
+(AVX-512: 32 floats) and under ATen's parallel grain (32768), so no tail and no thread split."""
+
+T = torch.Tensor
+_ELEMENTWISE = {torch.exp, T.exp, torch.sigmoid, T.sigmoid, F.silu, F.gelu, torch.tanh, T.tanh, F.tanh,
+                torch.rsqrt, T.rsqrt, torch.cos, T.cos, torch.sin, T.sin, torch.log, T.log, torch.special.expit}
+_ROW_OPS = {F.linear, torch.mm, T.mm, F.rms_norm, F.layer_norm}
+_LAST_DIM_OPS = {torch.softmax, T.softmax, F.softmax, torch.log_softmax, T.log_softmax, F.log_softmax,
+                 torch.mean, T.mean, torch.sum, T.sum, torch.amax, T.amax, torch.logsumexp, T.logsumexp}
+_MATMULS = {torch.matmul, T.matmul, T.__matmul__, torch.bmm, T.bmm}
+_UNCOVERED = {F.scaled_dot_product_attention, torch.baddbmm, T.baddbmm, torch.addmm, T.addmm, torch.einsum,
+              T.exp_, T.sigmoid_, T.tanh_, T.rsqrt_}
+
+_STOCK = contextvars.ContextVar("prolix_stock_ops", default=False)
+
+
+def row_blocks(fn, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    """fn applied to x's rows (all dims but the last) in fixed [ROW_BLOCK, C] blocks; fn must
+    map each row on its own and keep the leading dimension (x: [..., C] → [..., C'])."""
+    lead, c = x.shape[:-1], x.shape[-1]
+    rows = x.reshape(-1, c)
+    m = rows.shape[0]
+    pad = (-m) % ROW_BLOCK
+    if pad or m == 0:
+        rows = torch.cat([rows, rows.new_zeros(pad or ROW_BLOCK, c)])
+    out = torch.cat([fn(block, *args, **kwargs) for block in rows.split(ROW_BLOCK)])[:m]
+    return out.reshape(*lead, *out.shape[1:])
+
+
+def flat_chunks(fn, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    """An element-wise fn over x in contiguous chunks of exactly FLAT_CHUNK elements."""
+    flat = x.reshape(-1)
+    n = flat.numel()
+    pad = (-n) % FLAT_CHUNK
+    if pad or n == 0:
+        flat = torch.cat([flat, flat.new_zeros(pad or FLAT_CHUNK)])
+    out = torch.cat([fn(chunk, *args, **kwargs) for chunk in flat.split(FLAT_CHUNK)])
+    return out[:n].view(x.shape)
+
+
+def _last_dim(x: torch.Tensor, dim) -> bool:
+    dims = dim if isinstance(dim, (tuple, list)) else (dim,)
+    return len(dims) == 1 and dims[0] is not None and dims[0] % max(x.dim(), 1) == x.dim() - 1
+
+
+def _reduction(func, args, kwargs):
+    x = args[0]
+    dim = args[1] if len(args) > 1 else kwargs.get("dim")
+    if not x.is_floating_point():
+        return func(*args, **kwargs)
+    if dim is None or not _last_dim(x, dim):
+        raise NotImplementedError(f"algorithm.batch_invariant: {getattr(func, '__name__', func)} over dim={dim} "
+                                  "of a floating tensor has no batch-invariant form here")
+    rest = {k: v for k, v in kwargs.items() if k != "dim"}
+    return row_blocks(lambda b: func(b, -1, *args[2:], **rest), x)
+
+
+def _matmul(func, args, kwargs):
+    a, b = args[0], args[1]
+    if a.shape[-1] == 1:                       # one product per output element: exact everywhere
+        return func(*args, **kwargs)
+    if func in (torch.matmul, T.matmul, T.__matmul__) and b.dim() == 2 and a.dim() >= 2:
+        return row_blocks(torch.matmul, a, b)
+    raise NotImplementedError(f"algorithm.batch_invariant: {getattr(func, '__name__', func)} of "
+                              f"{tuple(a.shape)} x {tuple(b.shape)} has no batch-invariant form here")
+
+
+class _BatchInvariantMode(TorchFunctionMode):
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if _STOCK.get() or not args or not isinstance(args[0], torch.Tensor):
+            return func(*args, **kwargs)
+        if func in _ELEMENTWISE:
+            return flat_chunks(func, *args, **kwargs)
+        if func in _ROW_OPS:
+            return row_blocks(func, *args, **kwargs)
+        if func in _LAST_DIM_OPS:
+            return _reduction(func, args, kwargs)
+        if func in _MATMULS:
+            return _matmul(func, args, kwargs)
+        if func in _UNCOVERED:
+            raise NotImplementedError(f"algorithm.batch_invariant: {getattr(func, '__name__', func)} is not "
+                                      "covered by the batch-invariant operator set")
+        return func(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def batch_invariant_ops():
+    """Run the enclosed forward with the batch-invariant operator set (module docstring)."""
+    with _BatchInvariantMode():
+        yield
+
+
+@contextlib.contextmanager
+def stock_ops():
+    """Inside `batch_invariant_ops`, let the enclosed code call the stock operators (code that
+    makes its own invariance, such as the fixed-block attention)."""
+    token = _STOCK.set(True)
+    try:
+        yield
+    finally:
+        _STOCK.reset(token)
