@@ -6,6 +6,7 @@ Triton kernels, CPU tensors a streaming torch implementation with the same memor
     from prolix.kernels import linear_logprobs, fused_linear_grpo_loss, GRPOLossConfig
     from prolix.kernels import RolloutCorrectionConfig   # GRPOLossConfig(rollout_correction=...)
     from prolix.kernels import seq_ids                   # packed row -> sequence index, from cu_seqlens
+    from prolix.kernels import batch_invariant           # context: every call in the bitwise-reproducible mode
 """
 
 if __name__ == "kernels":   # imported by that name from the repository root: see _shadow.py
@@ -13,7 +14,7 @@ if __name__ == "kernels":   # imported by that name from the repository root: se
 
     hand_over(globals())
 else:
-    from ._common import seq_ids
+    from ._common import batch_invariant, seq_ids
     from .grpo_loss import (
         FusedLinearGRPOLoss,
         GRPOLossConfig,
@@ -31,4 +32,5 @@ else:
         "fused_linear_grpo_loss",
         "FusedLinearGRPOLoss",
         "seq_ids",
+        "batch_invariant",
     ]

@@ -1,9 +1,11 @@
 """What the kernel modules share: tile configurations, the target GPU, fp32-accumulating matmuls,
-the K-loop of a logit tile, the raster of a tiled grid, input checks of an LM head, and the
-per-token sequence index of packed rows."""
+the K-loop of a logit tile, the raster of a tiled grid, input checks of an LM head, the
+per-token sequence index of packed rows, and the batch-invariant switch."""
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 import os
 from typing import Literal, NamedTuple, get_args
@@ -13,7 +15,8 @@ import triton
 import triton.language as tl
 
 __all__ = ["KernelConfig", "KernelBackend", "BACKENDS", "dot_precision", "sm_version", "has_fp32_out_addmm",
-           "mm_fp32", "addmm_fp32", "logit_tile", "grouped_tile", "check_lm_head_inputs", "seq_ids"]
+           "mm_fp32", "addmm_fp32", "logit_tile", "grouped_tile", "check_lm_head_inputs", "seq_ids",
+           "batch_invariant", "resolve_batch_invariant", "INVARIANT_ROWS", "pad_rows"]
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 KernelBackend = Literal["auto", "torch", "triton"]
@@ -185,3 +188,41 @@ def seq_ids(cu_seqlens: torch.Tensor, n: int) -> torch.Tensor:
     """Sequence index of every packed row, [N] int64 (empty sequences own no row)."""
     rows = torch.arange(n, device=cu_seqlens.device, dtype=cu_seqlens.dtype)
     return torch.searchsorted(cu_seqlens[1:].contiguous(), rows, right=True).long()
+
+
+# ----------------------------------------------------------------------------- batch invariance
+
+# Rows per block of the torch backend's batch-invariant pass. Every matmul and elementwise op of
+# that pass runs on [INVARIANT_ROWS, ...] blocks (the last one padded with zero rows), so a row's
+# bits do not depend on how many rows share its call; 64 rows × any width is a whole number of
+# 512-bit vectors, so no element falls into a scalar remainder loop (whose exp and log round
+# differently from the vectorised ones).
+INVARIANT_ROWS = 64
+
+_INVARIANT = contextvars.ContextVar("prolix_batch_invariant", default=False)
+
+
+@contextlib.contextmanager
+def batch_invariant(enabled: bool = True):
+    """Run every `prolix.kernels` call inside the block in the batch-invariant mode (as with
+    `batch_invariant=True` on each call): a row's log-prob and entropy then have the same bits
+    whatever the number of rows, their order, their neighbours and the chunk size."""
+    token = _INVARIANT.set(bool(enabled))
+    try:
+        yield
+    finally:
+        _INVARIANT.reset(token)
+
+
+def resolve_batch_invariant(flag) -> bool:
+    """The mode a call runs in: its `batch_invariant` keyword, or the enclosing context."""
+    if not isinstance(flag, bool):
+        raise TypeError(f"batch_invariant: expected a bool, got {type(flag).__name__}")
+    return flag or _INVARIANT.get()
+
+
+def pad_rows(x: torch.Tensor, n: int) -> torch.Tensor:
+    """`x` with zero rows appended up to `n` rows (itself when it has them already)."""
+    if x.shape[0] == n:
+        return x
+    return torch.cat([x, x.new_zeros((n - x.shape[0], *x.shape[1:]))])

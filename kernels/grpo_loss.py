@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ._common import check_lm_head_inputs, seq_ids
+from ._common import check_lm_head_inputs, resolve_batch_invariant, seq_ids
 from .grpo_config import ALGORITHMS, GRPOLossConfig
 from .grpo_objective import GRPOLossFunction, aggregation_weights, correct, grpo_forward, metric_names
 from .linear_logprob import linear_logprobs
@@ -191,6 +191,7 @@ def fused_linear_grpo_loss(
     backend: str = "auto",
     algorithm: str = "auto",
     chunk_rows: int | None = None,
+    batch_invariant: bool = False,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """LM head → log-probs → GRPO loss, the gradients computed in the forward; never holds [N, V].
 
@@ -218,10 +219,16 @@ def fused_linear_grpo_loss(
               three_gemm otherwise. three_gemm with such a config or inputs is a ValueError.
     chunk_rows: three_gemm only: token rows per chunk, C; its [C, V] buffer is the extra memory
               (None: E ≈ 1.25 GB, `three_gemm.default_chunk_rows`).
+    batch_invariant: each row's logp and entropy (and so its loss terms) have the same bits
+              whatever the number of rows, their order, their neighbours (ignored rows included)
+              and chunk_rows, on the same hardware, thread count and library versions; both
+              algorithms give the bits `linear_logprobs(batch_invariant=True)` gives, and the
+              gradients are deterministic run to run. Also on inside `prolix.kernels.batch_invariant()`.
 
     Returns (loss, metrics) as `grpo_loss`: loss 0-d fp32, differentiable w.r.t. hidden and weight.
     """
     # dtypes, vocabulary range and the weight are checked by linear_logprobs; here what the loss needs
+    invariant = resolve_batch_invariant(batch_invariant)
     for name, t in (("hidden", hidden), ("weight", weight)):
         if not isinstance(t, torch.Tensor) or t.dim() != 2:
             raise ValueError(f"{name}: expected a 2-D tensor ([N, H] / [V, H]), got {getattr(t, 'shape', t)!r}")
@@ -246,18 +253,19 @@ def fused_linear_grpo_loss(
                          f"rollout correction without old_logp={config.corrects_rollout and old_logp is None}): "
                          "use 'four_gemm' or 'auto'")
     if algorithm == "four_gemm" or (algorithm == "auto" and coupled):
-        out = linear_logprobs(hidden, weight, targets, temperature=config.temperature,
-                              ignore_index=ignore_index, return_entropy=want_entropy, backend=backend)
+        out = linear_logprobs(hidden, weight, targets, temperature=config.temperature, ignore_index=ignore_index,
+                              return_entropy=want_entropy, backend=backend, batch_invariant=invariant)
         logp, entropy = out if want_entropy else (out, None)
         return _grpo_loss(logp, advantages, mask, old_logp, ref_logp, rollout_logp, entropy, cu_seqlens,
                           config, normalizer)
     backend = check_lm_head_inputs(hidden, weight, targets, config.temperature, ignore_index, backend)
     return _three_gemm_loss(hidden, weight, targets.to(torch.int64), advantages, mask, old_logp, ref_logp,
-                            rollout_logp, cu_seqlens, config, normalizer, want_entropy, backend, chunk_rows)
+                            rollout_logp, cu_seqlens, config, normalizer, want_entropy, backend, chunk_rows,
+                            invariant)
 
 
 def _three_gemm_loss(hidden, weight, targets, advantages, mask, old_logp, ref_logp, rollout_logp,
-                     cu_seqlens, config, normalizer, want_entropy, backend, chunk_rows):
+                     cu_seqlens, config, normalizer, want_entropy, backend, chunk_rows, invariant):
     """fused_linear_grpo_loss, algorithm="three_gemm", on validated inputs (config.token_local,
     and old_logp given when rollout correction is on)."""
     m = mask.detach().to(torch.float32)                                   # [N] fp32
@@ -291,7 +299,8 @@ def _three_gemm_loss(hidden, weight, targets, advantages, mask, old_logp, ref_lo
     with torch.no_grad():
         logp, entropy, dh, dw = three_gemm_logprob_grads(
             hidden.detach(), weight.detach(), targets, rows, token_grads, inv_temp=1.0 / config.temperature,
-            with_entropy=want_entropy, need_dh=need_dh, need_dw=need_dw, backend=backend, chunk_rows=chunk_rows)
+            with_entropy=want_entropy, need_dh=need_dh, need_dw=need_dw, backend=backend, chunk_rows=chunk_rows,
+            batch_invariant=invariant)
         if not constants:
             is_weight = chunk_weight(logp, slice(None))
         loss, _, _, metrics = grpo_forward(logp, entropy, advantages, m, old_logp, ref_logp, is_weight,
@@ -309,20 +318,24 @@ class FusedLinearGRPOLoss(nn.Module):
     """
 
     def __init__(self, config: GRPOLossConfig = GRPOLossConfig(), *, ignore_index: int = -100,
-                 backend: str = "auto", algorithm: str = "auto") -> None:
+                 backend: str = "auto", algorithm: str = "auto", batch_invariant: bool = False) -> None:
         super().__init__()
         if not isinstance(config, GRPOLossConfig):
             raise TypeError(f"config: expected a GRPOLossConfig, got {type(config).__name__}")
         if algorithm not in ALGORITHMS:
             raise ValueError(f"algorithm: expected one of {ALGORITHMS}, got {algorithm!r}")
         self.config, self.ignore_index, self.backend, self.algorithm = config, ignore_index, backend, algorithm
+        if not isinstance(batch_invariant, bool):
+            raise TypeError(f"batch_invariant: expected a bool, got {type(batch_invariant).__name__}")
+        self.batch_invariant = batch_invariant
 
     def forward(self, hidden, weight, targets, advantages, mask, **kw):
         kw.setdefault("ignore_index", self.ignore_index)
         kw.setdefault("backend", self.backend)
         kw.setdefault("algorithm", self.algorithm)
+        kw.setdefault("batch_invariant", self.batch_invariant)
         return fused_linear_grpo_loss(hidden, weight, targets, advantages, mask, config=self.config, **kw)
 
     def extra_repr(self) -> str:
         return (f"{self.config}, ignore_index={self.ignore_index}, backend={self.backend!r}, "
-                f"algorithm={self.algorithm!r}")
+                f"algorithm={self.algorithm!r}, batch_invariant={self.batch_invariant}")

@@ -52,18 +52,23 @@ import triton
 
 from ._common import (
     BACKENDS,
+    INVARIANT_ROWS,
     KernelBackend,
     KernelConfig,
     addmm_fp32,
     check_lm_head_inputs,
     dot_precision,
+    pad_rows,
+    resolve_batch_invariant,
     sm_version,
 )
 from .logprob_kernels import dlogits_kernel, logprob_fwd_kernel
 from .streaming import torch_backward, torch_forward
+from .three_gemm import row_values, shifted_stats
 
 __all__ = ["linear_logprobs", "KernelConfig", "KernelBackend", "BACKENDS", "config_variant", "forward_config",
-           "backward_config", "forward_splits", "chunk_width", "BWD_BUFFER_BYTES", "CONFIG_ENV", "CONFIG_VARIANTS"]
+           "backward_config", "forward_splits", "chunk_width", "BWD_BUFFER_BYTES", "CONFIG_ENV", "CONFIG_VARIANTS",
+           "invariant_forward"]
 
 CONFIG_ENV = "PROLIX_LLP_CONFIG"   # "v2" (default), "v2-narrow" or "v1": see config_variant()
 CONFIG_VARIANTS = ("v2", "v2-narrow", "v1")
@@ -73,6 +78,9 @@ _LOG2E = 1.4426950408889634
 BWD_BUFFER_BYTES = 1 << 30
 _V1_BUFFER_FRACTION = 0.03     # v1: the dz buffer as a fraction of the fp32 logits (grows with N)
 _V1_BUFFER_MIN_BYTES = 64 << 20
+# Rows per call of the batch-invariant Triton forward: its per-tile partials [3, V/128, rows]
+# fp32 stay under 60 MB at V = 152k. Any value gives the same bits.
+_INVARIANT_CHUNK = 4096
 
 
 # ----------------------------------------------------------------------------- configuration
@@ -232,20 +240,57 @@ def triton_backward(h, w, y, lse, g, gh, ez, inv_temp, need_dh, need_dw):
     return dh, dw
 
 
+# ----------------------------------------------------------------------------- batch-invariant forward
+
+
+def invariant_forward(h, w, y, inv_temp, with_entropy, backend):
+    """The batch-invariant forward: the three-GEMM loss's own pass (`three_gemm.shifted_stats`,
+    S = Σ_v exp(z − z_y) over fixed tiles, summed in a fixed order), with E not stored by the
+    Triton kernel, so that `linear_logprobs` and `fused_linear_grpo_loss` give a row the same bits.
+
+    h: [N, H], w: [V, H], y: [N] int64 in [0, V) → (logp, entropy or None, lse, E_p[z] or None),
+    each [N] fp32. The torch backend runs blocks of INVARIANT_ROWS rows (the last one padded with
+    zero rows) through an fp32 [INVARIANT_ROWS, V] buffer."""
+    N, V = h.shape[0], w.shape[0]
+    if backend == "torch":
+        h, w, rows = h.float(), w.float(), INVARIANT_ROWS
+        e = torch.empty((rows, V), device=h.device, dtype=torch.float32)
+    else:
+        rows, e = _INVARIANT_CHUNK, None
+    outs = [torch.empty(N, device=h.device, dtype=torch.float32) if with_entropy or i in (0, 2) else None
+            for i in range(4)]
+    for r0 in range(0, N, rows):
+        h_c, y_c = h[r0 : r0 + rows], y[r0 : r0 + rows]
+        n_c = h_c.shape[0]
+        if backend == "torch":
+            h_c, y_c = pad_rows(h_c, rows), pad_rows(y_c, rows)
+        stats = shifted_stats(h_c, w, y_c, inv_temp, with_entropy, e, backend, True)
+        for out, value in zip(outs, row_values(*stats, backend == "triton")):
+            if out is not None:
+                out[r0 : r0 + n_c] = value[:n_c]
+    return tuple(outs)
+
+
 # ----------------------------------------------------------------------------- autograd
 
 
 class _LinearLogprobs(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, targets, temperature, ignore_index, with_entropy, backend):
+    def forward(ctx, hidden, weight, targets, temperature, ignore_index, with_entropy, backend, invariant):
         inv_temp = 1.0 / temperature
         valid = targets != ignore_index
-        fwd = triton_forward if backend == "triton" else torch_forward
-        zy, lse, mean_z = fwd(hidden, weight, targets, inv_temp, with_entropy)
-        logp = torch.where(valid, zy - lse, 0.0)
-        # H = lse − E[z] ≥ 0; for near-one-hot rows both terms are large and the fp32 difference
-        # can dip a few ulps below zero.
-        entropy = torch.where(valid, (lse - mean_z).clamp_min(0.0), 0.0) if with_entropy else None
+        if invariant:
+            logp, entropy, lse, mean_z = invariant_forward(hidden, weight, torch.where(valid, targets, 0),
+                                                           inv_temp, with_entropy, backend)
+            logp = torch.where(valid, logp, 0.0)
+            entropy = torch.where(valid, entropy, 0.0) if with_entropy else None
+        else:
+            fwd = triton_forward if backend == "triton" else torch_forward
+            zy, lse, mean_z = fwd(hidden, weight, targets, inv_temp, with_entropy)
+            logp = torch.where(valid, zy - lse, 0.0)
+            # H = lse − E[z] ≥ 0; for near-one-hot rows both terms are large and the fp32
+            # difference can dip a few ulps below zero.
+            entropy = torch.where(valid, (lse - mean_z).clamp_min(0.0), 0.0) if with_entropy else None
         ctx.save_for_backward(hidden, weight, targets, lse, mean_z if with_entropy else lse)
         ctx.inv_temp, ctx.ignore_index, ctx.with_entropy, ctx.backend = (
             inv_temp, ignore_index, with_entropy, backend)
@@ -257,7 +302,7 @@ class _LinearLogprobs(torch.autograd.Function):
         hidden, weight, targets, lse, mean_z = ctx.saved_tensors
         need_dh, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         if grad_entropy is None and grad_logp is None or not (need_dh or need_dw):
-            return None, None, None, None, None, None, None
+            return None, None, None, None, None, None, None, None
         valid = targets != ctx.ignore_index
         # Ignored rows contribute nothing: zero their incoming gradients once, here.
         g = torch.zeros_like(lse) if grad_logp is None else torch.where(valid, grad_logp.float(), 0.0)
@@ -269,7 +314,7 @@ class _LinearLogprobs(torch.autograd.Function):
                      ctx.inv_temp, need_dh, need_dw)
         dh = dh.to(hidden.dtype) if dh is not None else None
         dw = dw.to(weight.dtype) if dw is not None else None
-        return dh, dw, None, None, None, None, None
+        return dh, dw, None, None, None, None, None, None
 
 
 # ----------------------------------------------------------------------------- public function
@@ -284,6 +329,7 @@ def linear_logprobs(
     ignore_index: int = -100,
     return_entropy: bool = False,
     backend: str = "auto",
+    batch_invariant: bool = False,
 ):
     """Per-token log p(targets | hidden) under softmax(hidden·Wᵀ/τ), without [N, V] logits.
 
@@ -299,6 +345,12 @@ def linear_logprobs(
         backend: "triton" (CUDA; CPU only under TRITON_INTERPRET=1), "torch" (streams over
             token and vocabulary chunks, fp32 accumulation, any device) or "auto" (triton on
             CUDA, torch elsewhere).
+        batch_invariant: a row's logp and entropy have the same bits whatever the number of
+            rows, their order, their neighbours (ignored rows included), on the same hardware,
+            thread count and library versions; the backward is deterministic run to run. The
+            values are then those `fused_linear_grpo_loss(batch_invariant=True)` computes (both
+            algorithms), so a ratio against them is exactly 1. Also on inside
+            `prolix.kernels.batch_invariant()`.
 
     Returns:
         logp: [...] fp32, or (logp, entropy) both [...] fp32 with `return_entropy=True`.
@@ -309,6 +361,7 @@ def linear_logprobs(
         TypeError / ValueError naming the argument, before any kernel launch: dtypes, shapes,
         devices, targets outside [0, V) other than `ignore_index`, temperature ≤ 0.
     """
+    invariant = resolve_batch_invariant(batch_invariant)
     backend = check_lm_head_inputs(hidden, weight, targets, temperature, ignore_index, backend)
     lead = targets.shape
     h = hidden.reshape(-1, hidden.shape[-1])                  # (N, H)
@@ -318,7 +371,7 @@ def linear_logprobs(
         empty = hidden.new_zeros(lead, dtype=torch.float32) + 0.0 * (hidden.sum() + weight[:0].sum())
         return (empty, empty.clone()) if return_entropy else empty
     out = _LinearLogprobs.apply(h, weight, y, float(temperature), int(ignore_index),
-                                bool(return_entropy), backend)
+                                bool(return_entropy), backend, invariant)
     if return_entropy:
         return out[0].reshape(lead), out[1].reshape(lead)
     return out.reshape(lead)

@@ -46,16 +46,29 @@ are upcast once): GEMM 1 is `addmm` writing z − c straight into E, then `exp_`
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
 import triton
 import triton.language as tl
 
-from ._common import KernelConfig, addmm_fp32, dot_precision, grouped_tile, logit_tile, mm_fp32, sm_version
+from ._common import (
+    INVARIANT_ROWS,
+    KernelConfig,
+    addmm_fp32,
+    dot_precision,
+    grouped_tile,
+    logit_tile,
+    mm_fp32,
+    pad_rows,
+    sm_version,
+)
+from .invariant_kernels import finish_rows, merge_tiles, target_logits
 
 __all__ = ["E_BUDGET_BYTES", "TORCH_E_BUDGET_BYTES", "FOLD_BLOCK", "gemm1_config", "default_chunk_rows",
-           "three_gemm_logprob_grads", "attach_gradients", "exp_shifted_kernel", "fold_entropy_kernel"]
+           "three_gemm_logprob_grads", "attach_gradients", "exp_shifted_kernel", "fold_entropy_kernel",
+           "shifted_stats", "row_values"]
 
 E_BUDGET_BYTES = 1.25e9        # the E buffer [C, V] of one chunk (Triton backend)
 TORCH_E_BUDGET_BYTES = 0.25e9  # the torch backend's (CPU): see default_chunk_rows
@@ -77,6 +90,7 @@ def exp_shifted_kernel(
     inv_temp, bound,
     HAS_ENTROPY: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_N: tl.constexpr,
+    STORE_E: tl.constexpr,              # False: only the partials (linear_logprobs' batch-invariant forward)
 ):
     pid_n, pid_v = grouped_tile(tl.program_id(0), tl.cdiv(C, BLOCK_N), tl.cdiv(V, BLOCK_V), GROUP_N)
 
@@ -96,8 +110,9 @@ def exp_shifted_kernel(
     tl.store(m_ptr + part, dmax, mask=row_ok)
     if HAS_ENTROPY:
         tl.store(t_ptr + part, tl.sum(e * d, axis=1), mask=row_ok)
-    out = e_ptr + rows.to(tl.int64)[:, None] * stride_en + cols[None, :]
-    tl.store(out, e.to(e_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+    if STORE_E:
+        out = e_ptr + rows.to(tl.int64)[:, None] * stride_en + cols[None, :]
+        tl.store(out, e.to(e_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
 
 
 @triton.jit
@@ -122,7 +137,8 @@ def fold_entropy_kernel(
 # ----------------------------------------------------------------------------- configuration
 
 
-def gemm1_config(dtype: torch.dtype, sm: int = 90, with_entropy: bool = False) -> KernelConfig:
+def gemm1_config(dtype: torch.dtype, sm: int = 90, with_entropy: bool = False,
+                 batch_invariant: bool = False) -> KernelConfig:
     """Tiles of `_exp_shifted_kernel`, a GEMM tile with an exp/sum epilogue and a [C, V] store,
     chosen from the offline compile (`python -m prolix.kernels.resources`, registers/stack per thread):
 
@@ -131,10 +147,12 @@ def gemm1_config(dtype: torch.dtype, sm: int = 90, with_entropy: bool = False) -
         sm_80, 16-bit            128×128 K64, 8 warps: 176 regs, none
 
     so the widest tile that does not spill: 128×256 K32 without the entropy's T, 128×128 with it
-    (T = Σ E·(z − c) keeps both tiles live). fp32 inputs (no 16-bit tensor cores): 64×128."""
+    (T = Σ E·(z − c) keeps both tiles live). fp32 inputs (no 16-bit tensor cores): 64×128.
+    The batch-invariant mode takes the entropy's tile with or without T: the tile width sets how
+    S is summed, so a row's log-prob then has the same bits whether the entropy is computed."""
     if dtype == torch.float32:
         return KernelConfig(64, 128, 32, 8, 2)
-    if sm >= 90 and not with_entropy:
+    if sm >= 90 and not with_entropy and not batch_invariant:
         return KernelConfig(128, 256, 32, 8, 3)
     return KernelConfig(128, 128, 64, 8, 3)
 
@@ -152,26 +170,31 @@ def default_chunk_rows(V: int, e_bytes: int, budget: float = E_BUDGET_BYTES) -> 
 # ----------------------------------------------------------------------------- GEMM 1
 
 
-def _gemm1_triton(h, w, c, inv_temp, with_entropy, e):
-    """E ← exp(z − c) into `e` [C, V]; returns merged (S, T or None, max(z − c)), each [C] fp32."""
+def _gemm1_triton(h, w, c, inv_temp, with_entropy, e, invariant=False):
+    """E ← exp(z − c) into `e` [C, V] (None: not stored); returns merged (S, T or None,
+    max(z − c)), each [C] fp32. `invariant`: the tiles' partials are summed in tile order by
+    one kernel, whatever C is."""
     C, H = h.shape
     V = w.shape[0]
-    cfg = gemm1_config(h.dtype, sm_version(h.device), with_entropy)
+    cfg = gemm1_config(h.dtype, sm_version(h.device), with_entropy, invariant)
     v_tiles = triton.cdiv(V, cfg.block_v)
     part = torch.empty((3 if with_entropy else 2, v_tiles, C), device=h.device, dtype=torch.float32)
     s, m = part[0], part[1]
     t = part[2] if with_entropy else s   # unused pointer when HAS_ENTROPY is False
     grid = (triton.cdiv(C, cfg.block_n) * v_tiles,)
     exp_shifted_kernel[grid](
-        h, w, c, e, s, t, m,
+        h, w, c, c if e is None else e, s, t, m,
         C, V, H,
-        h.stride(0), h.stride(1), w.stride(0), w.stride(1), e.stride(0),
+        h.stride(0), h.stride(1), w.stride(0), w.stride(1), 0 if e is None else e.stride(0),
         inv_temp, _SHIFT_BOUND,
         HAS_ENTROPY=with_entropy, DOT_PRECISION=dot_precision(h.dtype),
-        BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_K=cfg.block_k, GROUP_N=8,
+        BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_K=cfg.block_k, GROUP_N=8, STORE_E=e is not None,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
-    # a fixed-order sum over the vocabulary tiles: deterministic, no atomics
+    if invariant:
+        s_tot, t_tot = merge_tiles(s, t if with_entropy else None)
+        return s_tot, t_tot, m.max(0).values   # a max is exact in any order
+    # deterministic, no atomics; torch picks the reduction's order from C
     return s.sum(0), (t.sum(0) if with_entropy else None), m.max(0).values
 
 
@@ -208,14 +231,64 @@ def _redo_overflow(h, w, c, inv_temp, with_entropy, e, s, t, dmax, gemm1):
         else:
             dm = dmax[idx]
         c_r = c[idx] + dm
-        e_r = torch.empty((idx.numel(), e.shape[1]), device=e.device, dtype=e.dtype)
+        e_r = None if e is None else torch.empty((idx.numel(), e.shape[1]), device=e.device, dtype=e.dtype)
         s_r, t_r, _ = gemm1(h_r, w, c_r, inv_temp, with_entropy, e_r)
-        e.index_copy_(0, idx, e_r)
+        if e is not None:
+            e.index_copy_(0, idx, e_r)
         s.index_copy_(0, idx, s_r)
         if with_entropy:
             t.index_copy_(0, idx, t_r)
         shift.index_copy_(0, idx, dm)
     return shift
+
+
+def _redo_block(h, w, c, inv_temp, with_entropy, e, s, t):
+    """The torch backend's batch-invariant redo: the whole fixed-shape block again, with the
+    shift c + max(z − c) on the rows whose S passed 2^63 and c itself (so the same bits as
+    before) on the others. Returns the per-row shift ([C] fp32); updates e, s, t in place."""
+    redo = ~(s <= _REDO_ABOVE)
+    if not bool(redo.any()):
+        return torch.zeros_like(c)
+    dm = (torch.mm(h, w.T) * inv_temp - c[:, None]).max(1).values
+    s_r, t_r, _ = _gemm1_torch(h, w, torch.where(redo, c + dm, c), inv_temp, with_entropy, e)
+    s.copy_(s_r)
+    if with_entropy:
+        t.copy_(t_r)
+    return torch.where(redo, dm, 0.0)
+
+
+def shifted_stats(h, w, y, inv_temp: float, with_entropy: bool, e, backend: str, invariant: bool):
+    """The target-shifted sums of one chunk of rows: (c = z_y, the shift added to c on rows that
+    would overflow, S = Σ_v exp(z − c − shift), T = Σ_v E·(z − c − shift) or None), each [C] fp32;
+    E is written into `e` [C, V] unless it is None (Triton only).
+
+    h [C, H], w [V, H]: fp32 for the torch backend; y [C] int64 in [0, V). `invariant`: every
+    step has a fixed order per row (Triton: `invariant_kernels`; torch: the caller passes blocks
+    of exactly INVARIANT_ROWS rows)."""
+    if backend == "torch":
+        c = (h * w[y]).sum(1) * inv_temp
+        s, t, _ = _gemm1_torch(h, w, c, inv_temp, with_entropy, e)
+        if invariant:
+            return c, _redo_block(h, w, c, inv_temp, with_entropy, e, s, t), s, t
+        return c, _redo_overflow(h, w, c, inv_temp, with_entropy, e, s, t, None, _gemm1_torch), s, t
+    c = target_logits(h, w, y, inv_temp) if invariant else (h.float() * w[y].float()).sum(1) * inv_temp
+    gemm1 = functools.partial(_gemm1_triton, invariant=invariant)
+    s, t, dmax = gemm1(h, w, c, inv_temp, with_entropy, e)
+    return c, _redo_overflow(h, w, c, inv_temp, with_entropy, e, s, t, dmax, gemm1), s, t
+
+
+def row_values(c, shift, s, t, in_kernel: bool):
+    """(logp, entropy or None, lse, E_p[z] or None), each [C] fp32, from `shifted_stats`:
+    logp = −shift − log S, H = log S − T/S (≥ 0), lse = c + shift + log S, E_p[z] = c + shift + T/S.
+    `in_kernel`: one Triton program per block of rows (the batch-invariant Triton path)."""
+    if in_kernel:
+        return finish_rows(c, shift, s, t)
+    log_s = torch.log(s)
+    logp, lse = -shift - log_s, c + shift + log_s
+    if t is None:
+        return logp, None, lse, None
+    mean = t / s
+    return logp, (log_s - mean).clamp_min(0.0), lse, c + shift + mean   # H ≥ 0 up to fp32 rounding
 
 
 # ----------------------------------------------------------------------------- GEMMs 2 and 3
@@ -244,9 +317,20 @@ def _addmm_fp32_(acc, a, b):
         acc[sl] = addmm_fp32(acc[sl], a[sl], b)
 
 
-def _chunk_grads(h_c, w, y_c, e, s, t, g, gh, inv_temp, dh_out, dw, use_triton: bool):
+def _add_target_rows(dw, y, g_t, h):
+    """dW[y[n]] += g_t[n]·h[n] without two updates of one row meeting (CUDA's index_add_ would
+    add duplicates with atomics, in no fixed order): rows of one target are summed by a GEMM
+    with a [targets, C] selection matrix, then each distinct target row is updated once."""
+    uniq, inv = torch.unique(y, return_inverse=True)
+    select = torch.zeros((uniq.numel(), y.numel()), device=dw.device, dtype=torch.float32)
+    select[inv, torch.arange(y.numel(), device=dw.device)] = g_t
+    dw.index_add_(0, uniq, select @ h.float())
+
+
+def _chunk_grads(h_c, w, y_c, e, s, t, g, gh, inv_temp, dh_out, dw, use_triton: bool, invariant: bool = False):
     """dh of the chunk's rows (written into dh_out [C, H] fp32, or skipped when None) and
-    dW += (chunk's contribution) in fp32, from E and the per-row g (and g_H)."""
+    dW += (chunk's contribution) in fp32, from E and the per-row g (and g_H); `invariant`: the
+    target rows' term in a fixed order (`_add_target_rows`)."""
     g_t = g * inv_temp
     if gh is not None:
         alpha = -(g - gh * t / s) / s * inv_temp
@@ -262,7 +346,10 @@ def _chunk_grads(h_c, w, y_c, e, s, t, g, gh, inv_temp, dh_out, dw, use_triton: 
     if dw is not None:
         hs = h_c if scale is None else (h_c.float() * scale[:, None]).to(e.dtype)   # [C, H]
         _addmm_fp32_(dw, e.T, hs)
-        dw.index_add_(0, y_c, g_t[:, None] * h_c.float())
+        if invariant:
+            _add_target_rows(dw, y_c, g_t, h_c)
+        else:
+            dw.index_add_(0, y_c, g_t[:, None] * h_c.float())
 
 
 # ----------------------------------------------------------------------------- the pass
@@ -270,7 +357,7 @@ def _chunk_grads(h_c, w, y_c, e, s, t, g, gh, inv_temp, dh_out, dw, use_triton: 
 
 def three_gemm_logprob_grads(hidden, weight, targets, rows, token_grads, *, inv_temp: float,
                              with_entropy: bool, need_dh: bool, need_dw: bool, backend: str,
-                             chunk_rows: int | None = None):
+                             chunk_rows: int | None = None, batch_invariant: bool = False):
     """Log-probs, entropies and the gradients of a per-token loss, in one pass over row chunks.
 
     hidden: [N, H] and weight: [V, H] (fp32/bf16/fp16, one dtype); targets: [N] int64 in [0, V)
@@ -281,46 +368,47 @@ def three_gemm_logprob_grads(hidden, weight, targets, rows, token_grads, *, inv_
         Called only when a gradient is needed.
     backend: "triton" (GEMM 1 and the fold in Triton, GEMMs 2–3 torch) or "torch" (all fp32 torch).
     chunk_rows: C, rows per chunk (default: `default_chunk_rows`, E ≈ 1.25 GB; 0.25 GB for torch).
+    batch_invariant: a row's logp and entropy have the same bits whatever the other rows and C
+        (the torch backend then runs blocks of INVARIANT_ROWS rows, the last one padded, and
+        ignores chunk_rows); the gradients are deterministic.
 
     Returns (logp [N] fp32, entropy [N] fp32 or None, dh [N, H] or None, dW [V, H] or None),
     the gradients in the inputs' dtype (accumulated in fp32).
     """
     N, V = hidden.shape[0], weight.shape[0]
     dev = hidden.device
-    if backend == "torch":
-        h, w, gemm1 = hidden.float(), weight.float(), _gemm1_torch
-    else:
-        h, w, gemm1 = hidden, weight, _gemm1_triton
-    e_dtype = h.dtype
+    h, w = (hidden.float(), weight.float()) if backend == "torch" else (hidden, weight)
     R = rows.numel()
     budget = E_BUDGET_BYTES if backend == "triton" else TORCH_E_BUDGET_BYTES
-    C = chunk_rows or default_chunk_rows(V, torch.finfo(e_dtype).bits // 8, budget)
+    C = chunk_rows or default_chunk_rows(V, torch.finfo(h.dtype).bits // 8, budget)
+    pad = batch_invariant and backend == "torch"
+    C = INVARIANT_ROWS if pad else C
     every_row = R == N   # slices instead of gathers when no row is dropped
     logp = torch.zeros(N, device=dev, dtype=torch.float32)
     entropy = torch.zeros_like(logp) if with_entropy else None
     dh = torch.zeros(hidden.shape, device=dev, dtype=torch.float32 if backend == "torch" else hidden.dtype) \
         if need_dh else None
     dw = torch.zeros(weight.shape, device=dev, dtype=torch.float32) if need_dw else None
-    e_buf = torch.empty((min(C, R), V), device=dev, dtype=e_dtype) if R else None
+    e_buf = torch.empty((C if pad else min(C, R), V), device=dev, dtype=h.dtype) if R else None
     for r0 in range(0, R, C):
         sel = slice(r0, min(r0 + C, R)) if every_row else rows[r0 : r0 + C]
         h_c, y_c = h[sel], targets[sel]
+        n_c = h_c.shape[0]
+        if pad:
+            h_c, y_c = pad_rows(h_c, C), pad_rows(y_c, C)
         e = e_buf[: h_c.shape[0]]
-        c = (h_c.float() * w[y_c].float()).sum(1) * inv_temp               # [C] gather-dot
-        s, t, dmax = gemm1(h_c, w, c, inv_temp, with_entropy, e)
-        shift = _redo_overflow(h_c, w, c, inv_temp, with_entropy, e, s, t, dmax, gemm1)
-        log_s = torch.log(s)
-        logp[sel] = -shift - log_s
-        ent_c = (log_s - t / s).clamp_min(0.0) if with_entropy else None   # ≥ 0 up to fp32 rounding
+        c, shift, s, t = shifted_stats(h_c, w, y_c, inv_temp, with_entropy, e, backend, batch_invariant)
+        lp_c, ent_c, _, _ = row_values(c, shift, s, t, batch_invariant and backend == "triton")
+        logp[sel] = lp_c[:n_c]
         if with_entropy:
-            entropy[sel] = ent_c
+            entropy[sel] = ent_c[:n_c]
         if need_dh or need_dw:
-            g, gh = token_grads(logp[sel], ent_c, sel)
+            g, gh = token_grads(logp[sel], None if ent_c is None else ent_c[:n_c], sel)
+            g, gh = pad_rows(g.float(), h_c.shape[0]), None if gh is None else pad_rows(gh.float(), h_c.shape[0])
             dh_c = torch.empty((h_c.shape[0], h.shape[1]), device=dev, dtype=torch.float32) if need_dh else None
-            _chunk_grads(h_c, w, y_c, e, s, t, g.float(), None if gh is None else gh.float(), inv_temp,
-                         dh_c, dw, backend == "triton")
+            _chunk_grads(h_c, w, y_c, e, s, t, g, gh, inv_temp, dh_c, dw, backend == "triton", batch_invariant)
             if need_dh:
-                dh[sel] = dh_c.to(dh.dtype)
+                dh[sel] = dh_c[:n_c].to(dh.dtype)
     dh = dh.to(hidden.dtype) if need_dh else None
     dw = dw.to(weight.dtype) if need_dw else None
     return logp, entropy, dh, dw
