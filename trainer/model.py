@@ -435,17 +435,13 @@ def head_inputs(model: PreTrainedModel, batch: PackedBatch, *, attn_backend: str
     return hidden.to(dtype), weight.to(dtype)
 
 
-def _invariant_kw(on: bool) -> dict:
-    return {"batch_invariant": True} if on else {}
-
-
 def logprobs_from_hidden(hidden: torch.Tensor, weight: torch.Tensor, batch: PackedBatch, *,
                          temperature: float = 1.0, return_entropy: bool = False, kernel_backend: str = "auto",
                          batch_invariant: bool = False):
     """log π(targets[n]) of every packed row from hidden [N, H] and the head weight [V, H]
     (`prolix.kernels.linear_logprobs`): [N] fp32, or (logp, entropy) both [N] fp32."""
     return linear_logprobs(hidden, weight, batch.targets, temperature=temperature, ignore_index=batch.ignore_index,
-                           return_entropy=return_entropy, backend=kernel_backend, **_invariant_kw(batch_invariant))
+                           return_entropy=return_entropy, backend=kernel_backend, batch_invariant=batch_invariant)
 
 
 def grpo_loss_from_hidden(hidden: torch.Tensor, weight: torch.Tensor, batch: PackedBatch, *,
@@ -460,11 +456,12 @@ def grpo_loss_from_hidden(hidden: torch.Tensor, weight: torch.Tensor, batch: Pac
         hidden, weight, batch.targets, batch.advantages, batch.loss_mask, old_logp=batch.old_logp,
         ref_logp=batch.ref_logp, rollout_logp=batch.rollout_logp, cu_seqlens=batch.cu_seqlens, config=config,
         normalizer=normalizer, ignore_index=batch.ignore_index, entropy_metric=entropy_metric, backend=kernel_backend,
-        **_invariant_kw(batch_invariant))
+        batch_invariant=batch_invariant)
 
 
 def logprobs(model: PreTrainedModel, batch: PackedBatch, *, temperature: float = 1.0,
-             return_entropy: bool = False, attn_backend: str = "auto", kernel_backend: str = "auto"):
+             return_entropy: bool = False, attn_backend: str = "auto", kernel_backend: str = "auto",
+             batch_invariant: bool = False):
     """log π(targets[n] | tokens of n's sequence up to n) for every packed row.
 
     Args:
@@ -472,14 +469,16 @@ def logprobs(model: PreTrainedModel, batch: PackedBatch, *, temperature: float =
         temperature: τ > 0, logits divided by it (the rollout's sampling temperature).
         return_entropy: also return the per-row entropy of softmax(z/τ).
         kernel_backend: passed to `prolix.kernels.linear_logprobs` as `backend`.
+        batch_invariant: the batch-invariant decoder (`head_inputs`) and head: each row's bits
+            do not depend on the rest of the batch.
 
     Returns:
         logp: [N] fp32 (0 on each sequence's last row, whose target is ignore_index), or
         (logp, entropy) both [N] fp32. Differentiable in the model's parameters.
     """
-    hidden, weight = head_inputs(model, batch, attn_backend=attn_backend)
+    hidden, weight = head_inputs(model, batch, attn_backend=attn_backend, batch_invariant=batch_invariant)
     return logprobs_from_hidden(hidden, weight, batch, temperature=temperature, return_entropy=return_entropy,
-                                kernel_backend=kernel_backend)
+                                kernel_backend=kernel_backend, batch_invariant=batch_invariant)
 
 
 def packed_grpo_loss(model: PreTrainedModel, batch: PackedBatch, *, config: GRPOLossConfig | None = None,

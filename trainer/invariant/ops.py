@@ -23,8 +23,9 @@ Face decoder reaches are replaced at the Python API:
     another dimension                       covered (attention is `attention.py`'s job)
 
 Additions, products and divisions are correctly rounded on every path and pass through, as do
-indexing, concatenation and embedding lookups. Backward passes use the stock operators (the
-promise is about forward bits). The cost is the padding of the last block and one call per block.
+indexing, concatenation and embedding lookups. The promise is about forward bits: a linear
+layer's backward is the stock one (two whole GEMMs, `_BlockedLinear`), not the blocks' own. The
+cost is the padding of the last block and one call per block.
 """
 
 from __future__ import annotations
@@ -36,10 +37,12 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
-__all__ = ["ROW_BLOCK", "FLAT_CHUNK", "batch_invariant_ops", "row_blocks", "flat_chunks", "stock_ops"]
+__all__ = ["ROW_BLOCK", "BMM_BLOCK", "FLAT_CHUNK", "batch_invariant_ops", "row_blocks", "flat_chunks", "blocked_bmm", "stock_ops"]
 
 ROW_BLOCK = 64
 """Rows per call of a row operator (matmul, normalisation, last-dim reduction)."""
+BMM_BLOCK = 256
+"""Matrices per call of a batched matmul (`blocked_bmm`, the attention's)."""
 FLAT_CHUNK = 8192
 """Elements per call of an element-wise transcendental: a multiple of 2 × the widest vector
 (AVX-512: 32 floats) and under ATen's parallel grain (32768), so no tail and no thread split."""
@@ -54,6 +57,7 @@ _MATMULS = {torch.matmul, T.matmul, T.__matmul__, torch.bmm, T.bmm}
 _UNCOVERED = {F.scaled_dot_product_attention, torch.baddbmm, T.baddbmm, torch.addmm, T.addmm, torch.einsum,
               T.exp_, T.sigmoid_, T.tanh_, T.rsqrt_}
 
+_HANDLED = _ELEMENTWISE | _ROW_OPS | _LAST_DIM_OPS | _MATMULS | _UNCOVERED
 _STOCK = contextvars.ContextVar("prolix_stock_ops", default=False)
 
 
@@ -66,7 +70,10 @@ def row_blocks(fn, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     pad = (-m) % ROW_BLOCK
     if pad or m == 0:
         rows = torch.cat([rows, rows.new_zeros(pad or ROW_BLOCK, c)])
-    out = torch.cat([fn(block, *args, **kwargs) for block in rows.split(ROW_BLOCK)])[:m]
+    if rows.shape[0] == ROW_BLOCK:
+        out = fn(rows, *args, **kwargs)[:m]
+    else:
+        out = torch.cat([fn(block, *args, **kwargs) for block in rows.split(ROW_BLOCK)])[:m]
     return out.reshape(*lead, *out.shape[1:])
 
 
@@ -77,8 +84,54 @@ def flat_chunks(fn, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     pad = (-n) % FLAT_CHUNK
     if pad or n == 0:
         flat = torch.cat([flat, flat.new_zeros(pad or FLAT_CHUNK)])
+    if flat.shape[0] == FLAT_CHUNK:
+        return fn(flat, *args, **kwargs)[:n].view(x.shape)
     out = torch.cat([fn(chunk, *args, **kwargs) for chunk in flat.split(FLAT_CHUNK)])
     return out[:n].view(x.shape)
+
+
+class _BlockedLinear(torch.autograd.Function):
+    """F.linear with the row-blocked forward and the stock backward (whole GEMMs)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+        with stock_ops():
+            return row_blocks(F.linear, x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight = ctx.saved_tensors
+        g2, x2 = grad.reshape(-1, grad.shape[-1]), x.reshape(-1, x.shape[-1])
+        with stock_ops():
+            dx = grad @ weight if ctx.needs_input_grad[0] else None
+            dw = g2.T @ x2 if ctx.needs_input_grad[1] else None
+            db = g2.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        return dx, dw, db
+
+
+def _linear(func, args, kwargs):
+    x, weight = args[0], args[1]
+    bias = args[2] if len(args) > 2 else kwargs.get("bias")
+    grads = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias))
+    if func is F.linear and grads and not torch.is_autocast_enabled(x.device.type):
+        return _BlockedLinear.apply(x, weight, bias)
+    return row_blocks(func, *args, **kwargs)
+
+
+def blocked_bmm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """torch.bmm of contiguous a: [n, r, k] and b: [n, k, c] in calls of exactly BMM_BLOCK
+    matrices (the last padded with zeros): one shape per call, so each product's bits do not
+    depend on n (a whole-batch bmm changes its threading with n)."""
+    n = a.shape[0]
+    pad = (-n) % BMM_BLOCK
+    if pad or n == 0:
+        a = torch.cat([a, a.new_zeros(pad or BMM_BLOCK, *a.shape[1:])])
+        b = torch.cat([b, b.new_zeros(pad or BMM_BLOCK, *b.shape[1:])])
+    if a.shape[0] == BMM_BLOCK:
+        return torch.bmm(a, b)[:n]
+    return torch.cat([torch.bmm(x, y) for x, y in zip(a.split(BMM_BLOCK), b.split(BMM_BLOCK))])[:n]
 
 
 def _last_dim(x: torch.Tensor, dim) -> bool:
@@ -111,12 +164,12 @@ def _matmul(func, args, kwargs):
 class _BatchInvariantMode(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if _STOCK.get() or not args or not isinstance(args[0], torch.Tensor):
+        if func not in _HANDLED or _STOCK.get() or not args or not isinstance(args[0], torch.Tensor):
             return func(*args, **kwargs)
         if func in _ELEMENTWISE:
             return flat_chunks(func, *args, **kwargs)
         if func in _ROW_OPS:
-            return row_blocks(func, *args, **kwargs)
+            return _linear(func, args, kwargs) if func is F.linear else row_blocks(func, *args, **kwargs)
         if func in _LAST_DIM_OPS:
             return _reduction(func, args, kwargs)
         if func in _MATMULS:
