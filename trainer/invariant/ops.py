@@ -37,13 +37,14 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
-__all__ = ["ROW_BLOCK", "BMM_BLOCK", "FLAT_CHUNK", "batch_invariant_ops", "row_blocks", "flat_chunks", "blocked_bmm", "stock_ops"]
+__all__ = ["ROW_BLOCK", "BMM_BLOCK", "FLAT_CHUNK", "batch_invariant_ops", "row_blocks", "blocked_linear", "flat_chunks",
+           "blocked_bmm", "stock_ops"]
 
 ROW_BLOCK = 64
 """Rows per call of a row operator (matmul, normalisation, last-dim reduction)."""
 BMM_BLOCK = 256
 """Matrices per call of a batched matmul (`blocked_bmm`, the attention's)."""
-FLAT_CHUNK = 8192
+FLAT_CHUNK = 16384
 """Elements per call of an element-wise transcendental: a multiple of 2 × the widest vector
 (AVX-512: 32 floats) and under ATen's parallel grain (32768), so no tail and no thread split."""
 
@@ -61,33 +62,47 @@ _HANDLED = _ELEMENTWISE | _ROW_OPS | _LAST_DIM_OPS | _MATMULS | _UNCOVERED
 _STOCK = contextvars.ContextVar("prolix_stock_ops", default=False)
 
 
+def _blocks(rows: torch.Tensor, size: int) -> list[torch.Tensor]:
+    """rows [n, ...] as blocks of exactly `size` rows: views of the whole ones, and a zero-padded
+    copy of the last partial one (no copy of the rest)."""
+    n = rows.shape[0]
+    whole = n - n % size
+    blocks = list(rows[:whole].split(size)) if whole else []
+    if whole < n or n == 0:
+        blocks.append(torch.cat([rows[whole:], rows.new_zeros(size - (n - whole), *rows.shape[1:])]))
+    return blocks
+
+
 def row_blocks(fn, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     """fn applied to x's rows (all dims but the last) in fixed [ROW_BLOCK, C] blocks; fn must
     map each row on its own and keep the leading dimension (x: [..., C] → [..., C'])."""
     lead, c = x.shape[:-1], x.shape[-1]
     rows = x.reshape(-1, c)
     m = rows.shape[0]
-    pad = (-m) % ROW_BLOCK
-    if pad or m == 0:
-        rows = torch.cat([rows, rows.new_zeros(pad or ROW_BLOCK, c)])
-    if rows.shape[0] == ROW_BLOCK:
-        out = fn(rows, *args, **kwargs)[:m]
-    else:
-        out = torch.cat([fn(block, *args, **kwargs) for block in rows.split(ROW_BLOCK)])[:m]
+    outs = [fn(block, *args, **kwargs) for block in _blocks(rows, ROW_BLOCK)]
+    out = (outs[0] if len(outs) == 1 else torch.cat(outs))[:m]
     return out.reshape(*lead, *out.shape[1:])
+
+
+def blocked_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear on fixed [ROW_BLOCK, K] row blocks, each GEMM writing its slice of the output."""
+    if torch.is_autocast_enabled(x.device.type) or x.dtype != weight.dtype:
+        return row_blocks(F.linear, x, weight, bias)
+    rows = x.reshape(-1, x.shape[-1])
+    m, wt = rows.shape[0], weight.t()
+    blocks = _blocks(rows, ROW_BLOCK)
+    out = x.new_empty(len(blocks) * ROW_BLOCK, weight.shape[0])
+    for i, block in enumerate(blocks):
+        dest = out[i * ROW_BLOCK:(i + 1) * ROW_BLOCK]
+        torch.mm(block, wt, out=dest) if bias is None else torch.addmm(bias, block, wt, out=dest)
+    return out[:m].reshape(*x.shape[:-1], weight.shape[0])
 
 
 def flat_chunks(fn, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     """An element-wise fn over x in contiguous chunks of exactly FLAT_CHUNK elements."""
     flat = x.reshape(-1)
-    n = flat.numel()
-    pad = (-n) % FLAT_CHUNK
-    if pad or n == 0:
-        flat = torch.cat([flat, flat.new_zeros(pad or FLAT_CHUNK)])
-    if flat.shape[0] == FLAT_CHUNK:
-        return fn(flat, *args, **kwargs)[:n].view(x.shape)
-    out = torch.cat([fn(chunk, *args, **kwargs) for chunk in flat.split(FLAT_CHUNK)])
-    return out[:n].view(x.shape)
+    outs = [fn(chunk, *args, **kwargs) for chunk in _blocks(flat, FLAT_CHUNK)]
+    return (outs[0] if len(outs) == 1 else torch.cat(outs))[:flat.numel()].view(x.shape)
 
 
 class _BlockedLinear(torch.autograd.Function):
@@ -98,7 +113,7 @@ class _BlockedLinear(torch.autograd.Function):
         ctx.save_for_backward(x, weight)
         ctx.has_bias = bias is not None
         with stock_ops():
-            return row_blocks(F.linear, x, weight, bias)
+            return blocked_linear(x, weight, bias)
 
     @staticmethod
     def backward(ctx, grad):
@@ -117,6 +132,8 @@ def _linear(func, args, kwargs):
     grads = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias))
     if func is F.linear and grads and not torch.is_autocast_enabled(x.device.type):
         return _BlockedLinear.apply(x, weight, bias)
+    if func is F.linear:
+        return blocked_linear(x, weight, bias)
     return row_blocks(func, *args, **kwargs)
 
 
@@ -125,13 +142,11 @@ def blocked_bmm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     matrices (the last padded with zeros): one shape per call, so each product's bits do not
     depend on n (a whole-batch bmm changes its threading with n)."""
     n = a.shape[0]
-    pad = (-n) % BMM_BLOCK
-    if pad or n == 0:
-        a = torch.cat([a, a.new_zeros(pad or BMM_BLOCK, *a.shape[1:])])
-        b = torch.cat([b, b.new_zeros(pad or BMM_BLOCK, *b.shape[1:])])
-    if a.shape[0] == BMM_BLOCK:
-        return torch.bmm(a, b)[:n]
-    return torch.cat([torch.bmm(x, y) for x, y in zip(a.split(BMM_BLOCK), b.split(BMM_BLOCK))])[:n]
+    pairs = list(zip(_blocks(a, BMM_BLOCK), _blocks(b, BMM_BLOCK)))
+    out = a.new_empty(len(pairs) * BMM_BLOCK, a.shape[1], b.shape[2])
+    for i, (x, y) in enumerate(pairs):
+        torch.bmm(x, y, out=out[i * BMM_BLOCK:(i + 1) * BMM_BLOCK])
+    return out[:n]
 
 
 def _last_dim(x: torch.Tensor, dim) -> bool:
