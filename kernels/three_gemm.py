@@ -68,7 +68,7 @@ from .invariant_kernels import finish_rows, merge_tiles, target_logits
 
 __all__ = ["E_BUDGET_BYTES", "TORCH_E_BUDGET_BYTES", "FOLD_BLOCK", "gemm1_config", "default_chunk_rows",
            "three_gemm_logprob_grads", "attach_gradients", "exp_shifted_kernel", "fold_entropy_kernel",
-           "shifted_stats", "row_values"]
+           "shifted_stats", "row_values", "add_target_rows"]
 
 E_BUDGET_BYTES = 1.25e9        # the E buffer [C, V] of one chunk (Triton backend)
 TORCH_E_BUDGET_BYTES = 0.25e9  # the torch backend's (CPU): see default_chunk_rows
@@ -81,7 +81,9 @@ _DW_SLICE = 32768              # vocabulary rows per fp32-output addmm (bounds i
 # ----------------------------------------------------------------------------- kernels
 
 
-@triton.jit
+# The row count is not specialised (no C == 1 or 16-divisible variant): one binary for every N,
+# so the batch-invariant mode never meets a second compilation of the same tile.
+@triton.jit(do_not_specialize=["C"])
 def exp_shifted_kernel(
     h_ptr, w_ptr, c_ptr,                # data ptrs: hidden rows [C, H], weight [V, H], shift c [C] fp32
     e_ptr, s_ptr, t_ptr, m_ptr,         # out ptrs: E [C, V]; partials S, T, max(z − c) [V_TILES, C] fp32
@@ -263,8 +265,12 @@ def shifted_stats(h, w, y, inv_temp: float, with_entropy: bool, e, backend: str,
     E is written into `e` [C, V] unless it is None (Triton only).
 
     h [C, H], w [V, H]: fp32 for the torch backend; y [C] int64 in [0, V). `invariant`: every
-    step has a fixed order per row (Triton: `invariant_kernels`; torch: the caller passes blocks
-    of exactly INVARIANT_ROWS rows)."""
+    step has a fixed order per row (Triton: `invariant_kernels`; torch: C is a multiple of
+    INVARIANT_ROWS, padded by the caller, and each block of that many rows runs alone)."""
+    if backend == "torch" and invariant and h.shape[0] > INVARIANT_ROWS:
+        blocks = [shifted_stats(h[i : i + INVARIANT_ROWS], w, y[i : i + INVARIANT_ROWS], inv_temp, with_entropy,
+                                e[i : i + INVARIANT_ROWS], backend, True) for i in range(0, h.shape[0], INVARIANT_ROWS)]
+        return tuple(None if parts[0] is None else torch.cat(parts) for parts in zip(*blocks))
     if backend == "torch":
         c = (h * w[y]).sum(1) * inv_temp
         s, t, _ = _gemm1_torch(h, w, c, inv_temp, with_entropy, e)
@@ -317,10 +323,14 @@ def _addmm_fp32_(acc, a, b):
         acc[sl] = addmm_fp32(acc[sl], a[sl], b)
 
 
-def _add_target_rows(dw, y, g_t, h):
-    """dW[y[n]] += g_t[n]·h[n] without two updates of one row meeting (CUDA's index_add_ would
-    add duplicates with atomics, in no fixed order): rows of one target are summed by a GEMM
-    with a [targets, C] selection matrix, then each distinct target row is updated once."""
+def add_target_rows(dw, y, g_t, h, by_gemm: bool):
+    """dW[y[n]] += g_t[n]·h[n] (fp32). CUDA's index_add_ adds the rows of a repeated target
+    with atomics, in no fixed order; `by_gemm` (the batch-invariant mode on CUDA) sums the rows
+    of one target by a GEMM with a [targets, C] selection matrix instead, then updates each
+    distinct target row once. The CPU's index_add_ adds in index order, deterministic as it is."""
+    if not by_gemm:
+        dw.index_add_(0, y, g_t[:, None] * h.float())
+        return
     uniq, inv = torch.unique(y, return_inverse=True)
     select = torch.zeros((uniq.numel(), y.numel()), device=dw.device, dtype=torch.float32)
     select[inv, torch.arange(y.numel(), device=dw.device)] = g_t
@@ -330,7 +340,7 @@ def _add_target_rows(dw, y, g_t, h):
 def _chunk_grads(h_c, w, y_c, e, s, t, g, gh, inv_temp, dh_out, dw, use_triton: bool, invariant: bool = False):
     """dh of the chunk's rows (written into dh_out [C, H] fp32, or skipped when None) and
     dW += (chunk's contribution) in fp32, from E and the per-row g (and g_H); `invariant`: the
-    target rows' term in a fixed order (`_add_target_rows`)."""
+    target rows' term in a fixed order (`add_target_rows`)."""
     g_t = g * inv_temp
     if gh is not None:
         alpha = -(g - gh * t / s) / s * inv_temp
@@ -346,10 +356,7 @@ def _chunk_grads(h_c, w, y_c, e, s, t, g, gh, inv_temp, dh_out, dw, use_triton: 
     if dw is not None:
         hs = h_c if scale is None else (h_c.float() * scale[:, None]).to(e.dtype)   # [C, H]
         _addmm_fp32_(dw, e.T, hs)
-        if invariant:
-            _add_target_rows(dw, y_c, g_t, h_c)
-        else:
-            dw.index_add_(0, y_c, g_t[:, None] * h_c.float())
+        add_target_rows(dw, y_c, g_t, h_c, invariant and dw.is_cuda)
 
 
 # ----------------------------------------------------------------------------- the pass
@@ -369,8 +376,9 @@ def three_gemm_logprob_grads(hidden, weight, targets, rows, token_grads, *, inv_
     backend: "triton" (GEMM 1 and the fold in Triton, GEMMs 2–3 torch) or "torch" (all fp32 torch).
     chunk_rows: C, rows per chunk (default: `default_chunk_rows`, E ≈ 1.25 GB; 0.25 GB for torch).
     batch_invariant: a row's logp and entropy have the same bits whatever the other rows and C
-        (the torch backend then runs blocks of INVARIANT_ROWS rows, the last one padded, and
-        ignores chunk_rows); the gradients are deterministic.
+        (the torch backend rounds C up to whole blocks of INVARIANT_ROWS rows, pads the last
+        chunk to whole blocks, and computes each block's E and sums alone; the gradient GEMMs
+        run on the whole chunk); the gradients are deterministic.
 
     Returns (logp [N] fp32, entropy [N] fp32 or None, dh [N, H] or None, dW [V, H] or None),
     the gradients in the inputs' dtype (accumulated in fp32).
@@ -382,20 +390,23 @@ def three_gemm_logprob_grads(hidden, weight, targets, rows, token_grads, *, inv_
     budget = E_BUDGET_BYTES if backend == "triton" else TORCH_E_BUDGET_BYTES
     C = chunk_rows or default_chunk_rows(V, torch.finfo(h.dtype).bits // 8, budget)
     pad = batch_invariant and backend == "torch"
-    C = INVARIANT_ROWS if pad else C
+    if pad:
+        C = triton.cdiv(C, INVARIANT_ROWS) * INVARIANT_ROWS
     every_row = R == N   # slices instead of gathers when no row is dropped
     logp = torch.zeros(N, device=dev, dtype=torch.float32)
     entropy = torch.zeros_like(logp) if with_entropy else None
     dh = torch.zeros(hidden.shape, device=dev, dtype=torch.float32 if backend == "torch" else hidden.dtype) \
         if need_dh else None
     dw = torch.zeros(weight.shape, device=dev, dtype=torch.float32) if need_dw else None
-    e_buf = torch.empty((C if pad else min(C, R), V), device=dev, dtype=h.dtype) if R else None
+    rows_max = min(C, triton.cdiv(R, INVARIANT_ROWS) * INVARIANT_ROWS if pad else R)
+    e_buf = torch.empty((rows_max, V), device=dev, dtype=h.dtype) if R else None
     for r0 in range(0, R, C):
         sel = slice(r0, min(r0 + C, R)) if every_row else rows[r0 : r0 + C]
         h_c, y_c = h[sel], targets[sel]
         n_c = h_c.shape[0]
         if pad:
-            h_c, y_c = pad_rows(h_c, C), pad_rows(y_c, C)
+            whole = triton.cdiv(n_c, INVARIANT_ROWS) * INVARIANT_ROWS
+            h_c, y_c = pad_rows(h_c, whole), pad_rows(y_c, whole)
         e = e_buf[: h_c.shape[0]]
         c, shift, s, t = shifted_stats(h_c, w, y_c, inv_temp, with_entropy, e, backend, batch_invariant)
         lp_c, ent_c, _, _ = row_values(c, shift, s, t, batch_invariant and backend == "triton")

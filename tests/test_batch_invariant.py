@@ -101,8 +101,9 @@ def test_a_rows_logprob_and_entropy_have_the_same_bits_in_every_batch(backend, d
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_fused_loss_rows_have_linear_logprobs_bits_at_every_chunk_size(backend):
-    # the three-GEMM pass over the rows with nonzero loss weight, in chunks of 1, 7, T and 1000
-    # rows, against linear_logprobs on the whole batch: bit for bit, with and without entropy
+    # the three-GEMM pass over the rows with nonzero loss weight, in chunks of 1 (the first 9
+    # rows: one chunk per row), 7, T and 1000 rows, against linear_logprobs on the whole batch:
+    # bit for bit, with and without entropy
     dtype = torch.bfloat16 if backend == "torch" else torch.float32
     T = row_block(backend, dtype)
     hidden, weight, targets = pool(T + 3, dtype, seed=3, overflow_rows=(5,))
@@ -111,13 +112,14 @@ def test_fused_loss_rows_have_linear_logprobs_bits_at_every_chunk_size(backend):
     assert torch.equal(bits(lp_only), bits(lp)), "logp changes with return_entropy"
     rows = torch.nonzero(torch.arange(T + 3) % 4 != 1).squeeze(1).to(DEVICE)   # dropped rows in between
     for chunk in (1, 7, T, 1000):
+        part = rows[:9] if chunk == 1 else rows
         for with_entropy in (True, False):
             got_lp, got_ent, _, _ = tg.three_gemm_logprob_grads(
-                hidden, weight, targets, rows, None, inv_temp=1.0, with_entropy=with_entropy, need_dh=False,
+                hidden, weight, targets, part, None, inv_temp=1.0, with_entropy=with_entropy, need_dh=False,
                 need_dw=False, backend=backend, chunk_rows=chunk, batch_invariant=True)
-            assert torch.equal(bits(got_lp[rows]), bits(lp[rows])), f"logp, chunk_rows={chunk}"
+            assert torch.equal(bits(got_lp[part]), bits(lp[part])), f"logp, chunk_rows={chunk}"
             if with_entropy:
-                assert torch.equal(bits(got_ent[rows]), bits(ent[rows])), f"entropy, chunk_rows={chunk}"
+                assert torch.equal(bits(got_ent[part]), bits(ent[part])), f"entropy, chunk_rows={chunk}"
 
 
 def loss_and_grads(b, backend, algorithm, chunk_rows=None, invariant=True):
@@ -175,3 +177,17 @@ def test_context_manager_switches_the_mode_for_every_call():
     assert torch.equal(bits(inside), bits(on))
     with pytest.raises(TypeError, match="batch_invariant"):
         linear_logprobs(hidden, weight, targets, batch_invariant=1)
+
+
+def test_target_rows_by_gemm_add_what_index_add_adds():
+    # the CUDA path of the invariant weight gradient, run on CPU: repeated targets summed by a
+    # selection GEMM give index_add_'s sums (to fp32 rounding: another order), the same bits twice
+    g = torch.Generator().manual_seed(9)
+    y = torch.randint(0, 7, (50,), generator=g)
+    g_t, h = torch.randn(50, generator=g), torch.randn(50, 12, generator=g)
+    by_index, by_gemm, again = (torch.randn(7, 12, generator=torch.Generator().manual_seed(1)) for _ in range(3))
+    tg.add_target_rows(by_index, y, g_t, h, by_gemm=False)
+    tg.add_target_rows(by_gemm, y, g_t, h, by_gemm=True)
+    tg.add_target_rows(again, y, g_t, h, by_gemm=True)
+    assert torch.allclose(by_gemm, by_index, rtol=1e-5, atol=1e-5)
+    assert torch.equal(bits(by_gemm), bits(again))

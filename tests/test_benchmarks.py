@@ -387,6 +387,19 @@ def test_device_check_targets_pass_or_fail_only_on_cuda(device_check_run):
     assert verdicts["extra memory at 16k"] == verdicts["extra memory flat to 64k"] == "PASS"
 
 
+def test_device_check_bitwise_head_holds_the_bits_and_times_both_modes(device_check_run):
+    _, r = device_check_run
+    rec = r["bitwise_head"]
+    bits = rec["bits"]
+    T = bits["row_block"]
+    assert bits["ok"] and {1, T - 1, T, T + 1} <= set(bits["N"])
+    assert bits["invariant"] == [0] * len(bits["N"]) and len(bits["default"]) == len(bits["N"])
+    assert bits["fused_logp_mismatches"] == 0 and bits["gradient_mismatches"] == 0
+    assert [c["stage"] for c in rec["cost"]] == ["logprobs fwd", "logprobs fwdbwd", "fused fwdbwd"]
+    assert all(c["default_ms"] > 0 and c["ratio"] == pytest.approx(c["invariant_ms"] / c["default_ms"])
+               for c in rec["cost"])
+
+
 def test_device_check_out_of_budget_records_every_section_as_skipped(tmp_path):
     from prolix.benchmarks import device_check
 
