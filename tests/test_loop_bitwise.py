@@ -48,6 +48,7 @@ def test_without_the_option_the_recomputed_log_probs_differ(tmp_path):
 @pytest.mark.parametrize("override, message", [
     ("model.attn_backend=sdpa_block_mask", "needs model.attn_backend=auto"),
     ("rollout.placement=split", "needs rollout.placement=colocated"),
+    ("model.gradient_checkpointing=true", "needs model.gradient_checkpointing=false"),
 ])
 def test_bad_combinations_are_one_line_naming_the_option(override, message):
     with pytest.raises(ConfigError) as e:

@@ -232,7 +232,7 @@ class AlgorithmConfig:
     the trainer's old log-probs bit for bit; the trainer then uses them instead of recomputing
     (see verify_on_policy_every). With rollout.engine=vllm it turns on vLLM's own batch-invariant
     mode (VLLM_BATCH_INVARIANT=1): a measured mismatch, no bitwise promise. Needs
-    model.attn_backend=auto and the colocated placement."""
+    model.attn_backend=auto, model.gradient_checkpointing=false and the colocated placement."""
     verify_on_policy_every: int = 10
     """With batch_invariant: every this many steps the trainer recomputes the old log-probs
     instead of taking the rollout's (1: every step) and logs rollout/logp_diff_max, the largest
@@ -461,6 +461,9 @@ class TrainConfig:
         check_field(self.model.attn_backend == "auto", "algorithm.batch_invariant",
                     f"needs model.attn_backend=auto (its own fixed-block attention); model.attn_backend="
                f"{self.model.attn_backend!r} runs a kernel whose result depends on the batch")
+        check_field(not self.model.gradient_checkpointing, "algorithm.batch_invariant",
+                    "needs model.gradient_checkpointing=false; the recomputation in the backward runs outside "
+               "the batch-invariant operators, so the recomputed activations are not the saved ones")
         check_field(self.rollout.placement == "colocated", "algorithm.batch_invariant",
                     "needs rollout.placement=colocated; the split placement samples with weights up to "
                "rollout.max_staleness updates old, so its log-probs are not the trainer's old ones")
