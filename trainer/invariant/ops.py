@@ -11,16 +11,17 @@ Face decoder reaches are replaced at the Python API:
 
     operator                                how
     linear, matmul (2-D right operand),     rows in blocks of ROW_BLOCK (the last one padded with
-    mm, addmm, softmax / log_softmax,       zeros): every call has the shape [ROW_BLOCK, K], so
-    rms_norm, layer_norm, mean / sum /      kernel choice and reduction order depend on K and
-    amax / logsumexp over the last dim      the weights alone
+    mm, softmax / log_softmax, rms_norm,    zeros): every call has the shape [ROW_BLOCK, K], so
+    layer_norm, mean / sum / amax /         kernel choice and reduction order depend on K and
+    logsumexp over the last dim             the weights alone
     exp, sigmoid, silu, gelu, tanh, rsqrt,  the flattened tensor in chunks of FLAT_CHUNK elements
     cos, sin, log                           (a multiple of every vector width, below the
                                             threading grain): every element on the vector path
     matmul / bmm with inner dimension 1     unchanged (one product per output: exact)
     scaled_dot_product_attention, bmm,      an error naming the operator: nothing here makes
-    baddbmm, a floating reduction over      them invariant, so a model that reaches them is not
-    another dimension                       covered (attention is `attention.py`'s job)
+    addmm, baddbmm, einsum, in-place        them invariant, so a model that reaches them is not
+    transcendentals, a floating reduction   covered (attention is `attention.py`'s job)
+    over another dimension
 
 Additions, products and divisions are correctly rounded on every path and pass through, as do
 indexing, concatenation and embedding lookups. The promise is about forward bits: a linear
