@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
@@ -237,11 +238,12 @@ def main(argv: list[str] | None = None) -> int:
     result = {"created": created, "commit": harness.git_commit(), "device": harness.device_name(device),
               "threads": torch.get_num_threads(), "versions": harness.versions(),
               "command": "python -m prolix.benchmarks.bitwise_head " + " ".join(argv or sys.argv[1:]),
-              "target_ratio": TARGETS[device.type]}
+              "target_ratio": TARGETS[device.type], "load_average_before": os.getloadavg()}
     if not args.no_bits:
         result["bits"] = check_bits(shape, dtype, device)
         print(f"bits: {result['bits']}")
     result["cost"] = measure_cost(shape, args.tokens, dtype, device, args.repeats)
+    result["load_average_after"] = os.getloadavg()   # a shared machine's load says how to read the times
     print("| stage | shape | N | default ms | batch_invariant ms | ratio |\n|---|---|---|---|---|---|")
     for r in result["cost"]:
         print(f"| {r['stage']} | {r['shape']} | {r['N']} | {r['default_ms']:.1f} | {r['invariant_ms']:.1f} | "

@@ -32,6 +32,13 @@ chunk tile by tile and writes dz/τ (input dtype) into an [N, V_chunk] buffer, t
 cuBLAS GEMMs consume it: dW[chunk] = dzᵀ·h (written once, no accumulation) and
 dh += dz·W[chunk] (fp32 accumulator). V_chunk fills a fixed 1 GiB buffer.
 
+Batch-invariant mode (`batch_invariant=True`). The forward above splits the vocabulary by the
+number of rows, so a row's bits follow N. In this mode the forward is the three-GEMM loss's own
+pass instead (`invariant_forward`, kernels/three_gemm.py): logp = −log Σ_v exp(z − z_y) over
+tiles of a fixed shape, their partial sums added in tile order; a row's bits then depend on the
+row alone, and `fused_linear_grpo_loss` gives the same ones. The backward is the same dz +
+cuBLAS path, which has no atomics: deterministic run to run.
+
 Cost at N = 16384, H = 1536, V = 151936 (bf16):
     naive:  logits N·V·4 B = 10 GB written and read twice, log_softmax, gather, same in backward.
     here:   FLOP = 4 GEMMs of 2·N·H·V (forward, recompute, dh, dW) = 30.6 TFLOP;

@@ -42,6 +42,12 @@ Rows with zero loss weight (prompt tokens, masked rows) are dropped before the G
 
 The torch backend (CPU tensors) runs the same algorithm with torch ops in fp32 (16-bit inputs
 are upcast once): GEMM 1 is `addmm` writing z − c straight into E, then `exp_` in place.
+
+Batch-invariant mode: every per-row step has a fixed order whatever the rows around. Triton: the
+target logit, the tile-order sum of the per-tile S and T, and the final values are small kernels
+(kernels/invariant_kernels.py), GEMM 1 one tile shape with or without T; torch: S and T of each
+block of INVARIANT_ROWS rows alone (chunks padded to whole blocks). `linear_logprobs` runs the
+same pass (`shifted_stats`, `row_values`), so both give a row the same bits.
 """
 
 from __future__ import annotations
@@ -211,7 +217,8 @@ def _gemm1_torch(h, w, c, inv_temp, with_entropy, e):
         for r0 in range(0, e.shape[0], 256):
             d = e[r0 : r0 + 256]
             ex = torch.exp(d)
-            t[r0 : r0 + 256] = torch.bmm(ex[:, None, :], d[:, :, None]).view(-1)
+            # a product then torch's (cascaded) row sum: half the rounding error of a batched dot
+            t[r0 : r0 + 256] = d.mul_(ex).sum(1)
             d.copy_(ex)
     else:
         e.exp_()

@@ -99,6 +99,13 @@ def test_a_rows_logprob_and_entropy_have_the_same_bits_in_every_batch(backend, d
     assert not failures, f"{len(failures)} rows changed bits: {failures[:10]}"
 
 
+def test_the_same_comparison_finds_changed_bits_with_the_mode_off():
+    # The default Triton forward splits the vocabulary by the number of rows (forward_splits), so
+    # its merge order, and some rows' bits, follow N: the comparison above can fail. (The torch
+    # backend's default mode differs only now and then at these shapes, so it makes no claim.)
+    assert invariance_failures("triton", torch.float32, invariant=False)
+
+
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_fused_loss_rows_have_linear_logprobs_bits_at_every_chunk_size(backend):
     # the three-GEMM pass over the rows with nonzero loss weight, in chunks of 1 (the first 9
