@@ -321,7 +321,7 @@ class Trainer:
     def _forward_logps(self, records: list[SequenceRecord], old: bool) -> list[SequenceRecord]:
         """Attach old_logp (when `old`) and ref_logp (with a reference) from no-grad forwards over
         this process's micro-batches, merged across ranks."""
-        olds: list[Any] = [r.old_logp for r in records]
+        olds: list[Any] = [None] * len(records) if old else [r.old_logp for r in records]
         ref: list[Any] = [None] * len(records)
         models = [(m, out) for m, out in ((self.policy if old else None, olds), (self.reference, ref)) if m]
         with nvtx.range("logprobs"):
