@@ -81,6 +81,8 @@ def _f(x, fmt=".3g") -> str:
 
 
 def markdown(r: dict) -> str:
+    from .bitwise_head import markdown_lines as bitwise_head_md  # imports torch: only when rendering
+
     v, c = r["versions"], r.get("ceilings") or {}
     lines = ["# prolix device check", "",
              f"{r['created']} on **{r['device']['name']}** · commit `{r['commit']}` · torch {v['torch']} · "
@@ -100,8 +102,8 @@ def markdown(r: dict) -> str:
     lines += ["", "## cuBLAS GEMM", "", "| shape | N | ms | TFLOP/s |", "|---|---:|---:|---:|"]
     lines += [f"| {g['shape']} | {g['N']} | {_f(g.get('ms'))} | {_f(g.get('tflops'))} |" if g["status"] == "ok"
               else f"| {g['shape']} | {g['N']} | **{g['status']}** | {g['reason']} |" for g in r["gemm"]]
-    lines += ["", *_cases_md(r["cases"]), *_configs_md(r["configs"]), *_breakdown_md(r["breakdown"]),
-              *_tests_md(r["tests"])]
+    lines += ["", *_cases_md(r["cases"]), *bitwise_head_md(r.get("bitwise_head")),
+              *_configs_md(r["configs"]), *_breakdown_md(r["breakdown"]), *_tests_md(r["tests"])]
     return "\n".join(lines) + "\n"
 
 

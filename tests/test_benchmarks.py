@@ -388,7 +388,7 @@ def test_device_check_targets_pass_or_fail_only_on_cuda(device_check_run):
 
 
 def test_device_check_bitwise_head_holds_the_bits_and_times_both_modes(device_check_run):
-    _, r = device_check_run
+    path, r = device_check_run
     rec = r["bitwise_head"]
     bits = rec["bits"]
     T = bits["row_block"]
@@ -398,6 +398,7 @@ def test_device_check_bitwise_head_holds_the_bits_and_times_both_modes(device_ch
     assert [c["stage"] for c in rec["cost"]] == ["logprobs fwd", "logprobs fwdbwd", "fused fwdbwd"]
     assert all(c["default_ms"] > 0 and c["ratio"] == pytest.approx(c["invariant_ms"] / c["default_ms"])
                for c in rec["cost"])
+    assert "## Batch-invariant head" in path.with_suffix(".md").read_text()
 
 
 def test_device_check_out_of_budget_records_every_section_as_skipped(tmp_path):
