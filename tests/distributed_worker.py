@@ -10,6 +10,8 @@ Rank 0 saves what the tests compare, as torch files in OUT:
                  weight: old/ref log-probs, the gradient of each update, the parameters after,
                  the metrics, the micro-batches each rank packed, and the rollout engine's
                  weights after the sync
+    bitwise.pt   the old log-probs of `premade_records` in the batch-invariant mode, each rank
+                 computing its share (a verifying step: the trainer's own forward)
     saved_N.pt   `prolix train` for 2 steps (rollouts, evaluation, a reset, checkpoints, W&B
                  offline): the whole weights, optimizer state and reference as the checkpoint of
                  step N saved them
@@ -37,6 +39,7 @@ from prolix.trainer.train import main as train_main
 # 1e-8 to 1e-3: its g / (|g| + ε) would turn the fp32 rounding (~1e-8) of a near-zero gradient
 # into a difference of a whole lr-sized step between the two sides.
 STEP = {"optim.max_tokens_per_microbatch": 48, "optim.lr": 1e-3, "optim.eps": 1e-3, "algorithm.loss.kl_coef": 0.05}
+BITWISE = {"algorithm.batch_invariant": "true", "algorithm.verify_on_policy_every": 1}
 GROUPS = [(6, (40,)), (5, (25, 20)), (4, (30, 12, 2, 21)), (7, (11,))]   # (prompt length, response lengths)
 
 
@@ -89,6 +92,17 @@ def run_updates(trainer: Trainer, records: list[SequenceRecord]) -> dict:
             "engine": {n: p.detach().clone() for n, p in trainer.engine.model.named_parameters()}}
 
 
+def bitwise_old_logps(model: Path, problems: Path, out: Path) -> list[torch.Tensor]:
+    """The batch-invariant mode's old log-probs of `premade_records`, computed by a verifying
+    step's forward (on this process's share of the micro-batches, merged)."""
+    cfg = load_config(None, tiny_overrides(model, problems, out, **STEP, **BITWISE))
+    (out / "run").mkdir(parents=True, exist_ok=True)
+    trainer = Trainer(cfg, out / "run")
+    records, _ = trainer.attach_logps_at(premade_records(trainer.policy.config.vocab_size), 1)
+    trainer.engine.close()
+    return [r.old_logp for r in records]
+
+
 def state_of(trainer: Trainer) -> dict:
     """Whole weights, reference and optimizer state (names as keys), on every rank alike."""
     optim = get_optimizer_state_dict(trainer.policy, trainer.optimizer,
@@ -111,6 +125,11 @@ def main(out: Path, base_model: Path, untied_model: Path, problems: Path, single
         if dp.comm.is_main:
             torch.save(result, out / f"update_{name}.pt")
         trainer.engine.close()
+
+    # 1b. the batch-invariant mode's old log-probs, each rank its share
+    old = bitwise_old_logps(base_model, problems, out / "bitwise")
+    if torch.distributed.get_rank() == 0:
+        torch.save(old, out / "bitwise.pt")
 
     # 2. the whole loop through `prolix train`, with every checkpoint's state recorded
     save = loop.Trainer.save

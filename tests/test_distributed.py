@@ -12,6 +12,8 @@ single-process side runs here. What is proved:
 - rank 0 alone logs: metrics.jsonl once per step, one W&B run (offline);
 - a checkpoint written by two ranks (DCP) resumes in one process with identical weights,
   optimizer state and reference, and a single-process checkpoint resumes on two ranks;
+- in the batch-invariant mode (`algorithm.batch_invariant`) the old log-probs computed on two
+  ranks, each its share, have the single process's bits;
 - `prolix train --nproc G` builds the right torchrun command.
 """
 
@@ -24,7 +26,7 @@ import sys
 
 import pytest
 import torch
-from distributed_worker import STEP, premade_records, run_updates
+from distributed_worker import STEP, bitwise_old_logps, premade_records, run_updates
 from trainer_testing import TESTS, as_jsonl_record, offline_runs, read_jsonl, tiny_overrides, wandb_importable
 from transformers import AutoModelForCausalLM
 
@@ -113,6 +115,14 @@ def two_ranks(single, base_model, untied_model, problems, tmp_path_factory):
         lines = ranks[-150:] or stderr[-6000:].splitlines()
         pytest.fail(f"torchrun exited with {proc.returncode}:\n" + "\n".join(lines))
     return out
+
+
+def test_batch_invariant_log_probs_have_the_same_bits_on_two_ranks(base_model, problems, two_ranks, tmp_path):
+    dist = torch.load(two_ranks / "bitwise.pt", weights_only=False)
+    single = bitwise_old_logps(base_model, problems, tmp_path)
+    assert len(dist) == len(single) == len(premade_records(8))
+    for d, s in zip(dist, single, strict=True):
+        assert torch.equal(d.view(torch.int32), s.view(torch.int32))
 
 
 @pytest.mark.parametrize("head", ["tied", "untied"])

@@ -14,7 +14,8 @@ from prolix.kernels.rollout_correction import kept_counts, rollout_correction
 from .packing import SequenceRecord
 from .rollout.rollouts import Group
 
-__all__ = ["MiniBatchCorrection", "make_records", "mini_batches", "regroup", "correction", "normalizer"]
+__all__ = ["MiniBatchCorrection", "make_records", "mini_batches", "regroup", "correction", "normalizer",
+           "logp_diff_max"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -26,11 +27,13 @@ class MiniBatchCorrection:
     metrics: dict[str, float]      # "rollout_corr/..." over the whole mini-batch
 
 
-def make_records(groups: list[Group], loss: GRPOLossConfig, overlong: str) -> list[SequenceRecord]:
+def make_records(groups: list[Group], loss: GRPOLossConfig, overlong: str, *,
+                 keep_rollout_logp: bool = False) -> list[SequenceRecord]:
     """One SequenceRecord per completion: the advantage is broadcast over its response by
     `pack`; overlong="mask" leaves truncated responses out of the loss (DAPO). The engine's
-    log-probs are kept when the loss needs them (TIS, rollout correction)."""
-    use_rollout_logp = loss.tis_cap is not None or loss.corrects_rollout
+    log-probs are kept when the loss needs them (TIS, rollout correction) or `keep_rollout_logp`
+    (the batch-invariant mode: they are the old log-probs, and the on-policy check reads them)."""
+    use_rollout_logp = loss.tis_cap is not None or loss.corrects_rollout or keep_rollout_logp
     records = []
     for group in groups:
         for c, adv in zip(group.completions, group.advantages.tolist()):
@@ -95,3 +98,10 @@ def normalizer(records: list[SequenceRecord], corr: MiniBatchCorrection | None, 
     if corr is not None:
         return max(corr.tokens if token_mean else corr.sequences, 1.0)
     return float(sum(r.num_response_tokens for r in records)) if token_mean else float(len(records))
+
+
+def logp_diff_max(records: list[SequenceRecord]) -> float:
+    """max |rollout_logp − old_logp| over every response token of `records` (both attached):
+    the training–inference mismatch, 0.0 exactly when the two are bitwise equal."""
+    cat = lambda name: torch.cat([torch.as_tensor(getattr(r, name), dtype=torch.float32) for r in records])
+    return float((cat("rollout_logp") - cat("old_logp")).abs().max()) if records else 0.0

@@ -9,6 +9,8 @@
     prolix bench sandbox [--runs 50] [--out DIR]    # ms per run_python and runs/s, each sandbox launcher
     prolix bench rl-overlap [--steps 10] [--passes 2] [--out DIR]   # split placement vs the synchronous loop (CPU)
     prolix bench reward-pool [--workers 0,1,2] [--reps 5] [--quick] [--out DIR]   # scored responses/s
+    prolix bench bitwise-step [--steps 6] [--passes 2] [--quick] [--out DIR]   # batch_invariant's step cost (CPU)
+    prolix check-bitwise MODEL [--prompt TEXT ...] [--samples 4] [--max-tokens 32]   # alone vs packed, rollout vs trainer
     prolix train [--config X.yaml] [--resume DIR] [--nproc G] [key=value ...]   # see prolix.trainer.train
     torchrun --nproc-per-node=G -m prolix.trainer.cli train ...     # data parallel (trainer/parallel/)
     prolix eval TARGET [--data FILE[:REWARD]]... [--reasoning-gym TASK[:COUNT]]... --out DIR   # see prolix.trainer.eval
@@ -122,6 +124,19 @@ def build_parser() -> argparse.ArgumentParser:
     pool.add_argument("--reps", type=int, default=None, help="timed passes per row (default 5; 1 with --quick)")
     pool.add_argument("--quick", action="store_true", help="a few responses: the smoke run of CI")
     pool.add_argument("--out", default=None, help="results folder (default benchmarks/results/)")
+    bitwise = what.add_parser("bitwise-step", help="a trainer step with algorithm.batch_invariant against without "
+                                                    "(CPU, one thread)")
+    bitwise.add_argument("--steps", type=int, default=6, help="steps per run, the first 2 not counted (default 6)")
+    bitwise.add_argument("--passes", type=int, default=2, help="rounds of the two runs, taking turns (default 2)")
+    bitwise.add_argument("--quick", action="store_true", help="a smaller workload (fewer prompts, shorter responses)")
+    bitwise.add_argument("--out", default=None, help="results folder (default benchmarks/results/)")
+    check = commands.add_parser("check-bitwise", help="how far your model's log-probs move with the batch, "
+                                                      "with and without algorithm.batch_invariant")
+    check.add_argument("model", help="a local Hugging Face model directory (weights and tokenizer)")
+    check.add_argument("--prompt", action="append", default=None, help="a prompt (repeatable; default: three)")
+    check.add_argument("--samples", type=int, default=4, help="responses per prompt (default 4)")
+    check.add_argument("--max-tokens", type=int, default=32, help="tokens per response at most (default 32)")
+    check.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     render = what.add_parser("render", help="re-render the .md and .png of a results JSON")
     render.add_argument("results", help="a results .json written by prolix bench")
     render.add_argument("--out", default=None, help="folder for the .md/.png (default: beside the JSON)")
@@ -154,6 +169,14 @@ def _bench(args: argparse.Namespace, argv: list[str]) -> int:
         except ValueError as e:
             print(f"prolix bench rl-overlap: {e}", file=sys.stderr)
             return 2
+    if args.what == "bitwise-step":
+        from prolix.benchmarks.bitwise_step import main_run as bitwise_run
+
+        try:
+            return bitwise_run(args.steps, Path(args.out) if args.out else None, args.quick, args.passes)
+        except ValueError as e:
+            print(f"prolix bench bitwise-step: {e}", file=sys.stderr)
+            return 2
     if args.what == "reward-pool":
         from prolix.benchmarks.reward_pool import main_run as reward_pool_run
 
@@ -180,6 +203,22 @@ def _bench(args: argparse.Namespace, argv: list[str]) -> int:
         return 2
 
 
+def _check_bitwise(args: argparse.Namespace) -> int:
+    from prolix.trainer.bitwise_check import DEFAULT_PROMPTS, check_bitwise, format_report
+    from prolix.trainer.model import load_policy
+    from prolix.trainer.tokenizer import format_prompt, load_tokenizer
+
+    try:
+        model = load_policy(args.model, device=args.device, liger=False)
+    except (FileNotFoundError, NotADirectoryError) as e:
+        print(f"prolix check-bitwise: {e}", file=sys.stderr)
+        return 2
+    tokenizer = load_tokenizer(args.model)
+    prompts = [format_prompt(tokenizer, p, None) for p in (args.prompt or DEFAULT_PROMPTS)]
+    print(format_report(check_bitwise(model, tokenizer, prompts, samples=args.samples, max_tokens=args.max_tokens)))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["train"]:
@@ -193,6 +232,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "bench":
         return _bench(args, argv)
+    if args.command == "check-bitwise":
+        return _check_bitwise(args)
     return 2  # unreachable: argparse requires a known command
 
 

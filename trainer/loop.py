@@ -139,6 +139,7 @@ class Trainer:
         self.rollouts = Rollouts.build(cfg, self.data.train, self.tokenizer, rollout_model, engine=engine,
                                        rollout=self.parallel.batches.rollout)
         self.engine = self.rollouts.engine
+        self.bitwise_rollouts = cfg.algorithm.batch_invariant and engine == "torch"   # rollout logp = old logp
         if resume_from and self.state.sampler is not None:
             self.rollouts.rng.setstate(checkpoint.as_nested_tuples(self.state.sampler))
         logger = MetricsLogger if self.parallel.comm.is_main else SilentLogger
@@ -155,12 +156,14 @@ class Trainer:
         """The policy and (kl_coef > 0) its frozen reference, prepared by the sharding; returns
         the model the rollout engine samples from (chosen before the policy is sharded)."""
         cfg = self.cfg
+        invariant = cfg.algorithm.batch_invariant
         self.policy = load_policy(source, dtype=self.param_dtype, device=self.parallel.sharding.load_device,
-                                  gradient_checkpointing=cfg.model.gradient_checkpointing)
+                                  gradient_checkpointing=cfg.model.gradient_checkpointing,
+                                  liger=False if invariant else None)          # Liger's kernels bypass the mode
         cfg.check_model_context(getattr(self.policy.config, "max_position_embeddings", None))
         self.reference = frozen_copy(self.policy, self.compute_dtype) if cfg.algorithm.loss.kl_coef > 0 else None
         forward = functools.partial(head_inputs, attn_backend=cfg.model.attn_backend,
-                                    compute_dtype=self.compute_dtype)
+                                    compute_dtype=self.compute_dtype, batch_invariant=invariant)
         rollout_model = self.parallel.batches.engine_model(self.policy)
         self.parallel.sharding.prepare(self.policy, self.reference, forward, compute_dtype=self.compute_dtype)
         return rollout_model
@@ -241,7 +244,7 @@ class Trainer:
         t_rollout = time.perf_counter() - t0
         records = self.make_records(groups)                          # per-token advantage, rollout logp
         t1 = time.perf_counter()
-        records = self.attach_logps(records)                         # old_logp, ref_logp (no grad)
+        records, logp_metrics = self.attach_logps_at(records, step)  # old_logp, ref_logp (no grad)
         stats = [self.update(mb, step) for mb in self.mini_batches(records, step)]   # pack, loss, step
         self._track_skips(step, stats)                                # raises after too many skipped steps
         with nvtx.range("weight_sync"):
@@ -249,6 +252,7 @@ class Trainer:
         t_train = time.perf_counter() - t1
         self.state.step = step
         metrics.update(reduce_updates(stats))
+        metrics.update(logp_metrics)
         metrics["consecutive_skips"] = self.state.consecutive_skips
         metrics.update(self._throughput(metrics, records, t_rollout, t_train))
         self._step_end = time.perf_counter()
@@ -265,7 +269,8 @@ class Trainer:
         self.parallel.batches.sync_engine(self.engine, self.policy)   # under FSDP: gathered from the shards
 
     def make_records(self, groups: list[Group]) -> list[SequenceRecord]:
-        return batching.make_records(groups, self.loss_config, self.cfg.algorithm.overlong)
+        return batching.make_records(groups, self.loss_config, self.cfg.algorithm.overlong,
+                                     keep_rollout_logp=self.cfg.algorithm.batch_invariant)
 
     def mini_batches(self, records: list[SequenceRecord], step: int) -> list[list[SequenceRecord]]:
         """The step's updates: optim.mini_batch_prompts prompts each, optim.epochs passes."""
@@ -277,34 +282,63 @@ class Trainer:
         """[N] fp32 log-probs of the packed targets under `model` at the rollout temperature."""
         hidden, weight = self.parallel.sharding.forward(model, batch)
         return logprobs_from_hidden(hidden, weight, batch, temperature=self.cfg.rollout.temperature,
-                                    kernel_backend=self.cfg.model.kernel_backend)
+                                    kernel_backend=self.cfg.model.kernel_backend,
+                                    batch_invariant=self.cfg.algorithm.batch_invariant)
+
+    def attach_logps(self, records: list[SequenceRecord]) -> list[SequenceRecord]:
+        """`attach_logps_at` outside any step's schedule (no on-policy verification)."""
+        return self.attach_logps_at(records, None)[0]
 
     @torch.no_grad()
-    def attach_logps(self, records: list[SequenceRecord]) -> list[SequenceRecord]:
+    def attach_logps_at(self, records: list[SequenceRecord], step: int | None,
+                        ) -> tuple[list[SequenceRecord], dict[str, float]]:
         """old_logp from the policy before any update of this step (needed when the rollout
         feeds several updates, and by rollout correction, which counts the tokens it keeps
         before the loss; otherwise old = logp.detach() and the ratio is 1), and ref_logp from
-        the frozen reference (when kl_coef > 0). Both are constants of the loss."""
-        need_old = self.cfg.optim.updates_per_rollout > 1 or self.loss_config.corrects_rollout
-        if not records or not (need_old or self.reference is not None):
-            return records
-        old: list[Any] = [None] * len(records)
+        the frozen reference (when kl_coef > 0). Both are constants of the loss.
+
+        Bitwise on-policy (algorithm.batch_invariant with the torch sampler): the rollout's
+        log-probs are the old ones, so no forward computes them, except at every
+        algorithm.verify_on_policy_every-th step. Whenever the trainer computes old log-probs
+        and the records hold the rollout's, returns {"rollout/logp_diff_max": max |rollout − old|}."""
+        alg = self.cfg.algorithm
+        verify = alg.batch_invariant and step is not None and step % alg.verify_on_policy_every == 0
+        need_old = self.cfg.optim.updates_per_rollout > 1 or self.loss_config.corrects_rollout or verify
+        compute_old = need_old and (verify or not self.bitwise_rollouts)
+        if records and self.bitwise_rollouts and not compute_old:
+            records = [dataclasses.replace(r, old_logp=r.rollout_logp) for r in records]
+        if records and (compute_old or self.reference is not None):
+            records = self._forward_logps(records, compute_old)
+        metrics = {}
+        if compute_old and records and records[0].rollout_logp is not None:
+            metrics["rollout/logp_diff_max"] = batching.logp_diff_max(records)
+        if alg.batch_invariant and not (self.loss_config.tis_cap is not None or self.loss_config.corrects_rollout):
+            records = [dataclasses.replace(r, rollout_logp=None) for r in records]      # the loss does not use them
+        return records, metrics
+
+    def _forward_logps(self, records: list[SequenceRecord], old: bool) -> list[SequenceRecord]:
+        """Attach old_logp (when `old`) and ref_logp (with a reference) from no-grad forwards over
+        this process's micro-batches, merged across ranks."""
+        olds: list[Any] = [None] * len(records) if old else [r.old_logp for r in records]
         ref: list[Any] = [None] * len(records)
-        models = [(m, out) for m, out in ((self.policy if need_old else None, old), (self.reference, ref)) if m]
+        models = [(m, out) for m, out in ((self.policy if old else None, olds), (self.reference, ref)) if m]
         with nvtx.range("logprobs"):
             for idx in self._plan(records):
                 batch = self._pack(records, idx)
                 for model, out in models:
                     for i, values in zip(idx, batch.split_responses(self._logps(model, batch))):
                         out[i] = values.float().cpu()
-        old, ref = self.parallel.comm.merge(old), self.parallel.comm.merge(ref)    # each rank filled its share
-        return [dataclasses.replace(r, old_logp=old[i], ref_logp=ref[i]) for i, r in enumerate(records)]
+        if old:
+            olds = self.parallel.comm.merge(olds)
+        ref = self.parallel.comm.merge(ref)                              # each rank filled its share
+        return [dataclasses.replace(r, old_logp=olds[i], ref_logp=ref[i]) for i, r in enumerate(records)]
 
     def _loss(self, batch, normalizer: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The policy's GRPO loss on one packed micro-batch (decoder, then the fused LM head)."""
         hidden, weight = self.parallel.sharding.forward(self.policy, batch)
         return grpo_loss_from_hidden(hidden, weight, batch, config=self.loss_config, normalizer=normalizer,
-                                     kernel_backend=self.cfg.model.kernel_backend, entropy_metric=True)
+                                     kernel_backend=self.cfg.model.kernel_backend, entropy_metric=True,
+                                     batch_invariant=self.cfg.algorithm.batch_invariant)
 
     def update(self, records: list[SequenceRecord], step: int) -> dict[str, float]:
         """One optimizer step on a mini-batch: micro-batches planned by token budget, each loss

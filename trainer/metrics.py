@@ -12,6 +12,9 @@ JSONL keys (means over the step's response tokens unless said otherwise):
     batch/groups, /informative_frac, /tries, /sequences   dynamic sampling's view of the batch
     loss, pg_loss, kl, entropy, clip_frac, clip_frac_low, clip_frac_high, ratio_mean, ratio_max
     grad_norm (before clipping; null when an update of the step was skipped), lr
+    rollout/logp_diff_max           max |rollout − trainer| log-prob over the step's response
+                                    tokens, on steps where the trainer computed old log-probs
+                                    (0.0 with algorithm.batch_invariant and the torch sampler)
     updates, skipped_update         optimizer updates of the step, and how many of them were
                                     skipped on a non-finite loss or gradient norm (`loop.Trainer.update`)
     consecutive_skips               steps in a row without an applied update (the run stops at

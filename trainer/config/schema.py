@@ -225,6 +225,20 @@ class AlgorithmConfig:
     `rollout.advantages.shape_overlong`) or "mask" (excluded from the loss, DAPO's overlong filtering)."""
     overlong_penalty: float = 1.0
     """Reward subtracted from truncated responses in "penalty" mode."""
+    batch_invariant: bool = False
+    """Bitwise on-policy (docs/bitwise.md): the policy's packed forward and LM head run
+    batch-invariant operators (a token's log-prob has the same bits alone, packed at any offset,
+    in any micro-batch or rank), and so does the torch sampler's decode, so its log-probs equal
+    the trainer's old log-probs bit for bit; the trainer then uses them instead of recomputing
+    (see verify_on_policy_every). With rollout.engine=vllm it turns on vLLM's own batch-invariant
+    mode (VLLM_BATCH_INVARIANT=1): a measured mismatch, no bitwise promise. Needs
+    model.attn_backend=auto, model.gradient_checkpointing=false and the colocated placement."""
+    verify_on_policy_every: int = 10
+    """With batch_invariant: every this many steps the trainer recomputes the old log-probs
+    instead of taking the rollout's (1: every step) and logs rollout/logp_diff_max, the largest
+    |rollout − trainer| log-prob difference (0.0 with the torch engine). The metric is also
+    logged whenever the trainer computes old log-probs for other reasons (rollout correction,
+    several updates per rollout)."""
 
     def __post_init__(self) -> None:
         check_literal_fields(self, "algorithm")
@@ -238,6 +252,8 @@ class AlgorithmConfig:
                     f"expected >= 1, got {self.max_sampling_tries}")
         check_field(self.overlong_penalty >= 0, "algorithm.overlong_penalty",
                     f"expected >= 0, got {self.overlong_penalty}")
+        check_field(self.verify_on_policy_every >= 1, "algorithm.verify_on_policy_every",
+                    f"expected >= 1, got {self.verify_on_policy_every}")
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -439,6 +455,20 @@ class TrainConfig:
                     "optim.max_tokens_per_microbatch",
                f"expected >= the longest sequence, rollout.max_prompt_tokens + rollout.max_tokens = "
                f"{r.max_prompt_tokens + r.max_tokens}, got {self.optim.max_tokens_per_microbatch}")
+        if self.algorithm.batch_invariant:
+            self._check_batch_invariant()
+
+    def _check_batch_invariant(self) -> None:
+        """What algorithm.batch_invariant cannot make invariant: one line each, before any model."""
+        check_field(self.model.attn_backend == "auto", "algorithm.batch_invariant",
+                    f"needs model.attn_backend=auto (its own fixed-block attention); model.attn_backend="
+               f"{self.model.attn_backend!r} runs a kernel whose result depends on the batch")
+        check_field(not self.model.gradient_checkpointing, "algorithm.batch_invariant",
+                    "needs model.gradient_checkpointing=false; the recomputation in the backward runs outside "
+               "the batch-invariant operators, so the recomputed activations are not the saved ones")
+        check_field(self.rollout.placement == "colocated", "algorithm.batch_invariant",
+                    "needs rollout.placement=colocated; the split placement samples with weights up to "
+               "rollout.max_staleness updates old, so its log-probs are not the trainer's old ones")
 
     @property
     def eval_max_tokens(self) -> int:

@@ -68,8 +68,11 @@ class Rollouts:
     def build(cls, cfg: TrainConfig, train: ProblemSource, tokenizer, model, *, engine: str,
               rollout: Rollout | None = None) -> Rollouts:
         """Rollouts with a new `engine` over `model` (the configured engine options apply to the
-        configured engine only) and a pool of rollout.reward_workers scorers."""
-        options = cfg.rollout.engine_options if engine == cfg.rollout.engine else {}
+        configured engine only) and a pool of rollout.reward_workers scorers. With
+        algorithm.batch_invariant the engine samples in its batch-invariant mode."""
+        options = dict(cfg.rollout.engine_options) if engine == cfg.rollout.engine else {}
+        if cfg.algorithm.batch_invariant:
+            options["batch_invariant"] = True
         engine = make_engine(engine, model, tokenizer, max_model_len=cfg.rollout.max_model_len, seed=cfg.run.seed,
                              **options)
         return cls(cfg, train, tokenizer, engine, rollout=rollout, pool=RewardPool(cfg.rollout.reward_workers))

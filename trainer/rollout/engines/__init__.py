@@ -19,7 +19,8 @@ Log-prob convention (both engines, and what `prolix.kernels.linear_logprobs` com
 taken over the *whole* vocabulary, i.e. before top-p truncation renormalises the distribution
 it is sampled from. With τ = 0 (greedy) the engines use τ = 1 in this formula, as vLLM does.
 The trainer's `old_logp` recompute therefore matches the rollout's log-probs up to the
-engine's numerics, and their gap is what the TIS correction measures.
+engine's numerics, and their gap is what the TIS correction measures; with
+`batch_invariant=True` the torch sampler's log-probs are the trainer's bit for bit.
 
     base           SamplingConfig, Completion, the RolloutEngine protocol
     torch_sampler  TorchSampler: a KV-cache decode loop over transformers

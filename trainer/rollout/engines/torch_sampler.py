@@ -1,6 +1,12 @@
 """TorchSampler runs its own decode loop over `transformers` with a KV cache: all prompts × n
 rows at once, left-padded, one forward per step of [B, 1] new tokens; sampling is
 temperature → top-p → `torch.multinomial` with a seeded `torch.Generator`.
+
+With `batch_invariant=True` every step runs the decoder as the trainer's batch-invariant packed
+forward does (`invariant`: the operator set, and the fixed-block attention over each row's own
+cache columns), the logits are the blocked LM-head product of the last hidden states, and each
+sampled token's log-prob is `prolix.kernels.linear_logprobs(..., batch_invariant=True)` of that
+hidden state: the trainer's old log-prob of the token, bit for bit.
 """
 
 from __future__ import annotations
@@ -10,8 +16,13 @@ import inspect
 from collections.abc import Iterable
 
 import torch
+import torch.nn.functional as F
+
+from prolix.kernels import linear_logprobs
 
 from ...guards import NonFiniteLogitsError
+from ...invariant import FIXED_BLOCKS, batch_invariant_ops
+from ...model import lm_head_weight
 from .base import Completion, SamplingConfig, check_prompts, stop_token_ids
 
 __all__ = ["TorchSampler", "sample_tokens", "sequence_logprobs"]
@@ -70,16 +81,18 @@ class TorchSampler:
     `sync_weights` only re-points it at the module it is given (no copy). During `generate`
     the model is in eval mode under `torch.inference_mode()`; its train/eval mode is restored
     after. `max_batch_rows` bounds how many prompt × n rows decode together (memory).
+    `batch_invariant`: decode in the batch-invariant mode (module docstring).
     """
 
     def __init__(self, model: torch.nn.Module, tokenizer, *, max_model_len: int, seed: int = 0,
-                 max_batch_rows: int = 256):
+                 max_batch_rows: int = 256, batch_invariant: bool = False):
         if max_model_len < 2:
             raise ValueError(f"max_model_len: expected >= 2, got {max_model_len}")
         if max_batch_rows < 1:
             raise ValueError(f"max_batch_rows: expected >= 1, got {max_batch_rows}")
         self.model, self.tokenizer = model, tokenizer
         self.max_model_len, self.max_batch_rows = max_model_len, max_batch_rows
+        self.batch_invariant = batch_invariant
         self.stop_ids = stop_token_ids(model, tokenizer)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.stop_ids[0]
         self._device = next(model.parameters()).device
@@ -126,12 +139,9 @@ class TorchSampler:
         logps = torch.empty((B, sampling.max_tokens), dtype=torch.float32, device=device)
         done = torch.zeros(B, dtype=torch.bool, device=device)
         lengths = torch.full((B,), sampling.max_tokens, dtype=torch.long, device=device)
-        cache, steps, cache_kwarg = None, 0, _cache_kwarg(type(self.model))
+        cache, steps, starts = None, 0, P - mask.sum(-1)                  # [B] first real column
         for t in range(sampling.max_tokens):
-            out = self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True,
-                             logits_to_keep=1, **{cache_kwarg: cache})                # logits: [B, 1, V]
-            cache = getattr(out, cache_kwarg)
-            tok, lp = sample_tokens(out.logits[:, -1], sampling.temperature, sampling.top_p, generator)
+            cache, tok, lp = self._next(input_ids, mask, positions, cache, starts, sampling, generator)
             tokens[:, t], logps[:, t], steps = tok, lp, t + 1
             hit = torch.isin(tok, stop) & ~done
             lengths[hit] = t + 1                                           # EOS included
@@ -144,6 +154,27 @@ class TorchSampler:
         lengths = lengths.clamp(max=steps).tolist()
         tokens, logps, done = tokens[:, :steps].tolist(), logps[:, :steps].tolist(), done.tolist()
         return [(tokens[b][:n], logps[b][:n], done[b]) for b, n in enumerate(lengths)]
+
+    def _next(self, input_ids, mask, positions, cache, starts, sampling: SamplingConfig, generator):
+        """One decoder step over [B, L] new columns: (the cache, the sampled tokens [B], their
+        log-probs [B] fp32)."""
+        if not self.batch_invariant:
+            kwarg = _cache_kwarg(type(self.model))
+            out = self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True,
+                             logits_to_keep=1, **{kwarg: cache})                        # logits: [B, 1, V]
+            tok, lp = sample_tokens(out.logits[:, -1], sampling.temperature, sampling.top_p, generator)
+            return getattr(out, kwarg), tok, lp
+        kwarg = _cache_kwarg(type(self.model.base_model))
+        weight = lm_head_weight(self.model)
+        with batch_invariant_ops():
+            out = self.model.base_model(input_ids=input_ids, attention_mask=mask, position_ids=positions,
+                                        use_cache=True, prolix_attn_backend=FIXED_BLOCKS, prolix_key_start=starts,
+                                        **{kwarg: cache})
+            hidden = out.last_hidden_state[:, -1].to(weight.dtype)                      # [B, H]
+            logits = F.linear(hidden, weight)                                           # [B, V], row-blocked
+        tok, _ = sample_tokens(logits, sampling.temperature, sampling.top_p, generator)
+        lp = linear_logprobs(hidden, weight, tok, temperature=sampling.temperature or 1.0, batch_invariant=True)
+        return getattr(out, kwarg), tok, lp
 
     def score_sequence(self, ids: list[int]) -> list[float]:
         """log π(ids[t+1] | ids[≤t]) at temperature 1 under the sampler's weights (fp32): what

@@ -167,14 +167,20 @@ class VLLMEngine:
             multiprocessing) with a world of one, outside this process's torchrun world; what a
             rollout rank of the split placement does (`parallel.rollout_rank`), whose world vLLM must not join.
             Weights then travel through a safetensors file in shared memory (`load_weights`).
+        batch_invariant: vLLM's own batch-invariant mode (VLLM_BATCH_INVARIANT=1, set before
+            vLLM is imported): its kernels, not the trainer's, so no bitwise promise against the
+            trainer; the loop measures the difference (rollout/logp_diff_max).
     """
 
     def __init__(self, model: torch.nn.Module, tokenizer, *, max_model_len: int, seed: int = 0,
                  model_path: str | None = None, dtype: torch.dtype | str | None = None,
                  gpu_memory_utilization: float = 0.3, kv_cache_gib: float | None = None,
                  enforce_eager: bool | None = None, max_num_seqs: int = 256,
-                 llm_kwargs: dict[str, Any] | None = None, separate_process: bool = False):
+                 llm_kwargs: dict[str, Any] | None = None, separate_process: bool = False,
+                 batch_invariant: bool = False):
         self.separate_process = separate_process
+        if batch_invariant:
+            os.environ["VLLM_BATCH_INVARIANT"] = "1"
         if not separate_process and os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING", "0") != "0":
             raise ValueError("VLLMEngine runs vLLM in-process (colocated weight sync); unset "
                              "VLLM_ENABLE_V1_MULTIPROCESSING or set it to 0, got "

@@ -1,0 +1,147 @@
+"""The batch-invariant mode of the policy forward and the torch sampler (`algorithm.batch_invariant`).
+
+Bits are compared (`torch.equal` on the int32 view), never tolerances. T = ROW_BLOCK, the row
+block of the operator set: row counts sweep 1, T − 1, T, T + 1 and 3T + 5; sequences are packed
+in several orders (so at several offsets), alone and in micro-batch plans of different shapes.
+The model is a tiny random Qwen2 (hidden 64, 2 layers, 4 query / 2 key-value heads), fp32.
+With the mode off the same comparisons find mismatches on this CPU (the stock GEMM takes another
+kernel for a one-row call; SiLU's scalar tail differs from its vector body).
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import AutoModelForCausalLM, Qwen2Config
+
+from prolix.trainer.bitwise_check import check_bitwise, format_report
+from prolix.trainer.cli import main as cli_main
+from prolix.trainer.invariant import batch_invariant_ops, block_attention
+from prolix.trainer.invariant.ops import ROW_BLOCK
+from prolix.trainer.model import head_inputs, logprobs, prepare_policy
+from prolix.trainer.packing import SequenceRecord, pack
+from prolix.trainer.rollout.engines import SamplingConfig, TorchSampler
+
+pytestmark = pytest.mark.usefixtures("one_thread")          # conftest.py: tiny models, one thread
+
+T = ROW_BLOCK
+VOCAB = 301
+LENGTHS = (2, T - 1, T, T + 1, 3 * T + 5)
+PLANS = ([[0, 1, 2, 3, 4]], [[4, 3, 2, 1, 0]], [[2, 0], [4, 1, 3]], [[3], [1, 4, 0], [2]])
+
+
+def bits(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().contiguous().view(torch.int32)
+
+
+@pytest.fixture(scope="module")
+def model():
+    config = Qwen2Config(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=512)
+    torch.manual_seed(0)
+    return prepare_policy(AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval(), liger=False)
+
+
+@pytest.fixture(scope="module")
+def records():
+    g = torch.Generator().manual_seed(1)
+    return [SequenceRecord(token_ids=torch.randint(0, VOCAB, (n,), generator=g), response_start=1, advantage=0.0)
+            for n in LENGTHS]
+
+
+def per_sequence(values: torch.Tensor, recs: list[SequenceRecord]) -> list[torch.Tensor]:
+    return list(values.split([len(r.token_ids) for r in recs]))
+
+
+def mismatches(model, records, what: str, batch_invariant: bool) -> int:
+    """Sequences whose `what` ("hidden" or "logp") differs in any bit between being computed alone
+    and inside each micro-batch plan."""
+    def run(recs):
+        with torch.no_grad():
+            if what == "hidden":
+                return per_sequence(head_inputs(model, pack(recs), batch_invariant=batch_invariant)[0], recs)
+            return per_sequence(logprobs(model, pack(recs), batch_invariant=batch_invariant), recs)
+    alone = [run([r])[0] for r in records]
+    bad = 0
+    for plan in PLANS:
+        for idx in plan:
+            for i, got in zip(idx, run([records[i] for i in idx])):
+                bad += not torch.equal(bits(got), bits(alone[i]))
+    return bad
+
+
+def test_operators_give_each_row_the_same_bits_whatever_the_row_count():
+    g = torch.Generator().manual_seed(2)
+    x, w = torch.randn(3 * T + 5, 48, generator=g), torch.randn(40, 48, generator=g)
+    ops = {"linear": lambda a: F.linear(a, w), "matmul": lambda a: a @ w.T, "silu": F.silu,
+           "rms": lambda a: a * torch.rsqrt(a.pow(2).mean(-1, keepdim=True) + 1e-6),
+           "softmax": lambda a: a.softmax(-1), "exp_cos": lambda a: a.exp() + a.cos()}
+    perm = torch.randperm(x.shape[0], generator=g)
+    with batch_invariant_ops():
+        for name, op in ops.items():
+            full = op(x)
+            for n in LENGTHS + (1,):
+                assert torch.equal(bits(op(x[:n])), bits(full[:n])), (name, n)
+                assert torch.equal(bits(op(x[-n:])), bits(full[-n:])), (name, n)       # another offset
+            assert torch.equal(bits(op(x[perm])), bits(full[perm])), name
+
+
+def test_a_query_attends_alike_alone_and_among_others():
+    g = torch.Generator().manual_seed(3)
+    n, h, h_kv, d = 3 * T + 5, 4, 2, 16
+    q, k, v = torch.randn(n, h, d, generator=g), torch.randn(n, h_kv, d, generator=g), torch.randn(n, h_kv, d, generator=g)
+    starts, visible = torch.zeros(n, dtype=torch.long), torch.arange(1, n + 1)
+    full = block_attention(q, k, v, starts, visible, scaling=0.25)
+    for i in (0, T - 2, T - 1, T, n - 1):                   # one query alone, over only its own keys
+        one = block_attention(q[i:i + 1], k[:i + 1], v[:i + 1], starts[:1], visible[i:i + 1], scaling=0.25)
+        assert torch.equal(bits(one), bits(full[i:i + 1])), i
+    shifted = torch.cat([torch.randn(7, h_kv, d, generator=g), k])            # the sequence at offset 7
+    shifted_v = torch.cat([torch.randn(7, h_kv, d, generator=g), v])
+    moved = block_attention(q, shifted, shifted_v, starts + 7, visible, scaling=0.25)
+    assert torch.equal(bits(moved), bits(full))
+
+
+@pytest.mark.parametrize("what", ["hidden", "logp"])
+def test_packed_forward_is_batch_invariant(model, records, what):
+    assert mismatches(model, records, what, batch_invariant=True) == 0
+
+
+class Tok:
+    """The sampler's view of a tokenizer: token 0 ends a response (and pads)."""
+    eos_token_id, pad_token_id = 0, 0
+
+    def decode(self, ids, skip_special_tokens=True):
+        return ""
+
+
+def test_decode_gives_the_packed_forward_bits(model):
+    """The sampler's rollout log-probs are the trainer's old log-probs: one-token decode over the
+    KV cache (left-padded rows of different lengths, several rows at once) vs the packed forward."""
+    g = torch.Generator().manual_seed(4)
+    prompts = [torch.randint(1, VOCAB, (n,), generator=g).tolist() for n in (1, 9, T - 1, T + 1)]
+    sampler = TorchSampler(model, Tok(), max_model_len=T + 40, batch_invariant=True)
+    groups = sampler.generate(prompts, SamplingConfig(n=3, temperature=1.0, max_tokens=30, seed=5))
+    done = [c for group in groups for c in group]
+    recs = [SequenceRecord(token_ids=c.prompt_ids + c.response_ids, response_start=len(c.prompt_ids), advantage=0.0)
+            for c in done]
+    batch = pack(recs)
+    with torch.no_grad():
+        trainer = batch.split_responses(logprobs(model, batch, batch_invariant=True))
+    for c, old in zip(done, trainer):
+        assert torch.equal(bits(torch.tensor(c.response_logprobs, dtype=torch.float32)), bits(old))
+
+
+def test_check_bitwise_reports_zero_in_the_mode(model):
+    prompts = [[5, 6, 7], list(range(1, 40))]
+    report = check_bitwise(model, Tok(), prompts, samples=2, max_tokens=8)
+    assert set(report) == {"default", "batch_invariant"}
+    assert report["batch_invariant"]["alone_vs_packed"] == 0.0 and report["batch_invariant"]["rollout_vs_trainer"] == 0.0
+    assert report["default"]["sequences"] == 4 and report["default"]["rollout_vs_trainer"] >= 0.0
+    assert format_report(report).splitlines()[2].startswith("batch_invariant")
+
+
+def test_the_commands_refuse_bad_arguments_in_one_line(tmp_path, capsys):
+    assert cli_main(["check-bitwise", str(tmp_path / "missing")]) == 2
+    assert cli_main(["bench", "bitwise-step", "--steps", "2", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[0].startswith("prolix check-bitwise: ") and "does not exist" in err[0]
+    assert err[1] == "prolix bench bitwise-step: --steps: expected > 2 (the first 2 are start-up), got 2"
