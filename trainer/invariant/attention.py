@@ -62,10 +62,32 @@ def _tiles(key_start, n_visible, index, m: int):
     return qidx, nvis, start
 
 
+def _windows(rows: torch.Tensor, win: torch.Tensor, transposed: bool) -> torch.Tensor:
+    """rows [R, D] → fp32 copies of the windows of KEY_BLOCK consecutive rows starting at each
+    index in win [W]: [W, D, KEY_BLOCK] (transposed: keys) or [W, KEY_BLOCK, D] (values); rows
+    past R read as zeros. Gathered as whole [KEY_BLOCK, D] blocks from a strided view of rows
+    (a window that would run past R comes from a small zero-padded copy of the last rows)."""
+    r, d = rows.shape
+    view = lambda t: t.as_strided((t.shape[0] - KEY_BLOCK + 1, *((d, KEY_BLOCK) if transposed else (KEY_BLOCK, d))),
+                                  (d, 1, d) if transposed else (d, d, 1))
+    rows, last = rows.contiguous(), r - KEY_BLOCK                                    # last window inside rows
+    over = win > last
+    out = view(rows)[win.clamp(max=last)] if last >= 0 else None
+    if last < 0 or bool(over.any()):
+        base = max(last, 0)
+        tail = view(torch.cat([rows[base:], rows.new_zeros(KEY_BLOCK, d)]))
+        out = tail[win - base] if out is None else out.index_put_((over,), tail[win[over] - base])
+    return out.float()
+
+
 def _attend(qt, key, value, start, nvis, first):
     """qt: [T·h_kv, TQ·rep, D] (scaled tiles); key / value: [B, h_kv, L, D] (flat key f is
     column f % L of row f // L); start: [T]; nvis / first: [T, TQ] (keys start + [first, nvis)
-    visible to each query) → [T·h_kv, TQ·rep, D]."""
+    visible to each query) → [T·h_kv, TQ·rep, D].
+
+    A block's keys are one window of the key rows (`_windows`) per tile and head: the block's
+    keys a tile may not see are whatever follows them (their scores are −inf, each score is its
+    own dot product) and their values are zeros."""
     t, tq = nvis.shape
     _, h_kv, n, d = key.shape
     rows = qt.shape[1]
@@ -79,24 +101,29 @@ def _attend(qt, key, value, start, nvis, first):
     heads = torch.arange(h_kv, device=qt.device)
     for j in range(int(n_blocks.max())):
         act = (n_blocks > j).nonzero()[:, 0]                                          # tiles with keys left
-        a, off = act.numel(), j * KEY_BLOCK + offsets
+        a, off, every = act.numel(), j * KEY_BLOCK + offsets, act.numel() == t
         vis = (off < nvis[act][..., None]) & (off >= first[act][..., None])           # [A, TQ, Bk]
-        seen = vis.any(1)                                                             # [A, Bk]
-        f = torch.where(seen, start[act][:, None] + off, 0)                           # flat key, 0 if hidden
-        idx = (((f // n)[:, None] * h_kv + heads[:, None]) * n + (f % n)[:, None]).reshape(-1)   # [A·h_kv·Bk]
-        keys = key_rows.index_select(0, idx).float().view(a, h_kv, KEY_BLOCK, d)      # hidden: scores masked
-        vals = value_rows.index_select(0, idx).float().view(a, h_kv, KEY_BLOCK, d).masked_fill(~seen[:, None, :, None], 0)
-        keys = keys.transpose(2, 3).reshape(a * h_kv, d, KEY_BLOCK)                   # [A·h_kv, D, Bk]
-        sel = (act[:, None] * h_kv + heads).reshape(-1)                               # state rows [A·h_kv]
-        s = blocked_bmm(qt[sel], keys).view(a, h_kv, tq, rep, KEY_BLOCK)
-        s = s.masked_fill(~vis[:, None, :, None, :], -math.inf).view(a * h_kv, rows, KEY_BLOCK)
-        m_old = m[sel]
+        hidden = ~vis.any(1)                                                          # [A, Bk]
+        f = start[act] + j * KEY_BLOCK                                                # the block's first key
+        win = (((f // n)[:, None] * h_kv + heads) * n + (f % n)[:, None]).reshape(-1)  # [A·h_kv]
+        keys = _windows(key_rows, win, transposed=True)                               # [A·h_kv, D, Bk]
+        vals = _windows(value_rows, win, transposed=False)                            # [A·h_kv, Bk, D]
+        if bool(hidden.any()):
+            vals.view(a, h_kv, KEY_BLOCK, d).masked_fill_(hidden[:, None, :, None], 0)
+        sel = None if every else (act[:, None] * h_kv + heads).reshape(-1)            # state rows [A·h_kv]
+        s = blocked_bmm(qt if every else qt[sel], keys)
+        s.view(a, h_kv, tq, rep, KEY_BLOCK).masked_fill_(~vis[:, None, :, None, :], -math.inf)
+        m_old = m if every else m[sel]
         m_new = torch.maximum(m_old, s.amax(-1))
         alpha = flat_chunks(torch.exp, m_old - m_new)                                 # [A·h_kv, rows]
         p = flat_chunks(torch.exp, s - m_new[..., None])                              # [A·h_kv, rows, Bk]
-        l_sum[sel] = l_sum[sel] * alpha + p.sum(-1)
-        acc[sel] = acc[sel] * alpha[..., None] + blocked_bmm(p, vals.view(a * h_kv, KEY_BLOCK, d))
-        m[sel] = m_new
+        pv = blocked_bmm(p, vals)
+        if every:
+            l_sum, acc, m = l_sum * alpha + p.sum(-1), acc * alpha[..., None] + pv, m_new
+        else:
+            l_sum[sel] = l_sum[sel] * alpha + p.sum(-1)
+            acc[sel] = acc[sel] * alpha[..., None] + pv
+            m[sel] = m_new
     return acc / l_sum[..., None]
 
 

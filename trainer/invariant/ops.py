@@ -141,9 +141,14 @@ def _linear(func, args, kwargs):
 def blocked_bmm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """torch.bmm of contiguous a: [n, r, k] and b: [n, k, c] in calls of exactly BMM_BLOCK
     matrices (the last padded with zeros): one shape per call, so each product's bits do not
-    depend on n (a whole-batch bmm changes its threading with n)."""
+    depend on n (a whole-batch bmm changes its threading with n). b may also be the transpose of
+    a contiguous [n, c, k]: every call, the padded one included, then gets b in that layout."""
     n = a.shape[0]
-    pairs = list(zip(_blocks(a, BMM_BLOCK), _blocks(b, BMM_BLOCK)))
+    if not b.is_contiguous() and b.transpose(1, 2).is_contiguous():
+        b_blocks = [y.transpose(1, 2) for y in _blocks(b.transpose(1, 2), BMM_BLOCK)]
+    else:
+        b_blocks = _blocks(b.contiguous(), BMM_BLOCK)
+    pairs = list(zip(_blocks(a.contiguous(), BMM_BLOCK), b_blocks))
     out = a.new_empty(len(pairs) * BMM_BLOCK, a.shape[1], b.shape[2])
     for i, (x, y) in enumerate(pairs):
         torch.bmm(x, y, out=out[i * BMM_BLOCK:(i + 1) * BMM_BLOCK])
