@@ -62,22 +62,21 @@ def _tiles(key_start, n_visible, index, m: int):
     return qidx, nvis, start
 
 
-def _windows(rows: torch.Tensor, win: torch.Tensor, transposed: bool) -> torch.Tensor:
+def _windows(rows: torch.Tensor, win: torch.Tensor) -> torch.Tensor:
     """rows [R, D] → fp32 copies of the windows of KEY_BLOCK consecutive rows starting at each
-    index in win [W]: [W, D, KEY_BLOCK] (transposed: keys) or [W, KEY_BLOCK, D] (values); rows
-    past R read as zeros. Gathered as whole [KEY_BLOCK, D] blocks from a strided view of rows
-    (a window that would run past R comes from a small zero-padded copy of the last rows)."""
+    index in win [W]: [W, KEY_BLOCK, D]; rows past R read as zeros. Each window is one
+    KEY_BLOCK·D run of memory, gathered whole (`index_select` of a strided view of rows; a window
+    that would run past R comes from a small zero-padded copy of the last rows)."""
     r, d = rows.shape
-    view = lambda t: t.as_strided((t.shape[0] - KEY_BLOCK + 1, *((d, KEY_BLOCK) if transposed else (KEY_BLOCK, d))),
-                                  (d, 1, d) if transposed else (d, d, 1))
+    view = lambda t: t.as_strided((t.shape[0] - KEY_BLOCK + 1, KEY_BLOCK * d), (d, 1))
     rows, last = rows.contiguous(), r - KEY_BLOCK                                    # last window inside rows
     over = win > last
-    out = view(rows)[win.clamp(max=last)] if last >= 0 else None
+    out = view(rows).index_select(0, win.clamp(max=last)) if last >= 0 else None
     if last < 0 or bool(over.any()):
         base = max(last, 0)
         tail = view(torch.cat([rows[base:], rows.new_zeros(KEY_BLOCK, d)]))
-        out = tail[win - base] if out is None else out.index_put_((over,), tail[win[over] - base])
-    return out.float()
+        out = tail.index_select(0, win - base) if out is None else out.index_put_((over,), tail[win[over] - base])
+    return out.view(-1, KEY_BLOCK, d).float()
 
 
 def _attend(qt, key, value, start, nvis, first):
@@ -106,8 +105,8 @@ def _attend(qt, key, value, start, nvis, first):
         hidden = ~vis.any(1)                                                          # [A, Bk]
         f = start[act] + j * KEY_BLOCK                                                # the block's first key
         win = (((f // n)[:, None] * h_kv + heads) * n + (f % n)[:, None]).reshape(-1)  # [A·h_kv]
-        keys = _windows(key_rows, win, transposed=True)                               # [A·h_kv, D, Bk]
-        vals = _windows(value_rows, win, transposed=False)                            # [A·h_kv, Bk, D]
+        keys = _windows(key_rows, win).transpose(1, 2)                                # [A·h_kv, D, Bk]
+        vals = _windows(value_rows, win)                                              # [A·h_kv, Bk, D]
         if bool(hidden.any()):
             vals.view(a, h_kv, KEY_BLOCK, d).masked_fill_(hidden[:, None, :, None], 0)
         sel = None if every else (act[:, None] * h_kv + heads).reshape(-1)            # state rows [A·h_kv]
