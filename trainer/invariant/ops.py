@@ -52,6 +52,8 @@ FLAT_CHUNK = 16384
 T = torch.Tensor
 _ELEMENTWISE = {torch.exp, T.exp, torch.sigmoid, T.sigmoid, F.silu, F.gelu, torch.tanh, T.tanh, F.tanh,
                 torch.rsqrt, T.rsqrt, torch.cos, T.cos, torch.sin, T.sin, torch.log, T.log, torch.special.expit}
+_OUT_FORMS = {f: out for out in (torch.exp, torch.sigmoid, torch.tanh, torch.rsqrt, torch.cos, torch.sin, torch.log)
+              for f in (out, getattr(T, out.__name__))}
 _ROW_OPS = {F.linear, torch.mm, T.mm, F.rms_norm, F.layer_norm}
 _LAST_DIM_OPS = {torch.softmax, T.softmax, F.softmax, torch.log_softmax, T.log_softmax, F.log_softmax,
                  torch.mean, T.mean, torch.sum, T.sum, torch.amax, T.amax, torch.logsumexp, T.logsumexp}
@@ -100,9 +102,17 @@ def blocked_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
 
 
 def flat_chunks(fn, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-    """An element-wise fn over x in contiguous chunks of exactly FLAT_CHUNK elements."""
+    """An element-wise fn over x in contiguous chunks of exactly FLAT_CHUNK elements (written in
+    place into one output where fn has an `out=` form: the same kernel on the same chunk)."""
     flat = x.reshape(-1)
-    outs = [fn(chunk, *args, **kwargs) for chunk in _blocks(flat, FLAT_CHUNK)]
+    blocks = _blocks(flat, FLAT_CHUNK)
+    into = _OUT_FORMS.get(fn) if len(blocks) > 1 and not args and not kwargs else None
+    if into is not None and flat.is_floating_point() and not torch.is_autocast_enabled(flat.device.type):
+        out = flat.new_empty(len(blocks) * FLAT_CHUNK)
+        for i, chunk in enumerate(blocks):
+            into(chunk, out=out[i * FLAT_CHUNK:(i + 1) * FLAT_CHUNK])
+        return out[:flat.numel()].view(x.shape)
+    outs = [fn(chunk, *args, **kwargs) for chunk in blocks]
     return (outs[0] if len(outs) == 1 else torch.cat(outs))[:flat.numel()].view(x.shape)
 
 
