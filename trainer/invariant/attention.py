@@ -169,12 +169,12 @@ def _sdpa_per_sequence(q, k, v, cu: list[int], scaling: float, window: int) -> t
     """q: [N, h, D], k/v: [N, h_kv, D] → [N, h, D]: causal attention within each sequence."""
     outs = []
     for start, end in zip(cu[:-1], cu[1:]):
-        pos = torch.arange(end - start, device=q.device)
-        mask = pos[None, :] <= pos[:, None]
-        if window >= 0:
-            mask &= pos[None, :] >= pos[:, None] - window
+        mask = None
+        if 0 <= window < end - start - 1:                                             # the window cuts
+            pos = torch.arange(end - start, device=q.device)
+            mask = (pos[None, :] <= pos[:, None]) & (pos[None, :] >= pos[:, None] - window)
         qs, ks, vs = (t[start:end].transpose(0, 1) for t in (q, k, v))
-        outs.append(F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, scale=scaling,
+        outs.append(F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, is_causal=mask is None, scale=scaling,
                                                    enable_gqa=q.shape[1] != k.shape[1]).transpose(0, 1))
     return torch.cat(outs)
 
