@@ -16,7 +16,8 @@ from transformers import AutoModelForCausalLM, Qwen2Config
 from prolix.trainer.bitwise_check import check_bitwise, format_report
 from prolix.trainer.cli import main as cli_main
 from prolix.trainer.invariant import batch_invariant_ops, block_attention
-from prolix.trainer.invariant.ops import ROW_BLOCK
+from prolix.trainer.invariant.attention import QUERY_TILE
+from prolix.trainer.invariant.ops import BMM_BLOCK, ROW_BLOCK
 from prolix.trainer.model import head_inputs, logprobs, prepare_policy
 from prolix.trainer.packing import SequenceRecord, pack
 from prolix.trainer.rollout.engines import SamplingConfig, TorchSampler
@@ -98,6 +99,24 @@ def test_a_query_attends_alike_alone_and_among_others():
     shifted_v = torch.cat([torch.randn(7, h_kv, d, generator=g), v])
     moved = block_attention(q, shifted, shifted_v, starts + 7, visible, scaling=0.25)
     assert torch.equal(bits(moved), bits(full))
+
+
+def test_a_query_attends_alike_in_a_whole_and_in_a_padded_batched_matmul_call():
+    """Short sequences, enough of them that the tiles × key-value heads fill more than one
+    BMM_BLOCK call (whole calls and a padded last one) and reach the end of the key rows."""
+    g = torch.Generator().manual_seed(6)
+    lengths, h, h_kv, d = [3, 40] * 90 + [37], 4, 2, 16
+    n = sum(lengths)
+    q, k, v = torch.randn(n, h, d, generator=g), torch.randn(n, h_kv, d, generator=g), torch.randn(n, h_kv, d, generator=g)
+    first = torch.tensor([0] + lengths[:-1]).cumsum(0)
+    starts = torch.repeat_interleave(first, torch.tensor(lengths))
+    visible = torch.arange(n) - starts + 1
+    assert n // QUERY_TILE * h_kv > 2 * BMM_BLOCK
+    full = block_attention(q, k, v, starts, visible, scaling=0.25)
+    for s in (0, 1, 2, 90, len(lengths) - 1):               # a sequence alone
+        a, b = int(first[s]), int(first[s]) + lengths[s]
+        one = block_attention(q[a:b], k[a:b], v[a:b], starts[a:b] - a, visible[a:b], scaling=0.25)
+        assert torch.equal(bits(one), bits(full[a:b])), s
 
 
 @pytest.mark.parametrize("what", ["hidden", "logp"])
