@@ -119,6 +119,25 @@ def test_a_query_attends_alike_in_a_whole_and_in_a_padded_batched_matmul_call():
         assert torch.equal(bits(one), bits(full[a:b])), s
 
 
+def test_a_sliding_window_that_hides_whole_key_blocks_gives_finite_windowed_attention():
+    """Window 3: a late query's tile walks key blocks none of its queries sees; its output is the
+    float64 windowed softmax's (no NaN), and a query alone still gets the bits it gets among others."""
+    g = torch.Generator().manual_seed(4)
+    n, h, d, window = 3 * T + 5, 2, 8, 3
+    q, k, v = torch.randn(n, h, d, generator=g), torch.randn(n, 1, d, generator=g), torch.randn(n, 1, d, generator=g)
+    starts, visible = torch.zeros(n, dtype=torch.long), torch.arange(1, n + 1)
+    out = block_attention(q, k, v, starts, visible, scaling=d ** -0.5, window=window)
+    i, j = torch.arange(n)[:, None], torch.arange(n)[None]
+    scores = torch.einsum("mhd,nd->hmn", q.double(), k[:, 0].double()) * d ** -0.5
+    scores = scores.masked_fill(~((j <= i) & (j >= i - window)), float("-inf"))
+    ref = torch.einsum("hmn,nd->mhd", scores.softmax(-1), v[:, 0].double())
+    assert ((out.double() - ref).norm() / ref.norm()).item() < 1e-6
+    for m in (T + 1, n - 1):
+        one = block_attention(q[m:m + 1], k[:m + 1], v[:m + 1], starts[:1], visible[m:m + 1], scaling=d ** -0.5,
+                              window=window)
+        assert torch.equal(bits(one), bits(out[m:m + 1])), m
+
+
 @pytest.mark.parametrize("what", ["hidden", "logp"])
 def test_packed_forward_is_batch_invariant(model, records, what):
     assert mismatches(model, records, what, batch_invariant=True) == 0

@@ -114,8 +114,12 @@ def _attend(qt, key, value, start, nvis, first):
         s.view(a, h_kv, tq, rep, KEY_BLOCK).masked_fill_(~vis[:, None, :, None, :], -math.inf)
         m_old = m if every else m[sel]
         m_new = torch.maximum(m_old, s.amax(-1))
-        alpha = flat_chunks(torch.exp, m_old - m_new)                                 # [A·h_kv, rows]
-        p = flat_chunks(torch.exp, s - m_new[..., None])                              # [A·h_kv, rows, Bk]
+        # A query that has seen no key yet (a sliding window hides this block too) keeps m = −inf;
+        # it subtracts 0 instead, so exp(−inf − 0) = 0 leaves its state empty rather than NaN.
+        # Every other row subtracts m_new itself: the same bits as without this guard.
+        m_sub = torch.where(m_new == -math.inf, torch.zeros_like(m_new), m_new)
+        alpha = flat_chunks(torch.exp, m_old - m_sub)                                 # [A·h_kv, rows]
+        p = flat_chunks(torch.exp, s - m_sub[..., None])                              # [A·h_kv, rows, Bk]
         pv = blocked_bmm(p, vals)
         if every:
             l_sum, acc, m = l_sum * alpha + p.sum(-1), acc * alpha[..., None] + pv, m_new
