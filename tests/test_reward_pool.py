@@ -206,6 +206,26 @@ def test_a_killed_worker_is_a_clear_error_not_a_hang(when, registered):
     pool.close()
 
 
+def test_sigterm_to_the_workers_leaves_them_scoring_and_a_failure_stops_the_others_with_sigusr1(registered):
+    """What torchrun and Slurm do on a stop: SIGTERM to every process of the job, the pool's
+    workers included; the trainer finishes its step, so the workers must still score it."""
+    pool = RewardPool(2)
+    problem = Problem("q", "Paris", "t", "exact")
+    assert pool.score([problem], [texts("<answer>Paris</answer>")]).tolist() == [[1.0]]
+    workers = list(pool._executor._processes.values())
+    assert len(workers) == 2
+    for worker in workers:
+        os.kill(worker.pid, signal.SIGTERM)
+    assert pool.score([problem] * 4, [texts("<answer>Paris</answer>", "x")] * 4).tolist() == [[1.0, 0.0]] * 4
+    assert all(w.is_alive() for w in workers)
+    os.kill(workers[0].pid, signal.SIGKILL)               # one dies: the executor stops the other
+    workers[0].join(NO_DEADLOCK_S)
+    error = _error_of_score(pool, [problem] * 4, [texts("a", "b")] * 4)
+    assert isinstance(error, RuntimeError) and "killed by SIGKILL" in str(error), error
+    assert workers[1].exitcode == -signal.SIGUSR1, workers[1].exitcode
+    pool.close()
+
+
 @pytest.mark.parametrize("workers", [0, 1])
 def test_close_is_idempotent_and_final(workers):
     with RewardPool(workers) as pool:

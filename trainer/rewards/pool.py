@@ -33,9 +33,12 @@ made (in the background; the heavy imports of a reward, sympy for math-verify, h
 worker on its first use). "forkserver" would freeze them when its server first starts, once per
 process, for every later pool. As with any "spawn" program, a script that makes a pool keeps its
 top-level code under `if __name__ == "__main__":` (the workers import the script; `prolix train`
-does so). Workers ignore SIGINT (Ctrl-C is the trainer's: it finishes the step,
-`signals.GracefulStop`) and exit on their own when the trainer process is gone (a trainer killed
-with SIGKILL leaves no orphans behind).
+does so). Workers ignore SIGINT and SIGTERM: Ctrl-C and a scheduler's SIGTERM are the trainer's
+(it finishes the step, `signals.GracefulStop`), yet a terminal, torchrun and Slurm send them to
+every process of the group or job, and a worker that died of them would fail the very step the
+trainer is finishing. The executor's own forced stop of the workers (after one died) sends
+SIGUSR1 instead (`_WorkerProcess`). Workers exit on their own when the trainer process is gone
+(a trainer killed with SIGKILL leaves no orphans behind).
 
 Which rewards the workers know. Every call sends, with each chunk, the parent's `REWARDS` entry
 for each reward name the batch uses, pickled by reference (module and name): a reward registered
@@ -83,8 +86,26 @@ if TYPE_CHECKING:
 __all__ = ["RewardPool", "CHUNKS_PER_WORKER"]
 
 CHUNKS_PER_WORKER = 4  # chunks per worker and call: balances slow chunks, keeps per-chunk overhead small
-START_METHOD = "spawn"  # see the module docstring
+_STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}  # the trainer's to handle, never a worker's
 PARENT_POLL_S = 1.0  # how often a worker checks that the trainer process is still there
+
+
+class _WorkerProcess(multiprocessing.context.SpawnProcess):
+    """A pool worker: `terminate` (what the executor calls on the others once a worker died)
+    sends SIGUSR1, whose default action ends the process, since workers ignore SIGTERM."""
+
+    def terminate(self) -> None:
+        if self.exitcode is None:
+            try:
+                os.kill(self.pid, signal.SIGUSR1)
+            except ProcessLookupError:
+                pass
+
+
+class _WorkerContext(multiprocessing.context.SpawnContext):
+    """The "spawn" start method (see the module docstring) with `_WorkerProcess` workers."""
+
+    Process = _WorkerProcess
 
 
 class _HasText(Protocol):
@@ -121,12 +142,18 @@ class RewardPool:
         self._executor: ProcessPoolExecutor | None = None
         if workers:
             self._executor = ProcessPoolExecutor(max_workers=workers,
-                                                 mp_context=multiprocessing.get_context(START_METHOD),
+                                                 mp_context=_WorkerContext(),
                                                  initializer=_init_worker, initargs=(os.getpid(),))
-            # The executor starts a worker per submit while none is idle: `workers` no-ops start them
-            # all now, in the background, instead of one by one during the first batch.
-            for _ in range(workers):
-                self._executor.submit(_started)
+            # The executor starts a worker per submit while none is idle (in this thread: "spawn"):
+            # `workers` no-ops start them all now, in the background, instead of one by one during
+            # the first batch. They start with SIGINT and SIGTERM blocked (the mask survives the
+            # exec), so neither can end one before `_init_worker` ignores them.
+            blocked = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+            try:
+                for _ in range(workers):
+                    self._executor.submit(_started)
+            finally:
+                signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
 
     def __repr__(self) -> str:
         return f"RewardPool(workers={self.workers})"
@@ -227,7 +254,7 @@ class RewardPool:
                 exits.append(f"pid {pid} exited with status {code}")
         seen = "; ".join(exits) or "no exit status recorded"
         return (f"{self!r}: a worker process died while scoring ({seen}; SIGKILL is what the OOM killer "
-                "sends, SIGSEGV a crash in a C extension, SIGTERM the pool stopping the other workers after "
+                "sends, SIGSEGV a crash in a C extension, SIGUSR1 the pool stopping the other workers after "
                 "the failure). The pool is closed; the batch was not scored.")
 
 
@@ -272,8 +299,11 @@ _capture = _Capture()
 
 
 def _init_worker(parent_pid: int) -> None:
-    """Runs once in each worker: ignore Ctrl-C, send every log record home, exit with the parent."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the trainer handles it and finishes its step
+    """Runs once in each worker: ignore Ctrl-C and SIGTERM, send every log record home, exit with
+    the parent."""
+    for signum in _STOP_SIGNALS:  # the trainer handles both and finishes its step
+        signal.signal(signum, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)  # blocked since the worker started
     root = logging.getLogger()
     root.handlers[:] = [_capture]
     threading.Thread(target=_exit_with_parent, args=(parent_pid,), name="reward-pool-parent", daemon=True).start()
