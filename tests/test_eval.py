@@ -136,8 +136,9 @@ def test_prolix_eval_agrees_with_the_trainers_validation_on_the_same_checkpoint(
     (["MODEL", "--all-checkpoints", "--data", f"{BENCH}"], "--all-checkpoints: "),
     (["MODEL"], "no problems to score"),
     (["RUN", "--n", "0"], "--n: expected >= 1"),
+    (["MODEL", "--data", f"{BENCH}", "--system-prompt", "x" * 200], "leaves no room for a response"),
 ], ids=["missing-file", "missing-field", "unknown-reward", "unknown-task", "unknown-engine", "k>n",
-        "run-without-checkpoint", "all-checkpoints-of-a-model", "no-sources", "n=0"])
+        "run-without-checkpoint", "all-checkpoints-of-a-model", "no-sources", "n=0", "prompt-fills-the-context"])
 def test_bad_input_is_one_line_and_exit_2_before_any_model_is_loaded(args, message, run, base_model, tmp_path,
                                                                       monkeypatch, capsys):
     def no_model(*_, **__):

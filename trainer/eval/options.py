@@ -273,6 +273,10 @@ def _context(args: argparse.Namespace, target: Target, sources: dict[str, list[P
     context = config.get("max_position_embeddings") or longest + (args.max_tokens or MAX_TOKENS_CAP)
     max_tokens = args.max_tokens or (run_cfg.eval_max_tokens if run_cfg is not None else
                                      min(context - longest, MAX_TOKENS_CAP))
+    if longest >= context:
+        raise EvalInputError(f"the longest prompt ({longest} tokens, with the system prompt) leaves no room for a "
+                             f"response in the model's context (max_position_embeddings={context}); shorten "
+                             "--system-prompt or the prompts")
     if max_tokens < 1 or longest + max_tokens > context:
         raise EvalInputError(f"--max-tokens: the longest prompt ({longest} tokens) plus {max_tokens} response tokens "
                              f"exceed the model's context (max_position_embeddings={context}); lower --max-tokens")
