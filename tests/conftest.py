@@ -93,8 +93,10 @@ SANDBOX_TESTS = ("test_sandbox.py", "test_sandbox_native.py", "test_code_reward.
                  "test_benchmarks.py::test_reward_pool_bench")
 
 
+@pytest.hookimpl(tryfirst=True)          # before xdist's worker hook turns xdist_group marks into node ids
 def pytest_collection_modifyitems(config, items):
-    if not getattr(config.option, "numprocesses", None):
+    # xdist's workers collect too (`workerinput`); the controller has `numprocesses`
+    if not (getattr(config.option, "numprocesses", None) or hasattr(config, "workerinput")):
         return                                   # one process (`make test`): the files' own order
     rank = {name: i for i, name in enumerate(SLOW_MODULES)}
     items.sort(key=lambda item: rank.get(item.path.name, len(SLOW_MODULES)))   # stable: the rest keep their order
