@@ -31,35 +31,13 @@ from pathlib import Path
 
 from prolix.trainer.sinks import git_commit
 
+from .cpu_demo_runs import random_demo_model, workload
 from .result_files import write_results
 
 WARMUP_STEPS = 2
 TARGET = 1.5
 VARIANTS = {"default": [], "batch_invariant": ["algorithm.batch_invariant=true"]}
 TIMES = {"step_s": "perf/step_s", "generation_s": "perf/rollout_s", "train_s": "perf/train_s"}
-
-
-def _workload(model: Path, out: Path, steps: int, quick: bool) -> list[str]:
-    values = {"model.path": model, "run.out_dir": out, "run.steps": steps, "run.device": "cpu",
-              "run.progress": "false", "run.tensorboard": "false", "run.checkpoint_every": 0,
-              "eval.every": 0, "eval.at_start": "false", "algorithm.dynamic_sampling": "false",
-              "rollout.max_tokens": 24 if quick else 48, "optim.prompts_per_step": 4 if quick else 16,
-              "optim.mini_batch_prompts": 4 if quick else 16}
-    return [f"{k}={v}" for k, v in values.items()]
-
-
-def _base_model(folder: Path) -> Path:
-    """A random demo-sized Qwen2 with the demo's tokenizer, saved as a model directory."""
-    from prolix.trainer import demo
-    from prolix.trainer.config import load_config
-    from prolix.trainer.model import save_policy
-    from prolix.trainer.tokenizer import build_char_tokenizer, save_tokenizer
-
-    tokenizer = build_char_tokenizer()
-    path = folder / "base_model"
-    save_policy(demo.build_model(load_config(), tokenizer), path)
-    save_tokenizer(tokenizer, str(path))
-    return path
 
 
 def _steps(name: str, args: list[str], out: Path) -> list[dict]:
@@ -82,7 +60,7 @@ def measure(steps: int, quick: bool, passes: int) -> dict:
     load_before = os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="prolix-bitwise-step-") as tmp:
         folder = Path(tmp)
-        work = _workload(_base_model(folder), folder, steps, quick)
+        work = workload(random_demo_model(folder), folder, steps, quick, prompts=16)
         for i in range(passes):
             for name, extra in VARIANTS.items():
                 rows[name] += _steps(f"{name}_{i}", [*work, *extra], folder)

@@ -38,34 +38,12 @@ from pathlib import Path
 from prolix.trainer.config import load_config
 from prolix.trainer.sinks import git_commit
 
+from .cpu_demo_runs import random_demo_model, workload
 from .result_files import write_results
 
 WARMUP_STEPS = 2
 TARGET = 1.15
 CALIBRATIONS = 3
-
-
-def _workload(model: Path, out: Path, steps: int, quick: bool) -> list[str]:
-    values = {"model.path": model, "run.out_dir": out, "run.steps": steps, "run.device": "cpu",
-              "run.progress": "false", "run.tensorboard": "false", "run.checkpoint_every": 0,
-              "eval.every": 0, "eval.at_start": "false", "algorithm.dynamic_sampling": "false",
-              "rollout.max_tokens": 24 if quick else 48, "optim.prompts_per_step": 4 if quick else 8,
-              "optim.mini_batch_prompts": 4 if quick else 8}
-    return [f"{k}={v}" for k, v in values.items()]
-
-
-def _base_model(folder: Path) -> Path:
-    """A random demo-sized Qwen2 with the demo's tokenizer, saved as a model directory."""
-    from prolix.trainer import demo
-    from prolix.trainer.config import load_config
-    from prolix.trainer.model import save_policy
-    from prolix.trainer.tokenizer import build_char_tokenizer, save_tokenizer
-
-    tokenizer = build_char_tokenizer()
-    path = folder / "base_model"
-    save_policy(demo.build_model(load_config(), tokenizer), path)
-    save_tokenizer(tokenizer, str(path))
-    return path
 
 
 def _run(name: str, args: list[str], out: Path, nproc: int) -> list[dict]:
@@ -122,7 +100,7 @@ def measure(steps: int, quick: bool, passes: int, calibrations: int = CALIBRATIO
     rows: dict[str, list[dict]] = {name: [] for name in variants}
     with tempfile.TemporaryDirectory(prefix="prolix-rl-overlap-") as tmp:
         folder = Path(tmp)
-        base = _workload(_base_model(folder), folder, steps, quick)
+        base = workload(random_demo_model(folder), folder, steps, quick, prompts=8)
         work = _calibrated(base, folder, quick, calibrations)
         for i in range(passes):
             for name, (extra, nproc) in variants.items():
