@@ -15,7 +15,7 @@ from transformers import AutoModelForCausalLM, Qwen2Config
 
 from prolix.trainer.bitwise_check import check_bitwise, format_report
 from prolix.trainer.cli import main as cli_main
-from prolix.trainer.invariant import batch_invariant_ops, block_attention
+from prolix.trainer.invariant import attention, batch_invariant_ops, block_attention
 from prolix.trainer.invariant.attention import QUERY_TILE
 from prolix.trainer.invariant.ops import BMM_BLOCK, ROW_BLOCK
 from prolix.trainer.model import head_inputs, logprobs, prepare_policy
@@ -119,6 +119,32 @@ def test_a_query_attends_alike_in_a_whole_and_in_a_padded_batched_matmul_call():
         assert torch.equal(bits(one), bits(full[a:b])), s
 
 
+@pytest.mark.parametrize("tile_blocks", [1, 7, 1 << 20])
+def test_grouping_and_splitting_the_tiles_changes_no_bit(monkeypatch, tile_blocks):
+    """Sequences of 1 to 11 key blocks: the tiles go to groups by block count (`_tile_groups`), and
+    a group to calls of at most TILE_BLOCKS tile-blocks. Every split gives the bits of one call
+    over everything (computed first with the limit lifted), and matches float64 attention."""
+    g = torch.Generator().manual_seed(8)
+    lengths, h, h_kv, d = [1, 5, 33, 64, 97, 350, 2], 4, 2, 16
+    n = sum(lengths)
+    q, k, v = torch.randn(n, h, d, generator=g), torch.randn(n, h_kv, d, generator=g), torch.randn(n, h_kv, d, generator=g)
+    first = torch.tensor([0] + lengths[:-1]).cumsum(0)
+    starts = torch.repeat_interleave(first, torch.tensor(lengths))
+    visible = torch.arange(n) - starts + 1
+    monkeypatch.setattr(attention, "_tile_groups", lambda n_blocks: [torch.arange(n_blocks.numel())])
+    whole = block_attention(q, k, v, starts, visible, scaling=0.25)          # one call, every tile at 11 blocks
+    monkeypatch.undo()
+    monkeypatch.setattr(attention, "TILE_BLOCKS", tile_blocks)
+    out = block_attention(q, k, v, starts, visible, scaling=0.25)
+    assert torch.equal(bits(out), bits(whole))
+    i, j = torch.arange(n)[:, None], torch.arange(n)[None]
+    kk, vv = k.double().repeat_interleave(h // h_kv, 1), v.double().repeat_interleave(h // h_kv, 1)
+    scores = torch.einsum("mhd,nhd->hmn", q.double(), kk) * 0.25
+    scores = scores.masked_fill(~((j <= i) & (starts[None] == starts[:, None])), float("-inf"))
+    ref = torch.einsum("hmn,nhd->mhd", scores.softmax(-1), vv)
+    assert ((out.double() - ref).norm() / ref.norm()).item() < 1e-6
+
+
 def test_a_sliding_window_that_hides_whole_key_blocks_gives_finite_windowed_attention():
     """Window 3: a late query's tile walks key blocks none of its queries sees; its output is the
     float64 windowed softmax's (no NaN), and a query alone still gets the bits it gets among others."""
@@ -141,6 +167,24 @@ def test_a_sliding_window_that_hides_whole_key_blocks_gives_finite_windowed_atte
 @pytest.mark.parametrize("what", ["hidden", "logp"])
 def test_packed_forward_is_batch_invariant(model, records, what):
     assert mismatches(model, records, what, batch_invariant=True) == 0
+
+
+def test_the_modes_gradients_are_the_stock_forwards(model, records):
+    """The mode promises forward bits; its backward (stock GEMMs for the blocked linears, one
+    causal SDPA per sequence for the attention) must still be the gradient of the same function:
+    every parameter's gradient of a packed loss agrees with the stock forward's to fp32 rounding."""
+    batch = pack(list(records))
+    weights = torch.linspace(-1, 1, batch.targets.numel())
+
+    def grads(batch_invariant: bool) -> list[torch.Tensor]:
+        model.zero_grad(set_to_none=True)
+        (logprobs(model, batch, batch_invariant=batch_invariant) * weights).sum().backward()
+        out = [p.grad.clone() for p in model.parameters()]
+        model.zero_grad(set_to_none=True)
+        return out
+
+    for name, got, ref in zip([n for n, _ in model.named_parameters()], grads(True), grads(False)):
+        assert ((got - ref).norm() / ref.norm()).item() < 1e-5, name
 
 
 class Tok:

@@ -1,24 +1,28 @@
 """Attention with a fixed key-block order: a query's output is a function of its own sequence.
 
-Every query walks its sequence's keys in blocks of KEY_BLOCK, the first block starting at the
-sequence's first key, and merges them with the online softmax in that order:
+A query's keys are cut into blocks of KEY_BLOCK, the first block starting at its sequence's
+first key. With s_j = (q·scale)·k_j and m the largest visible score (a maximum: exact in any
+order), each block b gives
 
-    m ← max(m, max_j s_j),  l ← l·e^(m_old − m) + Σ_j e^(s_j − m),  o ← o·e^(m_old − m) + Σ_j e^(s_j − m)·v_j
+    l_b = Σ_{j in b} e^(s_j − m)          o_b = Σ_{j in b} e^(s_j − m)·v_j
 
-with s_j = (q·scale)·k_j. Keys a query must not see (the future, another sequence, left padding,
-outside a sliding window) get s = −inf and a zero value, so they add exact zeros; a block with no visible key
-leaves (m, l, o) bit for bit unchanged (e^0 = 1), so it is skipped. Hence a query at position t
-gets the same bits whether it is one of N packed rows (the trainer) or the single new row of a
-decode step over a KV cache (the sampler): the blocks, their contents and the merge order are the
-same.
+and the blocks merge by a fixed pairwise tree, block i with block i ^ 1, then their sums
+likewise (`_pair_sum`): o = tree(o_b) / tree(l_b). Keys a query must not see (the future, another
+sequence, left padding, outside a sliding window) get s = −inf and a +0 value, so they add exact
+zeros, and a block past the query's last key adds an exact zero to the tree (x + 0 = x). Hence a
+query at position t gets the same bits whether it is one of N packed rows (the trainer) or the
+single new row of a decode step over a KV cache (the sampler), however many blocks the longest
+query computed with it needs: the blocks, their contents and the merge order are the same.
 
-Queries are computed in tiles of QUERY_TILE positions of one sequence (positions 0..15, 16..31,
-... of it; a decode step's tile holds its one query), which share their key blocks. The dot
+Queries are computed in tiles of QUERY_TILE positions of one sequence (positions 0..3, 4..7, ...
+of it; a decode step's tile holds its one query), which share their key blocks. The dot
 products are batched GEMMs of one shape per call, [QUERY_TILE·rep, D] x [D, KEY_BLOCK] and
-[QUERY_TILE·rep, KEY_BLOCK] x [KEY_BLOCK, D] per tile and key-value head (`ops.blocked_bmm`): a
-GEMM row's bits do not depend on the row's place in the tile or on the other rows; the block
-sums are reductions over the last dimension with many outputs (one order per output whatever
-their number); the exponentials run on the vector path only (`ops.flat_chunks`).
+[QUERY_TILE·rep, KEY_BLOCK] x [KEY_BLOCK, D] per tile, key-value head and block
+(`ops.blocked_bmm`): a GEMM row's bits do not depend on the row's place in the tile or on the
+other rows; the block sums are reductions over the last dimension with many outputs (one order
+per output whatever their number); the exponentials run on the vector path only
+(`ops.flat_chunks`). Tiles are grouped by their block count (`_tile_groups`) so that a short
+tile does not compute a long one's blocks; grouping changes no bits.
 
 The promise is about forward bits: the packed layout's backward (`_PackedAttention`) is the
 gradient of the same attention computed by one causal SDPA per sequence (any correct gradient
@@ -46,6 +50,9 @@ KEY_BLOCK = 32
 """Keys per block."""
 QUERY_TILE = 4
 """Query positions per tile (a decode step pads its one query to a tile)."""
+TILE_BLOCKS = 1024
+"""At most this many (tile, key block) pairs per `_attend` call: its buffers are about
+TILE_BLOCKS · h_kv · KEY_BLOCK · (2·D + QUERY_TILE·rep) floats."""
 
 
 def _tiles(key_start, n_visible, index, m: int):
@@ -62,21 +69,25 @@ def _tiles(key_start, n_visible, index, m: int):
     return qidx, nvis, start
 
 
-def _windows(rows: torch.Tensor, win: torch.Tensor) -> torch.Tensor:
-    """rows [R, D] → fp32 copies of the windows of KEY_BLOCK consecutive rows starting at each
-    index in win [W]: [W, KEY_BLOCK, D]; rows past R read as zeros. Each window is one
-    KEY_BLOCK·D run of memory, gathered whole (`index_select` of a strided view of rows; a window
-    that would run past R comes from a small zero-padded copy of the last rows)."""
-    r, d = rows.shape
-    view = lambda t: t.as_strided((t.shape[0] - KEY_BLOCK + 1, KEY_BLOCK * d), (d, 1))
-    rows, last = rows.contiguous(), r - KEY_BLOCK                                    # last window inside rows
-    over = win > last
-    out = view(rows).index_select(0, win.clamp(max=last)) if last >= 0 else None
-    if last < 0 or bool(over.any()):
-        base = max(last, 0)
-        tail = view(torch.cat([rows[base:], rows.new_zeros(KEY_BLOCK, d)]))
-        out = tail.index_select(0, win - base) if out is None else out.index_put_((over,), tail[win[over] - base])
-    return out.view(-1, KEY_BLOCK, d).float()
+def _windows(rows: torch.Tensor, win: torch.Tensor, length: int) -> torch.Tensor:
+    """rows [R, D] → fp32 copies of the windows of `length` consecutive rows starting at each
+    index in win [W]: [W, length, D] (one `index_select` of whole rows). A row past R reads as
+    row R − 1: such keys are hidden from every query (after the last key of every sequence)."""
+    index = (win[:, None] + torch.arange(length, device=win.device)).clamp_(max=rows.shape[0] - 1)
+    return rows.index_select(0, index.view(-1)).view(-1, length, rows.shape[1]).float()
+
+
+def _pair_sum(x: torch.Tensor, dim: int) -> torch.Tensor:
+    """x summed over dim by a fixed pairwise tree: leaf j pairs with j ^ 1, then their sums
+    likewise, the last odd one with a zero. Trailing zero leaves leave every sum's bits as they
+    are (x + 0 = x), so the result does not depend on how many zero blocks follow the real ones."""
+    dim %= x.dim()
+    while x.shape[dim] > 1:
+        if x.shape[dim] % 2:
+            x = torch.cat([x, torch.zeros_like(x.narrow(dim, 0, 1))], dim)
+        x = x.narrow(dim, 0, x.shape[dim] // 2 * 2).unflatten(dim, (-1, 2))
+        x = x.select(dim + 1, 0) + x.select(dim + 1, 1)
+    return x.squeeze(dim)
 
 
 def _attend(qt, key, value, start, nvis, first):
@@ -84,50 +95,41 @@ def _attend(qt, key, value, start, nvis, first):
     column f % L of row f // L); start: [T]; nvis / first: [T, TQ] (keys start + [first, nvis)
     visible to each query) → [T·h_kv, TQ·rep, D].
 
-    A block's keys are one window of the key rows (`_windows`) per tile and head: the block's
-    keys a tile may not see are whatever follows them (their scores are −inf, each score is its
-    own dot product) and their values are zeros."""
+    Two passes over all of a tile's NB key blocks at once. The blocks are one run of NB·KEY_BLOCK
+    key rows per tile and head (`_windows`); the keys a tile may not see are whatever follows its
+    last query (their scores are −inf, each score is its own dot product) and their values are
+    zeros. The tile's maximum score is exact in any order; each block's exponentials sum over its
+    KEY_BLOCK keys (a last-dim reduction) and meet its values in one fixed-shape GEMM; the
+    blocks' partial sums then merge by `_pair_sum`. Blocks past a query's last key add exact
+    zeros, so NB (the longest tile's count) does not change a query's bits."""
     t, tq = nvis.shape
     _, h_kv, n, d = key.shape
     rows = qt.shape[1]
     rep = rows // tq
-    key_rows, value_rows = key.reshape(-1, d), value.reshape(-1, d)                   # [B·h_kv·L, D]
-    m = torch.full(qt.shape[:2], -math.inf, dtype=qt.dtype, device=qt.device)
-    l_sum = torch.zeros(qt.shape[:2], dtype=qt.dtype, device=qt.device)
-    acc = torch.zeros_like(qt)
-    n_blocks = (nvis.amax(1) + KEY_BLOCK - 1) // KEY_BLOCK                           # [T]
-    offsets = torch.arange(KEY_BLOCK, device=qt.device)
+    nb = int((nvis.max() + KEY_BLOCK - 1) // KEY_BLOCK)
+    run = nb * KEY_BLOCK
+    off = torch.arange(run, device=qt.device)
+    vis = (off < nvis[..., None]) & (off >= first[..., None])                         # [T, TQ, NB·Bk]
     heads = torch.arange(h_kv, device=qt.device)
-    for j in range(int(n_blocks.max())):
-        act = (n_blocks > j).nonzero()[:, 0]                                          # tiles with keys left
-        a, off, every = act.numel(), j * KEY_BLOCK + offsets, act.numel() == t
-        vis = (off < nvis[act][..., None]) & (off >= first[act][..., None])           # [A, TQ, Bk]
-        hidden = ~vis.any(1)                                                          # [A, Bk]
-        f = start[act] + j * KEY_BLOCK                                                # the block's first key
-        win = (((f // n)[:, None] * h_kv + heads) * n + (f % n)[:, None]).reshape(-1)  # [A·h_kv]
-        keys = _windows(key_rows, win).transpose(1, 2)                                # [A·h_kv, D, Bk]
-        vals = _windows(value_rows, win)                                              # [A·h_kv, Bk, D]
-        if bool(hidden.any()):
-            vals.view(a, h_kv, KEY_BLOCK, d).masked_fill_(hidden[:, None, :, None], 0)
-        sel = None if every else (act[:, None] * h_kv + heads).reshape(-1)            # state rows [A·h_kv]
-        s = blocked_bmm(qt if every else qt[sel], keys)
-        s.view(a, h_kv, tq, rep, KEY_BLOCK).masked_fill_(~vis[:, None, :, None, :], -math.inf)
-        m_old = m if every else m[sel]
-        m_new = torch.maximum(m_old, s.amax(-1))
-        # A query that has seen no key yet (a sliding window hides this block too) keeps m = −inf;
-        # it subtracts 0 instead, so exp(−inf − 0) = 0 leaves its state empty rather than NaN.
-        # Every other row subtracts m_new itself: the same bits as without this guard.
-        m_sub = torch.where(m_new == -math.inf, torch.zeros_like(m_new), m_new)
-        alpha = flat_chunks(torch.exp, m_old - m_sub)                                 # [A·h_kv, rows]
-        p = flat_chunks(torch.exp, s - m_sub[..., None])                              # [A·h_kv, rows, Bk]
-        pv = blocked_bmm(p, vals)
-        if every:
-            l_sum, acc, m = l_sum * alpha + p.sum(-1), acc * alpha[..., None] + pv, m_new
-        else:
-            l_sum[sel] = l_sum[sel] * alpha + p.sum(-1)
-            acc[sel] = acc[sel] * alpha[..., None] + pv
-            m[sel] = m_new
-    return acc / l_sum[..., None]
+    win = (((start // n)[:, None] * h_kv + heads) * n + (start % n)[:, None]).reshape(-1)   # [T·h_kv]
+    keys = _windows(key.reshape(-1, d), win, run)                                     # [T·h_kv, NB·Bk, D]
+    vals = _windows(value.reshape(-1, d), win, run)
+    # Values no query of the tile sees become +0 (× 0, then + 0 turns −0 into +0; every key row
+    # is finite), so the products with their zero weights are +0 whatever those rows held.
+    seen = vis.any(1).to(vals.dtype)                                                  # [T, NB·Bk]
+    vals.view(t, h_kv, run, d).mul_(seen[:, None, :, None]).add_(0.0)
+    q_rep = qt[:, None].expand(t * h_kv, nb, rows, d).reshape(-1, rows, d)          # [T·h_kv·NB, rows, D]
+    s = blocked_bmm(q_rep, keys.view(-1, KEY_BLOCK, d).transpose(1, 2))            # [T·h_kv·NB, rows, Bk]
+    bias = torch.zeros(vis.shape, dtype=s.dtype, device=s.device).masked_fill_(~vis, -math.inf)
+    s.view(t, h_kv, nb, tq, rep, KEY_BLOCK).add_(bias.view(t, 1, tq, 1, nb, KEY_BLOCK).permute(0, 1, 4, 2, 3, 5))
+    s4 = s.view(t * h_kv, nb, rows, KEY_BLOCK)
+    m = s4.amax(dim=(1, 3), keepdim=True)                                             # exact in any order
+    # A query that sees no key at all (an empty slot of a tile) subtracts 0: its row stays zeros.
+    m = torch.where(m == -math.inf, torch.zeros_like(m), m)
+    p = flat_chunks(torch.exp, s4 - m)                                                # [T·h_kv, NB, rows, Bk]
+    l_sum = _pair_sum(p.sum(-1), 1)                                                   # [T·h_kv, rows]
+    pv = blocked_bmm(p.view(-1, rows, KEY_BLOCK), vals.view(-1, KEY_BLOCK, d))        # [T·h_kv·NB, rows, D]
+    return _pair_sum(pv.view(t * h_kv, nb, rows, d), 1) / l_sum[..., None]
 
 
 def _attention(query, key, value, key_start, n_visible, valid, scaling: float, window: int) -> torch.Tensor:
@@ -145,11 +147,30 @@ def _attention(query, key, value, key_start, n_visible, valid, scaling: float, w
         t = qidx.shape[0]
         qt = q[qidx].view(t, QUERY_TILE, h_kv, rep, d).permute(0, 2, 1, 3, 4).reshape(t * h_kv, QUERY_TILE * rep, d)
         first = (nvis - 1 - window).clamp(min=0) if window >= 0 else torch.zeros_like(nvis)
-        out_t = _attend(qt, key, value, start, nvis, first)
-        out_t = out_t.view(t, h_kv, QUERY_TILE, rep, d).permute(0, 2, 1, 3, 4).reshape(t * QUERY_TILE, h, d)
         out = q.new_zeros(n + 1, h, d)
-        out[qidx.reshape(-1)] = out_t                                                 # empty slots → row n
+        qt = qt.view(t, h_kv, QUERY_TILE * rep, d)
+        for g in _tile_groups((nvis.amax(1) + KEY_BLOCK - 1) // KEY_BLOCK):
+            out_t = _attend(qt[g].view(-1, QUERY_TILE * rep, d), key, value, start[g], nvis[g], first[g])
+            out_t = out_t.view(-1, h_kv, QUERY_TILE, rep, d).permute(0, 2, 1, 3, 4).reshape(-1, h, d)
+            out[qidx[g].reshape(-1)] = out_t                                          # empty slots → row n
     return out[:n].view(b, lq, h, d).to(query.dtype)
+
+
+def _tile_groups(n_blocks: torch.Tensor) -> list[torch.Tensor]:
+    """The tiles (their key-block counts [T]) as index groups, one `_attend` call each. A call
+    computes every tile over its longest tile's blocks, so tiles of very different lengths (the
+    packed forward: each sequence's first tiles see one block, its last ones all) go to groups of
+    equal counts (above 8 blocks, rounded up to a power of two); a group is split so that a call
+    holds at most TILE_BLOCKS tile-blocks (memory). Grouping changes no bits: each tile is
+    computed alone, and blocks past its own add exact zeros."""
+    t, top = n_blocks.numel(), int(n_blocks.max())
+    index = torch.arange(t, device=n_blocks.device)
+    if t * top <= 1.25 * int(n_blocks.sum()):                                         # close enough: one group
+        buckets = [(index, top)]
+    else:
+        bucket = torch.where(n_blocks <= 8, n_blocks, 2 ** torch.log2(n_blocks.double()).ceil().long())
+        buckets = [(index[bucket == c], int(c)) for c in bucket.unique().tolist()]
+    return [part for members, count in buckets for part in members.split(max(1, TILE_BLOCKS // count))]
 
 
 def block_attention(q, k, v, key_start, n_visible, *, scaling: float, window: int = -1) -> torch.Tensor:
@@ -177,9 +198,9 @@ def _sdpa_per_sequence(q, k, v, cu: list[int], scaling: float, window: int) -> t
         if 0 <= window < end - start - 1:                                             # the window cuts
             pos = torch.arange(end - start, device=q.device)
             mask = (pos[None, :] <= pos[:, None]) & (pos[None, :] >= pos[:, None] - window)
-        qs, ks, vs = (t[start:end].transpose(0, 1) for t in (q, k, v))
+        qs, ks, vs = (t[None, start:end].transpose(1, 2) for t in (q, k, v))       # [1, heads, L, D]: 4-D
         outs.append(F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, is_causal=mask is None, scale=scaling,
-                                                   enable_gqa=q.shape[1] != k.shape[1]).transpose(0, 1))
+                                                   enable_gqa=q.shape[1] != k.shape[1])[0].transpose(0, 1))
     return torch.cat(outs)
 
 
