@@ -55,12 +55,16 @@ TILE_BLOCKS = 1024
 TILE_BLOCKS · h_kv · KEY_BLOCK · (2·D + QUERY_TILE·rep) floats."""
 
 
-def _tiles(key_start, n_visible, index, m: int):
+def _tiles(key_start, n_visible, index, m: int, alone: bool = False):
     """Group queries (their sequence's first key, visible-key count = position + 1, index among
     the m queries) into tiles: (query index [T, QUERY_TILE], m where empty; visible-key count
-    [T, QUERY_TILE], 1 where empty; the tile's first key [T])."""
+    [T, QUERY_TILE], 1 where empty; the tile's first key [T]). `alone`: no two queries share a
+    sequence (a decode step), so each gets a tile of its own."""
     pos = n_visible - 1
-    _, tile = torch.unique(key_start * (int(pos.max()) // QUERY_TILE + 1) + pos // QUERY_TILE, return_inverse=True)
+    if alone:
+        tile = torch.arange(pos.numel(), device=pos.device)
+    else:
+        _, tile = torch.unique(key_start * (int(pos.max()) // QUERY_TILE + 1) + pos // QUERY_TILE, return_inverse=True)
     t, slot = int(tile.max()) + 1, pos % QUERY_TILE
     qidx = torch.full((t, QUERY_TILE), m, dtype=torch.long, device=pos.device)
     nvis = torch.ones((t, QUERY_TILE), dtype=torch.long, device=pos.device)
@@ -143,7 +147,7 @@ def _attention(query, key, value, key_start, n_visible, valid, scaling: float, w
         q = (query.float() * scaling).transpose(1, 2).reshape(n, h, d)
         q = torch.cat([q, q.new_zeros(1, h, d)])                                      # row n: empty slots
         index = valid.nonzero()[:, 0]
-        qidx, nvis, start = _tiles(key_start[index], n_visible[index], index, n)
+        qidx, nvis, start = _tiles(key_start[index], n_visible[index], index, n, alone=lq == 1 and n_visible.numel() == b)
         t = qidx.shape[0]
         qt = q[qidx].view(t, QUERY_TILE, h_kv, rep, d).permute(0, 2, 1, 3, 4).reshape(t * h_kv, QUERY_TILE * rep, d)
         first = (nvis - 1 - window).clamp(min=0) if window >= 0 else torch.zeros_like(nvis)
@@ -156,7 +160,7 @@ def _attention(query, key, value, key_start, n_visible, valid, scaling: float, w
     return out[:n].view(b, lq, h, d).to(query.dtype)
 
 
-def _tile_groups(n_blocks: torch.Tensor) -> list[torch.Tensor]:
+def _tile_groups(n_blocks: torch.Tensor) -> list[torch.Tensor | slice]:
     """The tiles (their key-block counts [T]) as index groups, one `_attend` call each. A call
     computes every tile over its longest tile's blocks, so tiles of very different lengths (the
     packed forward: each sequence's first tiles see one block, its last ones all) go to groups of
@@ -164,12 +168,12 @@ def _tile_groups(n_blocks: torch.Tensor) -> list[torch.Tensor]:
     holds at most TILE_BLOCKS tile-blocks (memory). Grouping changes no bits: each tile is
     computed alone, and blocks past its own add exact zeros."""
     t, top = n_blocks.numel(), int(n_blocks.max())
+    if t * top <= 1.25 * int(n_blocks.sum()):                   # close enough: one group, as slices (views)
+        step = max(1, TILE_BLOCKS // top)
+        return [slice(a, min(a + step, t)) for a in range(0, t, step)]
     index = torch.arange(t, device=n_blocks.device)
-    if t * top <= 1.25 * int(n_blocks.sum()):                                         # close enough: one group
-        buckets = [(index, top)]
-    else:
-        bucket = torch.where(n_blocks <= 8, n_blocks, 2 ** torch.log2(n_blocks.double()).ceil().long())
-        buckets = [(index[bucket == c], int(c)) for c in bucket.unique().tolist()]
+    bucket = torch.where(n_blocks <= 8, n_blocks, 2 ** torch.log2(n_blocks.double()).ceil().long())
+    buckets = [(index[bucket == c], int(c)) for c in bucket.unique().tolist()]
     return [part for members, count in buckets for part in members.split(max(1, TILE_BLOCKS // count))]
 
 
