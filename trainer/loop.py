@@ -162,8 +162,13 @@ class Trainer:
                                   liger=False if invariant else None)          # Liger's kernels bypass the mode
         cfg.check_model_context(getattr(self.policy.config, "max_position_embeddings", None))
         self.reference = frozen_copy(self.policy, self.compute_dtype) if cfg.algorithm.loss.kl_coef > 0 else None
-        forward = functools.partial(head_inputs, attn_backend=cfg.model.attn_backend,
-                                    compute_dtype=self.compute_dtype, batch_invariant=invariant)
+        stock = functools.partial(head_inputs, attn_backend=cfg.model.attn_backend, compute_dtype=self.compute_dtype)
+
+        def forward(model, batch):
+            """The policy's forward in the batch-invariant mode when it is on; the reference's in
+            the stock one (its log-probs enter only the KL penalty, no bitwise claim)."""
+            return stock(model, batch, batch_invariant=invariant and model is not self.reference)
+
         rollout_model = self.parallel.batches.engine_model(self.policy)
         self.parallel.sharding.prepare(self.policy, self.reference, forward, compute_dtype=self.compute_dtype)
         return rollout_model
@@ -279,11 +284,12 @@ class Trainer:
                                      shuffle_seed=seed)
 
     def _logps(self, model, batch) -> torch.Tensor:
-        """[N] fp32 log-probs of the packed targets under `model` at the rollout temperature."""
+        """[N] fp32 log-probs of the packed targets under `model` at the rollout temperature
+        (the reference's by the stock operators: see `_load_models`)."""
         hidden, weight = self.parallel.sharding.forward(model, batch)
         return logprobs_from_hidden(hidden, weight, batch, temperature=self.cfg.rollout.temperature,
                                     kernel_backend=self.cfg.model.kernel_backend,
-                                    batch_invariant=self.cfg.algorithm.batch_invariant)
+                                    batch_invariant=self.cfg.algorithm.batch_invariant and model is not self.reference)
 
     def attach_logps(self, records: list[SequenceRecord]) -> list[SequenceRecord]:
         """`attach_logps_at` outside any step's schedule (no on-policy verification)."""
