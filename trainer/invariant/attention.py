@@ -36,6 +36,7 @@ column, the sampler's prefill and decode steps).
 from __future__ import annotations
 
 import math
+import threading
 
 import torch
 import torch.nn.functional as F
@@ -73,12 +74,32 @@ def _tiles(key_start, n_visible, index, m: int, alone: bool = False):
     return qidx, nvis, start
 
 
-def _windows(rows: torch.Tensor, win: torch.Tensor, length: int) -> torch.Tensor:
-    """rows [R, D] → fp32 copies of the windows of `length` consecutive rows starting at each
-    index in win [W]: [W, length, D] (one `index_select` of whole rows). A row past R reads as
-    row R − 1: such keys are hidden from every query (after the last key of every sequence)."""
+_SCRATCH = threading.local()
+
+
+def _scratch(slot: str, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+    """A buffer of `shape` for this thread that the next call with the same slot reuses (CPU
+    only). A fresh multi-megabyte tensor per call is mapped anew by the allocator and touched
+    page by page: on a small VM that was half of a decode step's attention. The buffer is
+    overwritten whole by its user and dead once `_attend` returns."""
+    if like.device.type != "cpu":
+        return like.new_empty(shape)
+    key = (slot, like.dtype, torch.is_inference_mode_enabled())     # an inference tensor stays in its mode
+    pool = _SCRATCH.__dict__.setdefault("pool", {})
+    numel = math.prod(shape)
+    buf = pool.get(key)
+    if buf is None or buf.numel() < numel:
+        buf = pool[key] = like.new_empty(numel)
+    return buf[:numel].view(shape)
+
+
+def _windows(rows: torch.Tensor, win: torch.Tensor, length: int, slot: str) -> torch.Tensor:
+    """rows [R, D] → copies of the windows of `length` consecutive rows starting at each index in
+    win [W]: [W, length, D] (one `index_select` of whole rows into `_scratch(slot)`). A row past
+    R reads as row R − 1: such keys are hidden from every query (after every sequence's last key)."""
     index = (win[:, None] + torch.arange(length, device=win.device)).clamp_(max=rows.shape[0] - 1)
-    return rows.index_select(0, index.view(-1)).view(-1, length, rows.shape[1]).float()
+    out = _scratch(slot, (index.numel(), rows.shape[1]), rows)
+    return torch.index_select(rows, 0, index.view(-1), out=out).view(-1, length, rows.shape[1])
 
 
 def _pair_sum(x: torch.Tensor, dim: int) -> torch.Tensor:
@@ -116,8 +137,8 @@ def _attend(qt, key, value, start, nvis, first):
     vis = (off < nvis[..., None]) & (off >= first[..., None])                         # [T, TQ, NB·Bk]
     heads = torch.arange(h_kv, device=qt.device)
     win = (((start // n)[:, None] * h_kv + heads) * n + (start % n)[:, None]).reshape(-1)   # [T·h_kv]
-    keys = _windows(key.reshape(-1, d), win, run)                                     # [T·h_kv, NB·Bk, D]
-    vals = _windows(value.reshape(-1, d), win, run)
+    keys = _windows(key.reshape(-1, d).float(), win, run, "keys")                     # [T·h_kv, NB·Bk, D]
+    vals = _windows(value.reshape(-1, d).float(), win, run, "values")
     # Values no query of the tile sees become +0 (× 0, then + 0 turns −0 into +0; every key row
     # is finite), so the products with their zero weights are +0 whatever those rows held.
     seen = vis.any(1).to(vals.dtype)                                                  # [T, NB·Bk]
