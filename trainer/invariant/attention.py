@@ -115,7 +115,7 @@ def _pair_sum(x: torch.Tensor, dim: int) -> torch.Tensor:
     return x.squeeze(dim)
 
 
-def _attend(qt, key, value, start, nvis, first):
+def _attend(qt, key, value, start, nvis, first, live=None):
     """qt: [T·h_kv, TQ·rep, D] (scaled tiles); key / value: [B, h_kv, L, D] (flat key f is
     column f % L of row f // L); start: [T]; nvis / first: [T, TQ] (keys start + [first, nvis)
     visible to each query) → [T·h_kv, TQ·rep, D].
@@ -148,13 +148,36 @@ def _attend(qt, key, value, start, nvis, first):
     bias = torch.zeros(vis.shape, dtype=s.dtype, device=s.device).masked_fill_(~vis, -math.inf)
     s.view(t, h_kv, nb, tq, rep, KEY_BLOCK).add_(bias.view(t, 1, tq, 1, nb, KEY_BLOCK).permute(0, 1, 4, 2, 3, 5))
     s4 = s.view(t * h_kv, nb, rows, KEY_BLOCK)
-    m = s4.amax(dim=(1, 3), keepdim=True)                                             # exact in any order
+    if live is not None and 2 * int(live.sum()) < live.numel():
+        p, l_sum = _live_weights(s4, live.view(t, 1, tq, 1).expand(t, h_kv, tq, rep).reshape(t * h_kv, rows))
+    else:
+        p, l_sum = _weights(s4, block_dim=1)
+    pv = blocked_bmm(p.reshape(-1, rows, KEY_BLOCK), vals.view(-1, KEY_BLOCK, d))     # [T·h_kv·NB, rows, D]
+    return _pair_sum(pv.view(t * h_kv, nb, rows, d), 1) / l_sum[..., None]
+
+
+def _weights(s: torch.Tensor, block_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scores of query rows, their key blocks along block_dim and each block's keys last (Bk) →
+    (e^(s − m) in s's shape, the blocks' sums merged by `_pair_sum`), m a query's maximum score
+    (exact in any order). Element-wise work and last-dim sums: a query's bits do not depend on
+    which other queries are computed with it, nor on the layout of the rest."""
+    m = s.amax(dim=(block_dim, -1), keepdim=True)
     # A query that sees no key at all (an empty slot of a tile) subtracts 0: its row stays zeros.
     m = torch.where(m == -math.inf, torch.zeros_like(m), m)
-    p = flat_chunks(torch.exp, s4 - m)                                                # [T·h_kv, NB, rows, Bk]
-    l_sum = _pair_sum(p.sum(-1), 1)                                                   # [T·h_kv, rows]
-    pv = blocked_bmm(p.view(-1, rows, KEY_BLOCK), vals.view(-1, KEY_BLOCK, d))        # [T·h_kv·NB, rows, D]
-    return _pair_sum(pv.view(t * h_kv, nb, rows, d), 1) / l_sum[..., None]
+    p = flat_chunks(torch.exp, s - m)
+    return p, _pair_sum(p.sum(-1), block_dim)
+
+
+def _live_weights(s4: torch.Tensor, live: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`_weights` of the live rows only (live [T·h_kv, rows]; a decode step's tiles hold one query
+    in QUERY_TILE): the same bits for them, zeros for the others (sum 1, so no 0/0)."""
+    rows_first = s4.permute(0, 2, 1, 3)                                               # [T·h_kv, rows, NB, Bk]
+    p_live, l_live = _weights(rows_first[live], block_dim=1)                         # [R, NB, Bk]
+    p = s4.new_zeros(rows_first.shape)
+    p[live] = p_live
+    l_sum = s4.new_ones(live.shape)
+    l_sum[live] = l_live
+    return p.permute(0, 2, 1, 3), l_sum
 
 
 def _attention(query, key, value, key_start, n_visible, valid, scaling: float, window: int) -> torch.Tensor:
@@ -175,7 +198,8 @@ def _attention(query, key, value, key_start, n_visible, valid, scaling: float, w
         out = q.new_zeros(n + 1, h, d)
         qt = qt.view(t, h_kv, QUERY_TILE * rep, d)
         for g in _tile_groups((nvis.amax(1) + KEY_BLOCK - 1) // KEY_BLOCK):
-            out_t = _attend(qt[g].view(-1, QUERY_TILE * rep, d), key, value, start[g], nvis[g], first[g])
+            out_t = _attend(qt[g].view(-1, QUERY_TILE * rep, d), key, value, start[g], nvis[g], first[g],
+                            qidx[g] < n)
             out_t = out_t.view(-1, h_kv, QUERY_TILE, rep, d).permute(0, 2, 1, 3, 4).reshape(-1, h, d)
             out[qidx[g].reshape(-1)] = out_t                                          # empty slots → row n
     return out[:n].view(b, lq, h, d).to(query.dtype)
