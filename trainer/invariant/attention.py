@@ -171,13 +171,12 @@ def _weights(s: torch.Tensor, block_dim: int) -> tuple[torch.Tensor, torch.Tenso
 def _live_weights(s4: torch.Tensor, live: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """`_weights` of the live rows only (live [T·h_kv, rows]; a decode step's tiles hold one query
     in QUERY_TILE): the same bits for them, zeros for the others (sum 1, so no 0/0)."""
-    rows_first = s4.permute(0, 2, 1, 3)                                               # [T·h_kv, rows, NB, Bk]
-    p_live, l_live = _weights(rows_first[live], block_dim=1)                         # [R, NB, Bk]
-    p = s4.new_zeros(rows_first.shape)
-    p[live] = p_live
+    p_live, l_live = _weights(s4.permute(0, 2, 1, 3)[live], block_dim=1)             # [R, NB, Bk]
+    p = torch.zeros_like(s4)                                                          # [T·h_kv, NB, rows, Bk]
+    p.permute(0, 2, 1, 3)[live] = p_live
     l_sum = s4.new_ones(live.shape)
     l_sum[live] = l_live
-    return p.permute(0, 2, 1, 3), l_sum
+    return p, l_sum
 
 
 def _attention(query, key, value, key_start, n_visible, valid, scaling: float, window: int) -> torch.Tensor:
