@@ -75,16 +75,16 @@ lint: $(STAMP)
 # PROLIX_SANDBOX_REQUIRE_NATIVE: a launcher that failed to build (with CMake and a C compiler
 # present) fails the tests instead of silently leaving only the Python launcher tested.
 # `make test` (what CI runs) runs the suite in two parts, the slowest tests of each listed last:
-#  1. every test but the sandbox ones on TEST_WORKERS pytest-xdist workers (--dist loadgroup: the
-#     tests sharing a module-scoped fixture, a trained run say, on one worker; tests/conftest.py),
-#     every process on one CPU thread;
+#  1. every test but the sandbox ones on TEST_WORKERS pytest-xdist workers (--dist loadfile: each
+#     file on one worker, so a module-scoped fixture, a trained run say, is built once; the slowest
+#     files first, tests/conftest.py), every process on one CPU thread;
 #  2. the sandbox tests (marker `sandbox`) alone, one after the other: each scans the machine's
 #     processes for the sandbox's uids, which another test's torchrun world would disturb.
 # `make test-serial` runs the whole suite in one process, in the files' order.
 TEST_WORKERS ?= 2
 PYTEST := PROLIX_SANDBOX_REQUIRE_NATIVE=1 $(PY) -m pytest -q
 test: lint native
-	$(PYTEST) -n $(TEST_WORKERS) --dist loadgroup --durations=10 -m "not sandbox" tests
+	$(PYTEST) -n $(TEST_WORKERS) --dist loadfile --durations=10 -m "not sandbox" tests
 	$(PYTEST) --durations=5 -m sandbox tests
 
 test-serial: lint native

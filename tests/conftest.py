@@ -70,19 +70,13 @@ def pytest_configure(config):
 
 
 # The modules that start torchrun worlds, vLLM engines or whole training runs, slowest first.
-# `make test` (pytest-xdist, --dist loadgroup) hands out work in collection order, so
-# these go first and no worker is still busy with a long one when the other has run out of work.
+# `make test` (pytest-xdist, --dist loadfile: each file on one worker, so its module-scoped fixtures,
+# a trained run say, are built once) hands out files in collection order, so these go first and no
+# worker is still busy with a long one when the other has run out of work.
 SLOW_MODULES = ("test_split.py", "test_benchmarks.py", "test_failures.py", "test_checkpoint.py", "test_sinks.py",
                 "test_distributed.py", "test_soak.py", "test_kernels_shadowing.py", "test_kernel_resources.py",
                 "test_engines.py", "test_loop.py", "test_eval.py", "test_vllm_cpu_eval.py",
                 "test_loop_rollout_correction.py")
-
-
-def _uses_a_module_fixture(item) -> bool:
-    """Whether the test needs a module-scoped fixture of its own module (a trained run, say)."""
-    module = item.nodeid.split("::")[0]
-    return any(d.scope == "module" and d.baseid == module
-               for defs in item._fixtureinfo.name2fixturedefs.values() for d in defs)
 
 
 # The tests that start sandboxed programs (marked `sandbox`): each checks that none outlives its
@@ -93,22 +87,14 @@ SANDBOX_TESTS = ("test_sandbox.py", "test_sandbox_native.py", "test_code_reward.
                  "test_benchmarks.py::test_reward_pool_bench")
 
 
-@pytest.hookimpl(tryfirst=True)          # before xdist's worker hook turns xdist_group marks into node ids
+@pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config, items):
-    sandbox = [any(f"{item.path.name}::{item.name}".startswith(p) for p in SANDBOX_TESTS) for item in items]
-    for item, is_sandbox in zip(items, sandbox):
-        if is_sandbox:                           # `-m sandbox` / `-m "not sandbox"`, with or without xdist
+    for item in items:                           # `-m sandbox` / `-m "not sandbox"`, with or without xdist
+        if any(f"{item.path.name}::{item.name}".startswith(p) for p in SANDBOX_TESTS):
             item.add_marker(pytest.mark.sandbox)
     # xdist's workers collect too (`workerinput`); the controller has `numprocesses`
     if not (getattr(config.option, "numprocesses", None) or hasattr(config, "workerinput")):
         return                                   # one process (`make test-serial`): the files' own order
-    # Under --dist loadgroup, the tests of a module that share one of its module-scoped fixtures
-    # stay on one worker (the fixture is built once); every other test may run on any worker.
-    for item, is_sandbox in zip(items, sandbox):
-        if is_sandbox:
-            item.add_marker(pytest.mark.xdist_group("sandbox"))
-        elif _uses_a_module_fixture(item):
-            item.add_marker(pytest.mark.xdist_group(item.path.stem))
     rank = {name: i for i, name in enumerate(SLOW_MODULES)}
     items.sort(key=lambda item: rank.get(item.path.name, len(SLOW_MODULES)))   # stable: the rest keep their order
 
