@@ -116,7 +116,7 @@ def _pair_sum(x: torch.Tensor, dim: int) -> torch.Tensor:
 
 
 def _attend(qt, key, value, start, nvis, first, live=None):
-    """qt: [T·h_kv, TQ·rep, D] (scaled tiles); key / value: [B, h_kv, L, D] (flat key f is
+    """qt: [T·h_kv, TQ·rep, D] (scaled tiles); key / value: fp32 [B, h_kv, L, D] (flat key f is
     column f % L of row f // L); start: [T]; nvis / first: [T, TQ] (keys start + [first, nvis)
     visible to each query) → [T·h_kv, TQ·rep, D].
 
@@ -137,8 +137,8 @@ def _attend(qt, key, value, start, nvis, first, live=None):
     vis = (off < nvis[..., None]) & (off >= first[..., None])                         # [T, TQ, NB·Bk]
     heads = torch.arange(h_kv, device=qt.device)
     win = (((start // n)[:, None] * h_kv + heads) * n + (start % n)[:, None]).reshape(-1)   # [T·h_kv]
-    keys = _windows(key.reshape(-1, d).float(), win, run, "keys")                     # [T·h_kv, NB·Bk, D]
-    vals = _windows(value.reshape(-1, d).float(), win, run, "values")
+    keys = _windows(key.reshape(-1, d), win, run, "keys")                             # [T·h_kv, NB·Bk, D]
+    vals = _windows(value.reshape(-1, d), win, run, "values")
     # Values no query of the tile sees become +0 (× 0, then + 0 turns −0 into +0; every key row
     # is finite), so the products with their zero weights are +0 whatever those rows held.
     seen = vis.any(1).to(vals.dtype)                                                  # [T, NB·Bk]
@@ -190,7 +190,8 @@ def _attention(query, key, value, key_start, n_visible, valid, scaling: float, w
         q = (query.float() * scaling).transpose(1, 2).reshape(n, h, d)
         q = torch.cat([q, q.new_zeros(1, h, d)])                                      # row n: empty slots
         index = valid.nonzero()[:, 0]
-        qidx, nvis, start = _tiles(key_start[index], n_visible[index], index, n, alone=lq == 1 and n_visible.numel() == b)
+        qidx, nvis, start = _tiles(key_start[index], n_visible[index], index, n, alone=lq == 1)
+        key, value = key.float(), value.float()                 # once for every group (a no-op in fp32)
         t = qidx.shape[0]
         qt = q[qidx].view(t, QUERY_TILE, h_kv, rep, d).permute(0, 2, 1, 3, 4).reshape(t * h_kv, QUERY_TILE * rep, d)
         first = (nvis - 1 - window).clamp(min=0) if window >= 0 else torch.zeros_like(nvis)
