@@ -165,9 +165,7 @@ class Trainer:
         stock = functools.partial(head_inputs, attn_backend=cfg.model.attn_backend, compute_dtype=self.compute_dtype)
 
         def forward(model, batch):
-            """The policy's forward in the batch-invariant mode when it is on; the reference's in
-            the stock one (its log-probs enter only the KL penalty, no bitwise claim)."""
-            return stock(model, batch, batch_invariant=invariant and model is not self.reference)
+            return stock(model, batch, batch_invariant=self._invariant(model))
 
         rollout_model = self.parallel.batches.engine_model(self.policy)
         self.parallel.sharding.prepare(self.policy, self.reference, forward, compute_dtype=self.compute_dtype)
@@ -283,13 +281,16 @@ class Trainer:
         return batching.mini_batches(records, epochs=self.cfg.optim.epochs, prompts=self.cfg.optim.mini_batch_prompts,
                                      shuffle_seed=seed)
 
+    def _invariant(self, model) -> bool:
+        """Whether `model` runs batch-invariant: the policy when algorithm.batch_invariant is on, never
+        the reference (its log-probs enter only the KL penalty; the stock operators cost half)."""
+        return self.cfg.algorithm.batch_invariant and model is not self.reference
+
     def _logps(self, model, batch) -> torch.Tensor:
-        """[N] fp32 log-probs of the packed targets under `model` at the rollout temperature
-        (the reference's by the stock operators: see `_load_models`)."""
+        """[N] fp32 log-probs of the packed targets under `model` at the rollout temperature."""
         hidden, weight = self.parallel.sharding.forward(model, batch)
         return logprobs_from_hidden(hidden, weight, batch, temperature=self.cfg.rollout.temperature,
-                                    kernel_backend=self.cfg.model.kernel_backend,
-                                    batch_invariant=self.cfg.algorithm.batch_invariant and model is not self.reference)
+                                    kernel_backend=self.cfg.model.kernel_backend, batch_invariant=self._invariant(model))
 
     def attach_logps(self, records: list[SequenceRecord]) -> list[SequenceRecord]:
         """`attach_logps_at` outside any step's schedule (no on-policy verification)."""
