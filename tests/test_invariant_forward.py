@@ -227,3 +227,28 @@ def test_the_commands_refuse_bad_arguments_in_one_line(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert err[0].startswith("prolix check-bitwise: ") and "does not exist" in err[0]
     assert err[1] == "prolix bench bitwise-step: --steps: expected > 2 (the first 2 are start-up), got 2"
+
+
+def test_packed_attention_values_and_gradients_match_float64():
+    """The packed layout's autograd function (`_PackedAttention`: the fixed-block forward, the
+    per-sequence SDPA backward) against float64 causal attention, GQA and a window that cuts:
+    sequences of 1, 33 and 70 tokens (one, two and three key blocks), values and q/k/v gradients."""
+    g = torch.Generator().manual_seed(9)
+    lengths, h, h_kv, d = [1, 33, 70], 4, 2, 8
+    n = sum(lengths)
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()])
+    q, k, v = (torch.randn(1, heads, n, d, generator=g, requires_grad=True) for heads in (h, h_kv, h_kv))
+    grad = torch.randn(1, n, h, d, generator=g)
+    for window in (None, 9):
+        out = attention.fixed_block_attention(q, k, v, scaling=d ** -0.5, sliding_window=window, cu_seqlens=cu)
+        got = torch.autograd.grad(out, (q, k, v), grad)
+        q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+        kk, vv = (t.repeat_interleave(h // h_kv, 1) for t in (k64, v64))
+        i, j = torch.arange(n)[:, None], torch.arange(n)[None]
+        seq = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))
+        keep = (j <= i) & (seq[:, None] == seq[None]) & ((j > i - window) if window else True)
+        scores = (q64 @ kk.transpose(-1, -2) * d ** -0.5).masked_fill(~keep, float("-inf"))
+        ref = (scores.softmax(-1) @ vv).transpose(1, 2)                               # [1, N, h, D]
+        assert ((out.double() - ref).norm() / ref.norm()).item() < 1e-6, window
+        for a, b in zip(got, torch.autograd.grad(ref, (q64, k64, v64), grad.double())):
+            assert ((a.double() - b).norm() / b.norm()).item() < 1e-5, window
